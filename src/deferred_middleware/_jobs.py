@@ -1,0 +1,150 @@
+"""Plain data for jobs: what is stored, what is replayed, what is reported.
+
+Nothing here performs I/O or knows about ASGI, WSGI or SQL, so every other
+module (the store, the runners, the adapters) speaks in these terms.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import secrets
+from datetime import datetime, timezone
+
+Headers = list[tuple[str, str]]
+"""Header pairs in order, names lower-cased, values as latin-1 text.
+
+A list of pairs, never a dict: repeated headers such as ``Set-Cookie`` must
+survive the trip through the job table.
+"""
+
+DEFAULT_CREDENTIAL_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization"})
+
+
+class Status(str, enum.Enum):
+    """The lifecycle of a job, spelled as long-running-operation clients expect."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+    @property
+    def finished(self) -> bool:
+        return self in FINISHED
+
+    def __str__(self) -> str:
+        return self.value
+
+
+FINISHED = frozenset({Status.SUCCEEDED, Status.FAILED, Status.CANCELED})
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def new_job_id() -> str:
+    """128 random bits as 32 hex digits: unguessable, URL-safe, fixed length."""
+    return secrets.token_hex(16)
+
+
+def is_job_id(text: str) -> bool:
+    return len(text) == 32 and all(c in "0123456789abcdef" for c in text)
+
+
+@dataclasses.dataclass(frozen=True)
+class DeferredOptions:
+    """How one deferred route's jobs are run; set with ``@deferred(...)``."""
+
+    retries: int = 0
+    timeout: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.retries < 0:
+            raise ValueError("retries must be >= 0")
+        if self.timeout is not None and self.timeout <= 0:
+            raise ValueError("timeout must be > 0 seconds")
+
+
+@dataclasses.dataclass
+class StoredRequest:
+    """An HTTP request as it arrived, neutral between ASGI and WSGI.
+
+    ``path`` is the decoded path below ``root_path`` (ASGI's view; the WSGI
+    adapter converts to and from ``PATH_INFO``).
+    """
+
+    method: str
+    path: str
+    query_string: bytes = b""
+    headers: Headers = dataclasses.field(default_factory=list)
+    body: bytes = b""
+    scheme: str = "http"
+    root_path: str = ""
+    http_version: str = "1.1"
+    server: tuple[str, int] | None = None
+    client: tuple[str, int] | None = None
+
+    def header(self, name: str) -> str | None:
+        for key, value in self.headers:
+            if key == name:
+                return value
+        return None
+
+
+@dataclasses.dataclass
+class StoredResponse:
+    """The handler's response, stored whole so it can be replayed exactly."""
+
+    status: int
+    headers: Headers
+    body: bytes
+
+
+@dataclasses.dataclass
+class Job:
+    """One row of the job table."""
+
+    id: str
+    status: Status
+    created_at: datetime
+    request: StoredRequest | None = None
+    options: DeferredOptions = dataclasses.field(default_factory=DeferredOptions)
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    attempts: int = 0
+    progress: float | None = None
+    message: str | None = None
+    error: str | None = None
+    response: StoredResponse | None = None
+
+    @property
+    def max_attempts(self) -> int:
+        return self.options.retries + 1
+
+
+def split_credentials(
+    headers: Headers, credential_names: frozenset[str]
+) -> tuple[Headers, list[tuple[int, str, str]]]:
+    """Separate credentials from other headers, remembering their positions.
+
+    The credentials are stored apart so that finishing a job can forget them
+    with one column update, and replay can put them back in order.
+    """
+    kept: Headers = []
+    secrets_: list[tuple[int, str, str]] = []
+    for index, (name, value) in enumerate(headers):
+        if name in credential_names:
+            secrets_.append((index, name, value))
+        else:
+            kept.append((name, value))
+    return kept, secrets_
+
+
+def merge_credentials(headers: Headers, credentials: list[tuple[int, str, str]]) -> Headers:
+    merged = list(headers)
+    for index, name, value in credentials:
+        merged.insert(index, (name, value))
+    return merged

@@ -1,0 +1,182 @@
+"""The wire protocol, sans I/O: what the middleware answers, as plain data.
+
+Both adapters turn a :class:`Reply` into their own response; nothing here
+knows whether it will travel over ASGI or WSGI.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from datetime import datetime
+from typing import Any
+from urllib.parse import parse_qsl
+
+from ._jobs import Headers, Job, Status, is_job_id
+
+JSON = "application/json"
+PROBLEM = "application/problem+json"
+
+ALLOWED = {
+    "": ("GET", "HEAD", "DELETE"),
+    "result": ("GET", "HEAD"),
+    "cancel": ("POST",),
+}
+
+
+@dataclasses.dataclass
+class Reply:
+    status: int
+    headers: Headers
+    body: bytes = b""
+
+
+@dataclasses.dataclass(frozen=True)
+class JobURLs:
+    """Where a job's routes are, as absolute paths (or absolute URLs when a
+    ``public_url`` is configured): never built from a client's Host header."""
+
+    base: str
+
+    @classmethod
+    def for_request(cls, prefix: str, root_path: str, public_url: str | None) -> JobURLs:
+        return cls((public_url or "") + root_path.rstrip("/") + prefix)
+
+    def status(self, job_id: str) -> str:
+        return f"{self.base}/{job_id}"
+
+    def result(self, job_id: str) -> str:
+        return f"{self.base}/{job_id}/result"
+
+
+@dataclasses.dataclass(frozen=True)
+class JobRoute:
+    """A parsed request to one of the middleware's own routes."""
+
+    job_id: str
+    action: str  # "", "result" or "cancel"
+    wait: float = 0.0
+
+
+def _timestamp(value: datetime | None) -> str | None:
+    if value is None:
+        return None
+    return value.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _json(data: Any) -> bytes:
+    return json.dumps(data, separators=(",", ":")).encode()
+
+
+def _json_reply(status: int, data: Any, extra: Headers = ()) -> Reply:  # type: ignore[assignment]
+    body = _json(data)
+    headers = [("content-type", JSON), ("content-length", str(len(body))), *extra]
+    return Reply(status, headers, body)
+
+
+def problem(status: int, title: str, detail: str | None = None, headers: Headers = ()) -> Reply:  # type: ignore[assignment]
+    """An RFC 9457 problem document."""
+    data: dict[str, Any] = {"type": "about:blank", "title": title, "status": status}
+    if detail:
+        data["detail"] = detail
+    body = _json(data)
+    return Reply(
+        status, [("content-type", PROBLEM), ("content-length", str(len(body))), *headers], body
+    )
+
+
+def not_found() -> Reply:
+    return problem(404, "Not Found", "No job with this id.")
+
+
+def unavailable(retry_after: int, detail: str = "The job store is unavailable.") -> Reply:
+    return problem(503, "Service Unavailable", detail, [("retry-after", str(retry_after))])
+
+
+def too_large(limit: int) -> Reply:
+    return problem(413, "Content Too Large", f"The request body exceeds {limit} bytes.")
+
+
+def status_document(job: Job, urls: JobURLs) -> dict[str, Any]:
+    document: dict[str, Any] = {
+        "id": job.id,
+        "status": job.status.value,
+        "created_at": _timestamp(job.created_at),
+        "started_at": _timestamp(job.started_at),
+        "finished_at": _timestamp(job.finished_at),
+        "attempts": job.attempts,
+        "progress": job.progress,
+        "message": job.message,
+        "status_url": urls.status(job.id),
+        "result_url": urls.result(job.id),
+    }
+    if job.status is Status.FAILED:
+        document["error"] = job.error
+    return document
+
+
+def _pending_headers(job: Job, retry_after: int) -> Headers:
+    return [] if job.status.finished else [("retry-after", str(retry_after))]
+
+
+def accepted(job: Job, urls: JobURLs, retry_after: int) -> Reply:
+    """The 202 for a newly stored job."""
+    body = {
+        "id": job.id,
+        "status": job.status.value,
+        "status_url": urls.status(job.id),
+        "result_url": urls.result(job.id),
+        "created_at": _timestamp(job.created_at),
+    }
+    headers = [
+        ("location", urls.result(job.id)),
+        ("operation-location", urls.status(job.id)),
+        ("retry-after", str(retry_after)),
+    ]
+    return _json_reply(202, body, headers)
+
+
+def status_reply(job: Job, urls: JobURLs, retry_after: int) -> Reply:
+    return _json_reply(200, status_document(job, urls), _pending_headers(job, retry_after))
+
+
+def result_reply(job: Job, urls: JobURLs, retry_after: int) -> Reply:
+    """The handler's own response once there is one; until then the status
+    document with 202, so that "poll Location until not 202" clients work."""
+    if not job.status.finished:
+        return _json_reply(202, status_document(job, urls), _pending_headers(job, retry_after))
+    if job.status is Status.CANCELED:
+        return problem(409, "Conflict", "The job was canceled; it has no result.")
+    if job.response is not None:
+        return Reply(job.response.status, list(job.response.headers), job.response.body)
+    return problem(500, "Internal Server Error", job.error or "The job failed without a response.")
+
+
+def parse_job_route(tail: str, query_string: bytes, max_wait: float) -> JobRoute | None:
+    """``tail`` is the path after the prefix: ``/{id}``, ``/{id}/result`` or
+    ``/{id}/cancel``. None for anything else, malformed ids included."""
+    parts = tail.split("/")
+    if len(parts) not in (2, 3) or parts[0] != "" or not is_job_id(parts[1]):
+        return None
+    action = parts[2] if len(parts) == 3 else ""
+    if action not in ALLOWED:
+        return None
+    return JobRoute(parts[1], action, _wait_seconds(query_string, max_wait))
+
+
+def _wait_seconds(query_string: bytes, max_wait: float) -> float:
+    for key, value in parse_qsl(query_string.decode("latin-1")):
+        if key == "wait":
+            try:
+                seconds = float(value)
+            except ValueError:
+                return 0.0
+            if seconds != seconds:  # NaN
+                return 0.0
+            return min(max(seconds, 0.0), max_wait)
+    return 0.0
+
+
+def method_not_allowed(action: str) -> Reply:
+    allow = ", ".join(ALLOWED[action])
+    return problem(405, "Method Not Allowed", None, [("allow", allow)])

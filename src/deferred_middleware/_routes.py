@@ -1,0 +1,100 @@
+"""Which requests are deferred: the ``@deferred`` marker and route patterns.
+
+A marker is an attribute on the view function itself, so it survives any
+framework decorator that registers the function object unchanged, whichever
+order the two decorators are written in.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar, overload
+
+from ._jobs import DeferredOptions
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+MARKER = "__deferred_options__"
+NEVER_DEFERRED = frozenset({"HEAD", "OPTIONS"})
+
+
+@overload
+def deferred(func: F, /) -> F: ...
+
+
+@overload
+def deferred(*, retries: int = 0, timeout: float | None = None) -> Callable[[F], F]: ...
+
+
+def deferred(
+    func: Callable[..., Any] | None = None,
+    /,
+    *,
+    retries: int = 0,
+    timeout: float | None = None,
+) -> Any:
+    """Mark a view so that requests to it answer ``202`` and run in the background.
+
+    ``retries``: how often a failed attempt (raised, timed out, worker lost) is
+    run again. Default 0, because most deferred routes are POSTs that are not
+    safe to repeat. ``timeout``: seconds one attempt may take.
+
+    Returns the same function, so it composes with route decorators.
+    """
+    options = DeferredOptions(retries=retries, timeout=timeout)
+
+    def mark(view: F) -> F:
+        setattr(view, MARKER, options)
+        return view
+
+    return mark if func is None else mark(func)
+
+
+def options_of(endpoint: Any) -> DeferredOptions | None:
+    """The options a view was marked with, or None for an ordinary view."""
+    options = getattr(endpoint, MARKER, None)
+    if options is None:
+        # Bound methods and functools.wraps chains keep the marker on the function.
+        wrapped = getattr(endpoint, "__func__", None) or getattr(endpoint, "__wrapped__", None)
+        if wrapped is not None and wrapped is not endpoint:
+            return options_of(wrapped)
+    return options
+
+
+def _compile_pattern(pattern: str) -> tuple[frozenset[str] | None, re.Pattern[str]]:
+    method, _, path = pattern.strip().rpartition(" ")
+    methods = frozenset(m.upper() for m in method.split(",") if m) or None
+    if not path.startswith("/"):
+        raise ValueError(f"route pattern {pattern!r}: the path must start with '/'")
+    regex = ""
+    for part in re.split(r"(\*\*|\*)", path):
+        if part == "**":
+            regex += ".*"
+        elif part == "*":
+            regex += "[^/]*"
+        else:
+            regex += re.escape(part)
+    return methods, re.compile(regex + r"\Z")
+
+
+class RoutePatterns:
+    """Deferred routes named by pattern, for apps whose code cannot be edited.
+
+    ``"POST /reports"`` matches one method and path; ``"/exports/*"`` matches
+    every method with one path segment after ``/exports/``; ``**`` matches the
+    rest of the path, slashes included.
+    """
+
+    def __init__(self, patterns: Iterable[str], options: DeferredOptions | None = None) -> None:
+        self.options = options or DeferredOptions()
+        self._compiled = [_compile_pattern(p) for p in patterns]
+
+    def __bool__(self) -> bool:
+        return bool(self._compiled)
+
+    def match(self, method: str, path: str) -> DeferredOptions | None:
+        for methods, regex in self._compiled:
+            if (methods is None or method in methods) and regex.match(path):
+                return self.options
+        return None

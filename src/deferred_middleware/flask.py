@@ -1,0 +1,79 @@
+"""``FlaskDeferred``: the Flask extension.
+
+Wraps ``app.wsgi_app`` in :class:`DeferredWSGIMiddleware` and teaches it to
+find ``@deferred`` views through Flask's own URL map.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+from flask import Flask, got_request_exception
+from werkzeug.exceptions import HTTPException
+from werkzeug.routing import RequestRedirect
+
+from ._context import current_job
+from ._jobs import DeferredOptions
+from ._routes import options_of
+from .wsgi import DeferredWSGIMiddleware, Environ
+
+EXTENSION_KEY = "deferred_middleware"
+
+
+class FlaskDeferred:
+    """Defer ``@deferred`` views (and routes named in ``routes``) of a Flask app.
+
+    ``FlaskDeferred(app, database_url=...)``, or ``ext = FlaskDeferred(...)``
+    then ``ext.init_app(app)`` in an application factory. The middleware of
+    each app is kept in ``app.extensions["deferred_middleware"]``.
+    """
+
+    def __init__(self, app: Flask | None = None, **options: Any) -> None:
+        self.options = options
+        if app is not None:
+            self.init_app(app)
+
+    def init_app(self, app: Flask, **options: Any) -> DeferredWSGIMiddleware:
+        if EXTENSION_KEY in app.extensions:
+            raise RuntimeError("FlaskDeferred is already set up on this app")
+        middleware = DeferredWSGIMiddleware(
+            app.wsgi_app,  # type: ignore[arg-type]
+            find_options=_ViewOptions(app),
+            **{**self.options, **options},
+        )
+        app.wsgi_app = middleware  # type: ignore[method-assign]
+        app.extensions[EXTENSION_KEY] = middleware
+        got_request_exception.connect(_mark_raised, app, weak=False)
+        return middleware
+
+    @staticmethod
+    def middleware(app: Flask) -> DeferredWSGIMiddleware:
+        return app.extensions[EXTENSION_KEY]  # type: ignore[no-any-return]
+
+
+class _ViewOptions:
+    """Finds the view Flask would dispatch a request to, and its marker."""
+
+    def __init__(self, app: Flask) -> None:
+        self.app = app
+
+    def __call__(self, environ: Environ) -> DeferredOptions | None:
+        app = self.app
+        adapter = app.url_map.bind_to_environ(
+            environ,
+            server_name=app.config["SERVER_NAME"],
+            subdomain=app.url_map.default_subdomain or None,
+        )
+        try:
+            endpoint, _ = adapter.match()
+        except (HTTPException, RequestRedirect):
+            return None
+        return options_of(app.view_functions.get(endpoint))
+
+
+def _mark_raised(sender: Flask, exception: BaseException, **_: Any) -> None:
+    """Flask renders an unhandled exception as its own HTML 500; in a job that
+    page is not a result, so the attempt is recorded as raised."""
+    with contextlib.suppress(LookupError):
+        current_job().raised = True

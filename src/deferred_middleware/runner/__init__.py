@@ -1,0 +1,1 @@
+"""Replaying stored requests into ASGI and WSGI apps, and running them as jobs."""

@@ -1,0 +1,530 @@
+"""The job table: the only module that speaks SQL.
+
+Every write that changes a running job is fenced by its attempt number, so a
+worker that lost its lease (and was replaced) cannot overwrite the result of
+the attempt that replaced it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.pool import StaticPool
+
+from .._jobs import (
+    DeferredOptions,
+    Job,
+    Status,
+    StoredRequest,
+    StoredResponse,
+    merge_credentials,
+    split_credentials,
+    utcnow,
+)
+from ._schema import jobs, metadata
+
+__all__ = ["JobStore", "StoreUnavailable", "create_engine", "metadata"]
+
+VERSION_TABLE = "deferred_middleware_version"
+
+STATUS_COLUMNS = (
+    jobs.c.id,
+    jobs.c.status,
+    jobs.c.created_at,
+    jobs.c.started_at,
+    jobs.c.finished_at,
+    jobs.c.attempts,
+    jobs.c.max_attempts,
+    jobs.c.timeout,
+    jobs.c.progress,
+    jobs.c.message,
+    jobs.c.error,
+)
+REQUEST_COLUMNS = (
+    jobs.c.request_method,
+    jobs.c.request_path,
+    jobs.c.request_query,
+    jobs.c.request_headers,
+    jobs.c.request_credentials,
+    jobs.c.request_meta,
+    jobs.c.request_body,
+)
+RESPONSE_COLUMNS = (jobs.c.response_status, jobs.c.response_headers, jobs.c.response_body)
+ACTIVE = (Status.QUEUED.value, Status.RUNNING.value)
+
+
+class StoreUnavailable(Exception):
+    """The database could not be reached or stayed locked: answer 503, never 202."""
+
+
+def create_engine(url: str, lock_timeout: float = 5.0) -> sa.Engine:
+    """An engine tuned for a job table: WAL and a busy timeout on SQLite,
+    connections checked before use elsewhere (a restarted server must not
+    fail the next request)."""
+    parsed = sa.make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        options: dict[str, Any] = {"pool_pre_ping": True, "pool_recycle": 3600}
+        if parsed.get_backend_name() in ("mysql", "mariadb"):
+            options["isolation_level"] = "READ COMMITTED"
+        return sa.create_engine(parsed, **options)
+
+    in_memory = parsed.database in (None, "", ":memory:")
+    engine = sa.create_engine(
+        parsed,
+        connect_args={"check_same_thread": False, "timeout": lock_timeout},
+        poolclass=StaticPool if in_memory else None,
+    )
+
+    @sa.event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Let SQLAlchemy, not the sqlite3 module, decide where transactions begin.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        if not in_memory:
+            cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute(f"PRAGMA busy_timeout={int(lock_timeout * 1000)}")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+    @sa.event.listens_for(engine, "begin")
+    def _on_begin(connection: sa.Connection) -> None:
+        immediate = connection.get_execution_options().get("sqlite_immediate")
+        connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+    return engine
+
+
+def migrate(engine: sa.Engine) -> None:
+    """Create or upgrade the job table in place, once, even with several
+    processes starting at the same moment."""
+    from alembic import command
+    from alembic.config import Config as AlembicConfig
+
+    config = AlembicConfig()
+    config.set_main_option("script_location", "deferred_middleware:migrations")
+    dialect = engine.dialect.name
+    with engine.connect().execution_options(sqlite_immediate=True) as connection:
+        with connection.begin():
+            if dialect == "postgresql":
+                connection.exec_driver_sql("SELECT pg_advisory_xact_lock(7235012298)")
+            elif dialect in ("mysql", "mariadb"):
+                connection.exec_driver_sql("SELECT GET_LOCK('deferred_middleware_migrate', 60)")
+            config.attributes["connection"] = connection
+            config.attributes["version_table"] = VERSION_TABLE
+            command.upgrade(config, "head")
+        if dialect in ("mysql", "mariadb"):
+            connection.exec_driver_sql("SELECT RELEASE_LOCK('deferred_middleware_migrate')")
+
+
+def _request_row(request: StoredRequest, credential_names: frozenset[str]) -> dict[str, Any]:
+    headers, credentials = split_credentials(request.headers, credential_names)
+    return {
+        "request_method": request.method,
+        "request_path": request.path,
+        "request_query": request.query_string.decode("latin-1"),
+        "request_headers": [list(pair) for pair in headers],
+        "request_credentials": [list(c) for c in credentials] or None,
+        "request_meta": {
+            "scheme": request.scheme,
+            "root_path": request.root_path,
+            "http_version": request.http_version,
+            "server": list(request.server) if request.server else None,
+            "client": list(request.client) if request.client else None,
+        },
+        "request_body": request.body,
+    }
+
+
+def _request_from_row(row: Any) -> StoredRequest:
+    meta = row.request_meta
+    headers = [(name, value) for name, value in row.request_headers]
+    if row.request_credentials:
+        headers = merge_credentials(headers, [tuple(c) for c in row.request_credentials])
+    return StoredRequest(
+        method=row.request_method,
+        path=row.request_path,
+        query_string=row.request_query.encode("latin-1"),
+        headers=headers,
+        body=bytes(row.request_body),
+        scheme=meta["scheme"],
+        root_path=meta["root_path"],
+        http_version=meta["http_version"],
+        server=tuple(meta["server"]) if meta.get("server") else None,
+        client=tuple(meta["client"]) if meta.get("client") else None,
+    )
+
+
+def _job_from_row(row: Any) -> Job:
+    mapping = row._mapping
+    job = Job(
+        id=row.id,
+        status=Status(row.status),
+        created_at=row.created_at,
+        options=DeferredOptions(retries=row.max_attempts - 1, timeout=row.timeout),
+        started_at=row.started_at,
+        finished_at=row.finished_at,
+        attempts=row.attempts,
+        progress=row.progress,
+        message=row.message,
+        error=row.error,
+    )
+    if "request_method" in mapping:
+        job.request = _request_from_row(row)
+    if mapping.get("response_status") is not None:
+        job.response = StoredResponse(
+            status=row.response_status,
+            headers=[(name, value) for name, value in row.response_headers],
+            body=bytes(row.response_body),
+        )
+    return job
+
+
+class JobStore:
+    """Queries on the job table. Thread-safe; every method is one short transaction."""
+
+    def __init__(
+        self,
+        database_url: str,
+        *,
+        lock_timeout: float = 5.0,
+        credential_headers: frozenset[str] = frozenset(),
+    ) -> None:
+        self.database_url = database_url
+        self.lock_timeout = lock_timeout
+        self.credential_headers = credential_headers
+        self._engine: sa.Engine | None = None
+        self._pid = 0
+
+    @property
+    def engine(self) -> sa.Engine:
+        """Created on first use in each process: a forked server worker must
+        never share the parent's connections."""
+        if self._engine is None or self._pid != os.getpid():
+            if self._engine is not None:
+                self._engine.dispose(close=False)
+            self._engine = create_engine(self.database_url, self.lock_timeout)
+            self._pid = os.getpid()
+        return self._engine
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    def migrate(self) -> None:
+        with self._errors():
+            migrate(self.engine)
+
+    def close(self) -> None:
+        if self._engine is not None:
+            self._engine.dispose()
+            self._engine = None
+
+    def _errors(self) -> Any:
+        return _TranslateErrors()
+
+    # -- accepting ---------------------------------------------------------
+
+    def new_row(self, job: Job) -> dict[str, Any]:
+        assert job.request is not None
+        return {
+            "id": job.id,
+            "status": job.status.value,
+            "created_at": job.created_at,
+            "run_after": job.created_at,
+            "attempts": 0,
+            "max_attempts": job.max_attempts,
+            "timeout": job.options.timeout,
+            **_request_row(job.request, self.credential_headers),
+        }
+
+    def insert_rows(self, rows: Sequence[dict[str, Any]]) -> None:
+        """Many accepted jobs in one transaction: one commit for a whole burst."""
+        with self._errors(), self.engine.begin() as connection:
+            connection.execute(jobs.insert(), list(rows))
+
+    # -- reading -----------------------------------------------------------
+
+    def get(self, job_id: str, *, request: bool = False, response: bool = False) -> Job | None:
+        columns = list(STATUS_COLUMNS)
+        if request:
+            columns += REQUEST_COLUMNS
+        if response:
+            columns += RESPONSE_COLUMNS
+        with self._errors(), self.engine.connect() as connection:
+            row = connection.execute(sa.select(*columns).where(jobs.c.id == job_id)).first()
+        return None if row is None else _job_from_row(row)
+
+    def list(
+        self,
+        statuses: Iterable[Status] = (),
+        *,
+        created_before: datetime | None = None,
+        limit: int = 100,
+    ) -> list[Job]:
+        query = sa.select(*STATUS_COLUMNS).order_by(jobs.c.created_at.desc()).limit(limit)
+        if statuses:
+            query = query.where(jobs.c.status.in_([s.value for s in statuses]))
+        if created_before is not None:
+            query = query.where(jobs.c.created_at < created_before)
+        with self._errors(), self.engine.connect() as connection:
+            return [_job_from_row(row) for row in connection.execute(query)]
+
+    def count(self, status: Status) -> int:
+        query = sa.select(sa.func.count()).select_from(jobs).where(jobs.c.status == status.value)
+        with self._errors(), self.engine.connect() as connection:
+            return int(connection.execute(query).scalar_one())
+
+    # -- running -----------------------------------------------------------
+
+    def claim(self, worker: str, limit: int, lease_seconds: float) -> list[Job]:
+        """Take up to ``limit`` due queued jobs for ``worker``, atomically.
+
+        PostgreSQL and MariaDB skip rows other workers hold locked; SQLite
+        has one writer at a time, so one immediate transaction is enough.
+        """
+        now = utcnow()
+        values = {
+            "status": Status.RUNNING.value,
+            "attempts": jobs.c.attempts + 1,
+            "worker": worker,
+            "started_at": now,
+            "lease_expires_at": now + timedelta(seconds=lease_seconds),
+        }
+        due = (
+            sa.select(jobs.c.id)
+            .where(jobs.c.status == Status.QUEUED.value, jobs.c.run_after <= now)
+            .order_by(jobs.c.run_after)
+            .limit(limit)
+        )
+        columns = (*STATUS_COLUMNS, *REQUEST_COLUMNS)
+        with self._errors(), self._write() as connection:
+            if self.dialect in ("mysql", "mariadb"):
+                ids = list(connection.scalars(due.with_for_update(skip_locked=True)))
+                if not ids:
+                    return []
+                connection.execute(jobs.update().where(jobs.c.id.in_(ids)).values(values))
+                rows = connection.execute(sa.select(*columns).where(jobs.c.id.in_(ids)))
+            else:
+                if self.dialect == "postgresql":
+                    due = due.with_for_update(skip_locked=True)
+                statement = jobs.update().where(jobs.c.id.in_(due.scalar_subquery()))
+                rows = connection.execute(statement.values(values).returning(*columns))
+            return [_job_from_row(row) for row in rows]
+
+    def renew(self, worker: str, job_attempts: dict[str, int], lease_seconds: float) -> set[str]:
+        """Extend the leases this worker holds; answers which jobs are still its own
+        (a job missing from the answer was canceled or taken back)."""
+        if not job_attempts:
+            return set()
+        expires = utcnow() + timedelta(seconds=lease_seconds)
+        owned = sa.and_(
+            jobs.c.id.in_(list(job_attempts)),
+            jobs.c.status == Status.RUNNING.value,
+            jobs.c.worker == worker,
+        )
+        with self._errors(), self._write() as connection:
+            connection.execute(jobs.update().where(owned).values(lease_expires_at=expires))
+            rows = connection.execute(sa.select(jobs.c.id, jobs.c.attempts).where(owned))
+            return {row.id for row in rows if job_attempts.get(row.id) == row.attempts}
+
+    def _fenced(self, job_id: str, attempt: int) -> Any:
+        return sa.and_(
+            jobs.c.id == job_id,
+            jobs.c.attempts == attempt,
+            jobs.c.status == Status.RUNNING.value,
+        )
+
+    def finish(
+        self,
+        job_id: str,
+        attempt: int,
+        status: Status,
+        *,
+        response: StoredResponse | None = None,
+        error: str | None = None,
+    ) -> bool:
+        """Record an attempt's outcome and forget the stored credentials.
+        False when the attempt no longer owns the job: its write is dropped."""
+        values: dict[str, Any] = {
+            "status": status.value,
+            "finished_at": utcnow(),
+            "lease_expires_at": None,
+            "error": error,
+            "request_credentials": None,
+        }
+        if response is not None:
+            values.update(
+                response_status=response.status,
+                response_headers=[list(pair) for pair in response.headers],
+                response_body=response.body,
+            )
+        return self._update(self._fenced(job_id, attempt), values) == 1
+
+    def retry_later(self, job_id: str, attempt: int, delay: float, error: str) -> bool:
+        values = {
+            "status": Status.QUEUED.value,
+            "run_after": utcnow() + timedelta(seconds=delay),
+            "lease_expires_at": None,
+            "worker": None,
+            "error": error,
+        }
+        return self._update(self._fenced(job_id, attempt), values) == 1
+
+    def requeue(self, job_id: str, attempt: int) -> bool:
+        """Give back an attempt that was interrupted by a shutdown: it does
+        not count against the job's retries."""
+        values = {
+            "status": Status.QUEUED.value,
+            "attempts": jobs.c.attempts - 1,
+            "run_after": utcnow(),
+            "lease_expires_at": None,
+            "worker": None,
+        }
+        return self._update(self._fenced(job_id, attempt), values) == 1
+
+    def set_progress(
+        self, job_id: str, attempt: int, progress: float | None, message: str | None
+    ) -> bool:
+        values = {"progress": progress, "message": message}
+        return self._update(self._fenced(job_id, attempt), values) == 1
+
+    def reap_expired(self, error: str) -> tuple[list[str], list[str]]:
+        """Take back running jobs whose lease ran out (their worker died):
+        re-queue those with attempts left, fail the rest."""
+        now = utcnow()
+        expired = sa.and_(jobs.c.status == Status.RUNNING.value, jobs.c.lease_expires_at < now)
+        with self._errors(), self._write() as connection:
+            rows = list(
+                connection.execute(
+                    sa.select(jobs.c.id, jobs.c.attempts, jobs.c.max_attempts).where(expired)
+                )
+            )
+            retry = [r.id for r in rows if r.attempts < r.max_attempts]
+            fail = [r.id for r in rows if r.attempts >= r.max_attempts]
+            if retry:
+                connection.execute(
+                    jobs.update()
+                    .where(expired, jobs.c.id.in_(retry))
+                    .values(
+                        status=Status.QUEUED.value,
+                        run_after=now,
+                        worker=None,
+                        lease_expires_at=None,
+                        error=error,
+                    )
+                )
+            if fail:
+                connection.execute(
+                    jobs.update()
+                    .where(expired, jobs.c.id.in_(fail))
+                    .values(
+                        status=Status.FAILED.value,
+                        finished_at=now,
+                        error=error,
+                        lease_expires_at=None,
+                        request_credentials=None,
+                    )
+                )
+        return retry, fail
+
+    # -- operator actions -------------------------------------------------
+
+    def cancel(self, job_id: str) -> Job | None:
+        """Cancel a queued or running job; a finished one is left as it is."""
+        values = {
+            "status": Status.CANCELED.value,
+            "finished_at": utcnow(),
+            "lease_expires_at": None,
+            "request_credentials": None,
+        }
+        self._update(sa.and_(jobs.c.id == job_id, jobs.c.status.in_(ACTIVE)), values)
+        return self.get(job_id)
+
+    def retry(self, job_id: str) -> bool:
+        """Run a failed or canceled job again, with a fresh set of attempts."""
+        finished = sa.and_(
+            jobs.c.id == job_id,
+            jobs.c.status.in_([Status.FAILED.value, Status.CANCELED.value]),
+        )
+        values = {
+            "status": Status.QUEUED.value,
+            "run_after": utcnow(),
+            "max_attempts": jobs.c.attempts + jobs.c.max_attempts,
+            "finished_at": None,
+            "error": None,
+            "response_status": None,
+            "response_headers": None,
+            "response_body": None,
+        }
+        return self._update(finished, values) == 1
+
+    def delete(self, job_id: str) -> bool:
+        with self._errors(), self.engine.begin() as connection:
+            return connection.execute(jobs.delete().where(jobs.c.id == job_id)).rowcount == 1
+
+    def prune(self, finished_before: datetime, batch: int = 500) -> int:
+        """Delete finished jobs older than the retention time, in bounded
+        batches so a large backlog never holds a long lock."""
+        finished = sa.and_(
+            jobs.c.status.in_(
+                [s.value for s in (Status.SUCCEEDED, Status.FAILED, Status.CANCELED)]
+            ),
+            jobs.c.finished_at < finished_before,
+        )
+        total = 0
+        while True:
+            with self._errors(), self._write() as connection:
+                ids = list(connection.scalars(sa.select(jobs.c.id).where(finished).limit(batch)))
+                if ids:
+                    connection.execute(jobs.delete().where(jobs.c.id.in_(ids), finished))
+            total += len(ids)
+            if len(ids) < batch:
+                return total
+
+    # -- helpers -----------------------------------------------------------
+
+    def _write(self) -> Any:
+        connection = self.engine.connect().execution_options(sqlite_immediate=True)
+        return _Transaction(connection)
+
+    def _update(self, where: Any, values: dict[str, Any]) -> int:
+        with self._errors(), self.engine.begin() as connection:
+            return connection.execute(jobs.update().where(where).values(values)).rowcount
+
+
+class _Transaction:
+    """A connection with a transaction open for the ``with`` block."""
+
+    def __init__(self, connection: sa.Connection) -> None:
+        self.connection = connection
+
+    def __enter__(self) -> sa.Connection:
+        self.connection.begin()
+        return self.connection
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        try:
+            if exc_type is None:
+                self.connection.commit()
+            else:
+                self.connection.rollback()
+        finally:
+            self.connection.close()
+
+
+class _TranslateErrors:
+    """Database trouble (down, locked, unreachable) becomes StoreUnavailable,
+    which the adapters answer with 503; programming errors stay loud."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, _tb: Any) -> None:
+        if isinstance(exc, (sa.exc.OperationalError, sa.exc.InterfaceError)) or (
+            isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated
+        ):
+            raise StoreUnavailable(str(exc.__class__.__name__)) from exc

@@ -1,0 +1,71 @@
+"""The job table, in SQLAlchemy Core, portable across SQLite, PostgreSQL and MariaDB."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import mysql
+
+metadata = sa.MetaData()
+
+
+class UTCDateTime(sa.types.TypeDecorator[datetime]):
+    """Stored as naive UTC (every dialect has that), handed out timezone-aware."""
+
+    impl = sa.DateTime
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: sa.Dialect) -> sa.types.TypeEngine[Any]:
+        if dialect.name in ("mysql", "mariadb"):
+            # MySQL's DATETIME drops fractions of a second unless told not to.
+            return dialect.type_descriptor(mysql.DATETIME(fsp=6))
+        return dialect.type_descriptor(sa.DateTime())
+
+    def process_bind_param(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        if value is not None and value.tzinfo is not None:
+            value = value.astimezone(timezone.utc).replace(tzinfo=None)
+        return value
+
+    def process_result_value(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            value = value.replace(tzinfo=timezone.utc)
+        return value
+
+
+# Bodies may be large; MySQL's plain BLOB stops at 64 KiB.
+Body = sa.LargeBinary().with_variant(mysql.LONGBLOB(), "mysql", "mariadb")
+LongText = sa.Text().with_variant(mysql.LONGTEXT(), "mysql", "mariadb")
+
+jobs = sa.Table(
+    "deferred_jobs",
+    metadata,
+    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("created_at", UTCDateTime(), nullable=False),
+    sa.Column("run_after", UTCDateTime(), nullable=False),
+    sa.Column("started_at", UTCDateTime()),
+    sa.Column("finished_at", UTCDateTime()),
+    sa.Column("attempts", sa.Integer(), nullable=False, default=0),
+    sa.Column("max_attempts", sa.Integer(), nullable=False, default=1),
+    sa.Column("timeout", sa.Float()),
+    sa.Column("worker", sa.String(255)),
+    sa.Column("lease_expires_at", UTCDateTime()),
+    sa.Column("progress", sa.Float()),
+    sa.Column("message", sa.Text()),
+    sa.Column("error", sa.Text()),
+    sa.Column("request_method", sa.String(16), nullable=False),
+    sa.Column("request_path", LongText, nullable=False),
+    sa.Column("request_query", LongText, nullable=False),
+    sa.Column("request_headers", sa.JSON(), nullable=False),
+    sa.Column("request_credentials", sa.JSON()),
+    sa.Column("request_meta", sa.JSON(), nullable=False),
+    sa.Column("request_body", Body, nullable=False),
+    sa.Column("response_status", sa.Integer()),
+    sa.Column("response_headers", sa.JSON()),
+    sa.Column("response_body", Body),
+    sa.Index("ix_deferred_jobs_claim", "status", "run_after"),
+    sa.Index("ix_deferred_jobs_lease", "status", "lease_expires_at"),
+    sa.Index("ix_deferred_jobs_finished", "status", "finished_at"),
+)

@@ -1,0 +1,222 @@
+"""``DeferredWSGIMiddleware``: deferred routes for any WSGI app."""
+
+from __future__ import annotations
+
+import atexit
+import http
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from . import _protocol as protocol
+from ._config import Config
+from ._jobs import DeferredOptions, StoredRequest
+from ._routes import NEVER_DEFERRED, RoutePatterns
+from ._service import JobService
+from .runner._dispatch import Dispatcher, start_dispatcher
+from .runner.wsgi import ThreadLauncher, WSGIApp
+from .store import StoreUnavailable
+
+logger = logging.getLogger("deferred_middleware")
+
+Environ = dict[str, Any]
+StartResponse = Callable[..., Any]
+OptionsFinder = Callable[[Environ], "DeferredOptions | None"]
+
+READ_CHUNK = 64 * 1024
+
+
+def from_wsgi_string(text: str) -> str:
+    """WSGI carries paths as latin-1-decoded bytes; the job table keeps real text."""
+    return text.encode("latin-1").decode("utf-8", "replace")
+
+
+def stored_request(environ: Environ, body: bytes) -> StoredRequest:
+    headers: list[tuple[str, str]] = []
+    for key, value in environ.items():
+        if key.startswith("HTTP_"):
+            headers.append((key[5:].replace("_", "-").lower(), value))
+    if environ.get("CONTENT_TYPE"):
+        headers.append(("content-type", environ["CONTENT_TYPE"]))
+    headers.append(("content-length", str(len(body))))
+    client = (
+        (environ["REMOTE_ADDR"], int(environ.get("REMOTE_PORT") or 0))
+        if environ.get("REMOTE_ADDR")
+        else None
+    )
+    protocol_version = environ.get("SERVER_PROTOCOL", "HTTP/1.1").partition("/")[2] or "1.1"
+    return StoredRequest(
+        method=environ["REQUEST_METHOD"],
+        path=from_wsgi_string(environ.get("PATH_INFO", "")),
+        query_string=environ.get("QUERY_STRING", "").encode("latin-1"),
+        headers=headers,
+        body=body,
+        scheme=environ.get("wsgi.url_scheme", "http"),
+        root_path=from_wsgi_string(environ.get("SCRIPT_NAME", "")),
+        http_version=protocol_version,
+        server=(environ.get("SERVER_NAME", "localhost"), int(environ.get("SERVER_PORT") or 80)),
+        client=client,
+    )
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class ClientDisconnected(Exception):
+    pass
+
+
+def read_body(environ: Environ, limit: int) -> bytes:
+    """The whole body, refusing more than ``limit`` bytes before reading them
+    where the length is declared."""
+    stream = environ["wsgi.input"]
+    length_text = environ.get("CONTENT_LENGTH") or ""
+    if length_text.strip():
+        try:
+            length = int(length_text)
+        except ValueError:
+            length = 0
+        if length > limit:
+            raise BodyTooLarge
+        body = stream.read(length) if length > 0 else b""
+        if len(body) < length:
+            raise ClientDisconnected
+        return body
+    if not environ.get("wsgi.input_terminated"):
+        return b""
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := stream.read(READ_CHUNK):
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def respond(start_response: StartResponse, reply: protocol.Reply) -> list[bytes]:
+    try:
+        reason = http.HTTPStatus(reply.status).phrase
+    except ValueError:
+        reason = ""
+    start_response(f"{reply.status} {reason}".rstrip(), list(reply.headers))
+    return [reply.body]
+
+
+class DeferredWSGIMiddleware:
+    """Answer requests to deferred routes of a WSGI app with ``202 Accepted``
+    and run them later, in a bounded set of threads of this process (or in
+    ``deferred-middleware worker``).
+
+    Use it for a WSGI app that is not Flask, naming the deferred routes in
+    ``routes``; Flask apps use :class:`deferred_middleware.flask.FlaskDeferred`,
+    which also finds ``@deferred`` views. It trusts nothing from the client
+    for its URLs: they are built from ``SCRIPT_NAME`` and ``public_url``.
+    """
+
+    def __init__(
+        self,
+        app: WSGIApp,
+        *,
+        database_url: str | None = None,
+        routes: Iterable[str] = (),
+        retries: int = 0,
+        timeout: float | None = None,
+        credential_headers: Iterable[str] = (),
+        find_options: OptionsFinder | None = None,
+        **options: Any,
+    ) -> None:
+        self.app = app
+        self.config = Config.build(
+            credential_headers=credential_headers, database_url=database_url, **options
+        )
+        self.patterns = RoutePatterns(routes, DeferredOptions(retries=retries, timeout=timeout))
+        self.find_options = find_options
+        self.service = JobService(self.config)
+        self._dispatcher: Dispatcher | None = None
+        self._pid = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+        if self.config.execute and self._pid != os.getpid():
+            self.start_executor()
+        path = from_wsgi_string(environ.get("PATH_INFO", ""))
+        prefix = self.config.prefix
+        if path == prefix or path.startswith(prefix + "/"):
+            return respond(start_response, self._answer_job_route(environ, path[len(prefix) :]))
+        options = self._deferred_options(environ, path)
+        if options is None:
+            return self.app(environ, start_response)
+        return respond(start_response, self._accept(environ, options))
+
+    def _deferred_options(self, environ: Environ, path: str) -> DeferredOptions | None:
+        method = environ["REQUEST_METHOD"]
+        if method in NEVER_DEFERRED:
+            return None
+        options = self.patterns.match(method, path) if self.patterns else None
+        if options is None and self.find_options is not None:
+            options = self.find_options(environ)
+        return options
+
+    def _urls(self, environ: Environ) -> protocol.JobURLs:
+        root_path = from_wsgi_string(environ.get("SCRIPT_NAME", ""))
+        return protocol.JobURLs.for_request(self.config.prefix, root_path, self.config.public_url)
+
+    def _accept(self, environ: Environ, options: DeferredOptions) -> protocol.Reply:
+        config = self.config
+        try:
+            body = read_body(environ, config.max_body_size)
+        except BodyTooLarge:
+            return protocol.too_large(config.max_body_size)
+        except ClientDisconnected:
+            return protocol.problem(400, "Bad Request", "The request body was incomplete.")
+        service = self.service
+        try:
+            service.ensure_ready()
+            job, committed = service.submit(stored_request(environ, body), options)
+            committed.result()
+        except StoreUnavailable:
+            logger.warning("could not store a job: the store is unavailable")
+            return protocol.unavailable(config.retry_after)
+        service.committed()
+        return protocol.accepted(job, self._urls(environ), config.retry_after)
+
+    def _answer_job_route(self, environ: Environ, tail: str) -> protocol.Reply:
+        config = self.config
+        route = protocol.parse_job_route(
+            tail, environ.get("QUERY_STRING", "").encode("latin-1"), config.max_wait
+        )
+        if route is None:
+            return protocol.not_found()
+        method = environ["REQUEST_METHOD"]
+        try:
+            self.service.ensure_ready()
+            if route.wait and method in ("GET", "HEAD"):
+                self.service.wait(route.job_id, route.wait)
+            return self.service.answer(route, method, self._urls(environ))
+        except StoreUnavailable:
+            return protocol.unavailable(config.retry_after)
+
+    # -- running jobs in this process -------------------------------------
+
+    def start_executor(self) -> None:
+        """Start this process's job threads: on the first request, so that a
+        forking server starts them in each worker, never in the parent."""
+        with self._lock:
+            if self._pid == os.getpid():
+                return
+            self._pid = os.getpid()
+            launcher = ThreadLauncher(self.app)
+            self._dispatcher = start_dispatcher(self.service, launcher, enforce_timeouts=True)
+            atexit.register(self.shutdown)
+
+    def shutdown(self) -> None:
+        """Let running jobs finish within the grace period; return the rest to the queue."""
+        dispatcher, self._dispatcher = self._dispatcher, None
+        if dispatcher is not None and self._pid == os.getpid():
+            dispatcher.stop(self.config.grace_seconds)
+            self.service.dispatcher = None
+        self.service.writer.stop()
