@@ -30,10 +30,28 @@ def free_port() -> int:
 
 def server_command(flask: bool, port: int) -> list[str]:
     if flask:
-        return [sys.executable, "-m", "gunicorn", "-w", "1", "--threads", "4",
-                "-b", f"127.0.0.1:{port}", "examples.flask_app.app:app"]
-    return [sys.executable, "-m", "uvicorn", "examples.starlette_app.app:app",
-            "--port", str(port), "--log-level", "warning"]
+        return [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "-w",
+            "1",
+            "--threads",
+            "4",
+            "-b",
+            f"127.0.0.1:{port}",
+            "examples.flask_app.app:app",
+        ]
+    return [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "examples.starlette_app.app:app",
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+    ]
 
 
 def wait_until_up(base: str, server: subprocess.Popen[bytes]) -> None:
@@ -67,7 +85,7 @@ def main() -> None:
         server = subprocess.Popen(server_command(flask, port), cwd=ROOT, env=env)
         try:
             wait_until_up(base, server)
-            print(f"$ curl -X POST {base}/reports -d '{{\"name\": \"q3\"}}'")
+            print(f'$ curl -X POST {base}/reports -d \'{{"name": "q3"}}\'')
             accepted = httpx.post(f"{base}/reports", json={"name": "q3"})
             show(accepted)
 

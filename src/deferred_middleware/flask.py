@@ -7,6 +7,7 @@ find ``@deferred`` views through Flask's own URL map.
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Any
 
 from flask import Flask, got_request_exception
@@ -19,6 +20,7 @@ from ._routes import options_of
 from .wsgi import DeferredWSGIMiddleware, Environ
 
 EXTENSION_KEY = "deferred_middleware"
+logger = logging.getLogger("deferred_middleware")
 
 
 class FlaskDeferred:
@@ -76,4 +78,7 @@ def _mark_raised(sender: Flask, exception: BaseException, **_: Any) -> None:
     """Flask renders an unhandled exception as its own HTML 500; in a job that
     page is not a result, so the attempt is recorded as raised."""
     with contextlib.suppress(LookupError):
-        current_job().raised = True
+        job = current_job()
+        job.raised = True
+        # Flask has logged the traceback; this line ties it to the job.
+        logger.error("job %s: attempt %d raised %s", job.id, job.attempt, type(exception).__name__)

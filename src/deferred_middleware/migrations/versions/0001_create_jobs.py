@@ -36,11 +36,11 @@ def upgrade() -> None:
         sa.Column("request_path", LongText, nullable=False),
         sa.Column("request_query", LongText, nullable=False),
         sa.Column("request_headers", sa.JSON(), nullable=False),
-        sa.Column("request_credentials", sa.JSON()),
+        sa.Column("request_credentials", sa.JSON(none_as_null=True)),
         sa.Column("request_meta", sa.JSON(), nullable=False),
         sa.Column("request_body", Body, nullable=False),
         sa.Column("response_status", sa.Integer()),
-        sa.Column("response_headers", sa.JSON()),
+        sa.Column("response_headers", sa.JSON(none_as_null=True)),
         sa.Column("response_body", Body),
     )
     op.create_index("ix_deferred_jobs_claim", "deferred_jobs", ["status", "run_after"])
