@@ -67,13 +67,10 @@ def marked_options(routes: Iterable[Any], scope: Scope) -> DeferredOptions | Non
         match, child_scope = route.matches(scope)
         if match is not Match.FULL:
             continue
-        endpoint = child_scope.get("endpoint")
-        if endpoint is None:
-            sub_routes = getattr(route, "routes", None)
-            if sub_routes is None:
-                return None
+        sub_routes = getattr(route, "routes", None)  # Mount and Host
+        if sub_routes is not None:
             return marked_options(sub_routes, {**scope, **child_scope})
-        return options_of(endpoint)
+        return options_of(child_scope.get("endpoint"))
     return None
 
 

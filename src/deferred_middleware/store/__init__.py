@@ -8,6 +8,8 @@ the attempt that replaced it.
 from __future__ import annotations
 
 import os
+import sqlite3
+import time
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
@@ -84,9 +86,9 @@ def create_engine(url: str, lock_timeout: float = 5.0) -> sa.Engine:
         # Let SQLAlchemy, not the sqlite3 module, decide where transactions begin.
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
-        if not in_memory:
-            cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute(f"PRAGMA busy_timeout={int(lock_timeout * 1000)}")
+        if not in_memory:
+            _enable_wal(cursor, lock_timeout)
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.close()
 
@@ -96,6 +98,20 @@ def create_engine(url: str, lock_timeout: float = 5.0) -> sa.Engine:
         connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
     return engine
+
+
+def _enable_wal(cursor: Any, lock_timeout: float) -> None:
+    """Switching a new file to WAL needs an exclusive lock, and SQLite does
+    not always wait for it: processes starting together retry here."""
+    deadline = time.monotonic() + lock_timeout
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
 
 
 def migrate(engine: sa.Engine) -> None:

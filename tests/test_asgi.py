@@ -1,0 +1,192 @@
+"""DeferredMiddleware driven through httpx's ASGI transport."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Mount, Route
+
+from deferred_middleware import DeferredMiddleware, current_job, deferred
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+
+
+@contextlib.asynccontextmanager
+async def client_for(app):
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+        yield client
+
+
+@contextlib.asynccontextmanager
+async def running_lifespan(app):
+    """Drive the ASGI lifespan protocol as a server does."""
+    to_app: asyncio.Queue = asyncio.Queue()
+    from_app: asyncio.Queue = asyncio.Queue()
+    scope = {"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}
+    task = asyncio.create_task(app(scope, to_app.get, from_app.put))
+    await to_app.put({"type": "lifespan.startup"})
+    assert (await from_app.get())["type"] == "lifespan.startup.complete"
+    yield
+    await to_app.put({"type": "lifespan.shutdown"})
+    assert (await from_app.get())["type"] == "lifespan.shutdown.complete"
+    await task
+
+
+async def finished(client: httpx.AsyncClient, accepted: httpx.Response) -> httpx.Response:
+    return await client.get(accepted.headers["location"], params={"wait": 20})
+
+
+async def test_routes_option_defers_a_plain_asgi_app(sqlite_url):
+    async def plain_app(scope, receive, send):
+        assert scope["type"] == "http"
+        body = f"{scope['method']} {scope['path']}".encode()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": body})
+
+    middleware = DeferredMiddleware(
+        plain_app, database_url=sqlite_url, routes=["POST /reports", "/exports/*"]
+    )
+    async with client_for(middleware) as client:
+        accepted = await client.post("/reports")
+        assert accepted.status_code == 202
+        assert (await finished(client, accepted)).content == b"POST /reports"
+        exported = await client.put("/exports/7")
+        assert exported.status_code == 202
+        assert (await finished(client, exported)).content == b"PUT /exports/7"
+        assert (await client.get("/exports/7/deeper")).content == b"GET /exports/7/deeper"
+        assert (await client.get("/reports")).content == b"GET /reports"
+        assert (await client.head("/exports/7")).status_code == 200
+    await middleware.shutdown()
+
+
+async def test_marked_endpoints_are_found_inside_mounts_and_in_route_order(sqlite_url):
+    @deferred
+    async def deep(request: Request) -> Response:
+        return PlainTextResponse(f"deep {request.path_params['n']}")
+
+    async def special(request: Request) -> Response:
+        return PlainTextResponse("special, not deferred")
+
+    inner = Starlette(routes=[Route("/special", special), Route("/{n}", deep)])
+    app = Starlette(
+        routes=[Mount("/v1", app=inner)],
+        middleware=[Middleware(DeferredMiddleware, database_url=sqlite_url)],
+    )
+    async with client_for(app) as client:
+        accepted = await client.get("/v1/9")
+        assert accepted.status_code == 202
+        assert (await finished(client, accepted)).text == "deep 9"
+        plain = await client.get("/v1/special")
+        assert plain.status_code == 200
+        assert plain.text == "special, not deferred"
+
+
+async def test_a_method_the_route_does_not_allow_is_answered_by_the_app(sqlite_url):
+    @deferred
+    async def only_post(request: Request) -> Response:
+        return PlainTextResponse("posted")
+
+    app = Starlette(
+        routes=[Route("/only", only_post, methods=["POST"])],
+        middleware=[Middleware(DeferredMiddleware, database_url=sqlite_url)],
+    )
+    async with client_for(app) as client:
+        response = await client.put("/only")
+        assert response.status_code == 405
+        assert "POST" in response.headers["allow"]
+
+
+async def test_lifespan_state_reaches_the_replayed_request(sqlite_url):
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield {"greeting": "hello from lifespan"}
+
+    @deferred
+    async def greet(request: Request) -> Response:
+        return JSONResponse({"greeting": request.state.greeting, "job": current_job().id})
+
+    app = Starlette(
+        routes=[Route("/greet", greet, methods=["POST"])],
+        lifespan=lifespan,
+        middleware=[Middleware(DeferredMiddleware, database_url=sqlite_url)],
+    )
+    async with running_lifespan(app), client_for(app) as client:
+        accepted = await client.post("/greet")
+        result = await finished(client, accepted)
+        assert result.json() == {"greeting": "hello from lifespan", "job": accepted.json()["id"]}
+
+
+async def test_a_client_that_disconnects_mid_body_makes_no_job(sqlite_url):
+    from tests.conftest import count_rows
+
+    middleware = DeferredMiddleware(
+        lambda *a: None, database_url=sqlite_url, routes=["POST /upload"]
+    )
+    sent: list[dict] = []
+    messages = iter(
+        [{"type": "http.request", "body": b"part", "more_body": True}, {"type": "http.disconnect"}]
+    )
+
+    async def receive():
+        return next(messages)
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/upload",
+        "root_path": "",
+        "query_string": b"",
+        "headers": [],
+        "scheme": "http",
+    }
+    await middleware(scope, receive, send)
+    assert sent == []
+    assert count_rows(sqlite_url) == 0
+
+
+async def test_current_job_outside_a_job_raises_lookup_error():
+    with pytest.raises(LookupError):
+        current_job()
+
+
+async def test_progress_is_clamped_and_visible(sqlite_url):
+    seen = asyncio.Event()
+
+    @deferred
+    async def work(request: Request) -> Response:
+        current_job().progress(7, "beyond")
+        await asyncio.wait_for(seen.wait(), 20)
+        return PlainTextResponse("done")
+
+    app = Starlette(
+        routes=[Route("/work", work, methods=["POST"])],
+        middleware=[Middleware(DeferredMiddleware, database_url=sqlite_url)],
+    )
+    async with client_for(app) as client:
+        accepted = await client.post("/work")
+        status_url = accepted.headers["operation-location"]
+        for _ in range(400):
+            document = (await client.get(status_url)).json()
+            if document["progress"] is not None:
+                break
+            await asyncio.sleep(0.025)
+        assert document["progress"] == 1.0
+        assert document["message"] == "beyond"
+        seen.set()
+        assert (await finished(client, accepted)).text == "done"
