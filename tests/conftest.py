@@ -159,7 +159,9 @@ class Server:
         except subprocess.TimeoutExpired:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
-            raise AssertionError(f"{self.kind} did not stop within {timeout} s:\n{self.log()}")
+            raise AssertionError(
+                f"{self.kind} did not stop within {timeout} s:\n{self.log()}"
+            ) from None
 
     def kill(self) -> None:
         self.stop(signal.SIGKILL)

@@ -52,6 +52,14 @@ def sync_report():
     return jsonify(sync=True, job=job.id)
 
 
+@app.post("/tiny")
+@deferred
+def tiny():
+    job = current_job()
+    record_effect(job.id, job.attempt)
+    return "ok"
+
+
 @app.post("/binary")
 @deferred
 def binary():

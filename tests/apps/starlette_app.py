@@ -57,6 +57,13 @@ def sync_report(request: Request) -> Response:
 
 
 @deferred
+async def tiny(request: Request) -> Response:
+    job = current_job()
+    record_effect(job.id, job.attempt)
+    return Response(b"ok")
+
+
+@deferred
 async def binary(request: Request) -> Response:
     return Response(BINARY, media_type="application/octet-stream", headers={"x-kind": "binary"})
 
@@ -114,6 +121,7 @@ app = Starlette(
         Route("/report", report, methods=["POST"]),
         Route("/report-retry", report_retry, methods=["POST"]),
         Route("/sync-report", sync_report, methods=["POST"]),
+        Route("/tiny", tiny, methods=["POST"]),
         Route("/binary", binary, methods=["POST"]),
         Route("/stream", stream, methods=["POST"]),
         Route("/missing", missing, methods=["POST"]),

@@ -64,7 +64,10 @@ class Dispatcher:
     # -- lifecycle ---------------------------------------------------------
 
     def start(self) -> None:
-        for target, name in ((self._claim_loop, "claim"), (self._lease_loop, "lease")):
+        loops = [(self._claim_loop, "claim"), (self._lease_loop, "lease")]
+        if self.service.store.dialect == "postgresql":
+            loops.append((self._listen_loop, "listen"))
+        for target, name in loops:
             thread = threading.Thread(target=target, name=f"deferred-{name}", daemon=True)
             thread.start()
             self._threads.append(thread)
@@ -184,6 +187,9 @@ class Dispatcher:
                 self._renew()
             if self._stopping.is_set() and not self.running:
                 return
+
+    def _listen_loop(self) -> None:
+        self.service.store.listen(self._wake.set, self._stopping)
 
     def _renew(self) -> None:
         with self._lock:

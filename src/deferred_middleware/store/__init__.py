@@ -7,10 +7,12 @@ the attempt that replaced it.
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
+import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -32,6 +34,8 @@ from ._schema import jobs, metadata
 __all__ = ["JobStore", "StoreUnavailable", "create_engine", "metadata"]
 
 VERSION_TABLE = "deferred_middleware_version"
+NOTIFY_CHANNEL = "deferred_jobs"
+logger = logging.getLogger("deferred_middleware")
 
 STATUS_COLUMNS = (
     jobs.c.id,
@@ -261,6 +265,28 @@ class JobStore:
         """Many accepted jobs in one transaction: one commit for a whole burst."""
         with self._errors(), self.engine.begin() as connection:
             connection.execute(jobs.insert(), list(rows))
+            if self.dialect == "postgresql":
+                # Delivered on commit: idle workers wake now rather than at their next poll.
+                connection.exec_driver_sql(f"NOTIFY {NOTIFY_CHANNEL}")
+
+    def listen(self, wake: Callable[[], None], stopped: threading.Event) -> None:
+        """PostgreSQL only: call ``wake`` whenever jobs are inserted, until
+        ``stopped`` is set, reconnecting after the server restarts."""
+        import psycopg
+
+        url = self.engine.url.set(drivername="postgresql")
+        conninfo = url.render_as_string(hide_password=False)
+        while not stopped.is_set():
+            try:
+                with psycopg.connect(conninfo, autocommit=True) as connection:
+                    connection.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                    wake()  # anything inserted while we were not listening
+                    while not stopped.is_set():
+                        for _ in connection.notifies(timeout=1.0):
+                            wake()
+            except psycopg.Error:
+                logger.warning("LISTEN connection lost; reconnecting")
+                stopped.wait(1.0)
 
     # -- reading -----------------------------------------------------------
 

@@ -1,0 +1,250 @@
+"""``deferred-middleware worker`` processes sharing one job table, on SQLite and
+on the real PostgreSQL and MariaDB servers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import pytest
+
+from deferred_middleware._jobs import (
+    DeferredOptions,
+    Job,
+    Status,
+    StoredRequest,
+    new_job_id,
+    utcnow,
+)
+from deferred_middleware.store import JobStore
+from tests.conftest import ROOT, eventually
+
+LOST = "The worker running this job was lost before it finished."
+APPS = {"starlette": "tests.apps.starlette_app:app", "flask": "tests.apps.flask_app:app"}
+
+
+class Worker:
+    """One ``deferred-middleware worker`` process."""
+
+    def __init__(self, env: dict[str, str], log: Path, app: str, *args: str) -> None:
+        command = [
+            sys.executable,
+            "-m",
+            "deferred_middleware.cli",
+            "--log-level",
+            "info",
+            "worker",
+            APPS[app],
+            *args,
+        ]
+        with open(log, "ab") as out:
+            self.process = subprocess.Popen(
+                command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
+            )
+        self.log = log
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        return self.process.wait(timeout=timeout)
+
+
+@pytest.fixture
+def worker_env(workdir, database_url):
+    return {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "DATABASE_URL": database_url,
+        "GATE_DIR": str(workdir / "gates"),
+        "EFFECTS_FILE": str(workdir / "effects.txt"),
+        "POLL_INTERVAL": "0.2",
+    }
+
+
+@pytest.fixture
+def start_worker(workdir, worker_env):
+    started: list[Worker] = []
+
+    def start(app: str = "starlette", *args: str, **env: str) -> Worker:
+        log = workdir / f"worker-{len(started)}.log"
+        worker = Worker({**worker_env, **env}, log, app, *args)
+        started.append(worker)
+        return worker
+
+    yield start
+    for worker in started:
+        if worker.process.poll() is None:
+            worker.process.kill()
+            worker.process.wait()
+
+
+@pytest.fixture
+def store(database_url):
+    store = JobStore(database_url)
+    store.migrate()
+    yield store
+    store.close()
+
+
+def enqueue(
+    store: JobStore,
+    path: str,
+    count: int = 1,
+    retries: int = 0,
+    query: bytes = b"",
+    timeout: float | None = None,
+) -> list[str]:
+    """Jobs as the middleware would store them, without going through HTTP."""
+    rows = []
+    for _ in range(count):
+        job = Job(
+            id=new_job_id(),
+            status=Status.QUEUED,
+            created_at=utcnow(),
+            request=StoredRequest(method="POST", path=path, query_string=query, server=("t", 80)),
+            options=DeferredOptions(retries=retries, timeout=timeout),
+        )
+        rows.append(store.new_row(job))
+    for start in range(0, len(rows), 500):
+        store.insert_rows(rows[start : start + 500])
+    return [row["id"] for row in rows]
+
+
+@pytest.mark.parametrize("app", ["starlette", "flask"])
+def test_four_workers_share_2000_jobs_and_each_runs_exactly_once(
+    app, start_worker, store, effects, database_url
+):
+    ids = enqueue(store, "/tiny", 2000)
+    started = time.monotonic()
+    workers = [start_worker(app, "--concurrency", "8") for _ in range(4)]
+    eventually(lambda: store.count(Status.SUCCEEDED) == 2000, timeout=240, interval=0.2)
+    elapsed = time.monotonic() - started
+    for worker in workers:
+        assert worker.stop() == 0
+    runs = Counter(line[0] for line in effects())
+    assert set(runs) == set(ids)
+    assert max(runs.values()) == 1  # each job ran exactly once
+    pids = Counter(line[2] for line in effects())
+    assert len(pids) > 1, "the work was shared between workers"
+    print(
+        f"\n{app} on {database_url.split(':')[0]}: 2000 jobs by 4 workers in "
+        f"{elapsed:.1f} s ({2000 / elapsed:.0f} jobs/s, worker start-up included); "
+        f"per worker: {sorted(pids.values())}"
+    )
+
+
+@pytest.mark.parametrize("app", ["starlette", "flask"])
+def test_a_killed_worker_leaves_no_job_running_forever(app, start_worker, store, effects, gates):
+    with_retry = enqueue(store, "/report-retry", retries=1, query=b"gate=k1")[0]
+    without_retry = enqueue(store, "/report", query=b"gate=k2")[0]
+    first = start_worker(app, LEASE_SECONDS="1")
+    eventually(lambda: len(effects()) == 2, timeout=30)  # both are mid-run
+    first.stop(signal.SIGKILL)
+    gates("k1")
+    gates("k2")
+
+    second = start_worker(app, LEASE_SECONDS="1")
+    done = eventually(lambda: (j := store.get(with_retry, response=True)).status.finished and j)
+    assert done.status is Status.SUCCEEDED
+    assert done.attempts == 2
+    assert done.response.status == 201
+    lost = eventually(lambda: (j := store.get(without_retry)).status.finished and j)
+    assert lost.status is Status.FAILED
+    assert lost.error == LOST
+    assert second.stop() == 0
+    assert store.count(Status.RUNNING) == 0
+    runs = Counter(line[0] for line in effects())
+    assert runs == {with_retry: 2, without_retry: 1}
+
+
+@pytest.mark.parametrize("app", ["starlette", "flask"])
+def test_sigterm_lets_a_running_job_finish_within_the_grace_period(
+    app, start_worker, store, effects, gates
+):
+    job_id = enqueue(store, "/report", query=b"gate=t1")[0]
+    worker = start_worker(app, "--grace", "60")
+    eventually(lambda: len(effects()) == 1, timeout=30)
+    worker.process.send_signal(signal.SIGTERM)
+    gates("t1")  # opened only after the signal: the worker must wait for it
+    assert worker.process.wait(timeout=60) == 0
+    assert store.get(job_id).status is Status.SUCCEEDED
+
+
+@pytest.mark.parametrize("app", ["starlette", "flask"])
+def test_sigterm_returns_what_cannot_finish_in_time_to_the_queue(app, start_worker, store, effects):
+    job_id = enqueue(store, "/report", query=b"gate=never")[0]
+    worker = start_worker(app, "--grace", "0.5")
+    eventually(lambda: len(effects()) == 1, timeout=30)
+    assert worker.stop() == 0
+    job = store.get(job_id)
+    assert job.status is Status.QUEUED
+    assert job.attempts == 0
+
+
+@pytest.mark.parametrize("app", ["starlette", "flask"])
+def test_a_timeout_fails_the_attempt_in_a_worker(app, start_worker, store):
+    job_id = enqueue(store, "/too-slow", timeout=0.5)[0]
+    worker = start_worker(app)
+    failed = eventually(lambda: (j := store.get(job_id)).status.finished and j, timeout=30)
+    assert failed.status is Status.FAILED
+    assert failed.error == "The job timed out after 0.5 seconds."
+    worker.stop()
+
+
+@pytest.mark.parametrize(("kind", "app"), [("uvicorn", "starlette"), ("gunicorn-gthread", "flask")])
+def test_an_enqueue_only_web_tier_and_a_worker_complete_a_request(
+    serve, kind, app, start_worker, database_url, effects
+):
+    server = serve(kind, DATABASE_URL=database_url, EXECUTE="0", POLL_INTERVAL="0.2")
+    accepted = httpx.post(server.base + "/tiny")
+    assert accepted.status_code == 202
+    job_id = accepted.json()["id"]
+    assert httpx.get(f"{server.base}/jobs/{job_id}").json()["status"] == "queued"
+    worker = start_worker(app)
+    result = httpx.get(f"{server.base}/jobs/{job_id}/result", params={"wait": 30}, timeout=40)
+    assert result.status_code == 200
+    assert result.content == b"ok"
+    assert [(line[0], int(line[2])) for line in effects()] == [(job_id, worker.process.pid)]
+    worker.stop()
+
+
+def _postgres_cluster(action: str) -> None:
+    version = sorted(os.listdir("/etc/postgresql"))[0]
+    command = ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", action]
+    subprocess.run([*command, "-m", "fast"] if action == "stop" else command, check=True)
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+def test_a_database_restart_under_web_and_worker_loses_no_accepted_job(
+    serve, start_worker, database_url, effects
+):
+    server = serve("uvicorn", DATABASE_URL=database_url, EXECUTE="0", POLL_INTERVAL="0.2")
+    worker = start_worker("starlette")
+    accepted = [httpx.post(server.base + "/tiny").json()["id"] for _ in range(10)]
+    _postgres_cluster("stop")
+    try:
+        during = [httpx.post(server.base + "/tiny", timeout=30) for _ in range(5)]
+    finally:
+        _postgres_cluster("start")
+    for response in during:
+        assert response.status_code == 503, response.text
+        assert response.headers["retry-after"] == "1"
+
+    def accept_again() -> str | None:
+        response = httpx.post(server.base + "/tiny", timeout=30)
+        return response.json()["id"] if response.status_code == 202 else None
+
+    accepted.append(eventually(accept_again, timeout=60, interval=0.5))
+    for job_id in accepted:
+        reply = httpx.get(f"{server.base}/jobs/{job_id}/result", params={"wait": 30}, timeout=40)
+        assert reply.status_code == 200, (job_id, reply.text)
+    runs = Counter(line[0] for line in effects())
+    assert set(runs) == set(accepted)
+    assert max(runs.values()) == 1
+    assert worker.stop() == 0
