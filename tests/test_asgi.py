@@ -190,3 +190,23 @@ async def test_progress_is_clamped_and_visible(sqlite_url):
         assert document["message"] == "beyond"
         seen.set()
         assert (await finished(client, accepted)).text == "done"
+
+
+async def test_a_full_queue_answers_503_and_makes_no_job(sqlite_url):
+    from tests.conftest import count_rows
+
+    middleware = DeferredMiddleware(
+        lambda *a: None,
+        database_url=sqlite_url,
+        routes=["POST /work"],
+        execute=False,
+        max_queued=2,
+    )
+    async with client_for(middleware) as client:
+        assert [(await client.post("/work")).status_code for _ in range(2)] == [202, 202]
+        refused = await client.post("/work")
+        assert refused.status_code == 503
+        assert refused.headers["retry-after"] == "1"
+        assert refused.json()["detail"] == "Too many jobs are waiting; try again later."
+    assert count_rows(sqlite_url) == 2
+    await middleware.shutdown()

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import threading
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from alembic.script import ScriptDirectory
 
+from deferred_middleware import migrations
 from deferred_middleware._jobs import (
     DEFAULT_CREDENTIAL_HEADERS,
     DeferredOptions,
@@ -20,6 +23,8 @@ from deferred_middleware._jobs import (
 )
 from deferred_middleware.store import JobStore, StoreUnavailable
 from deferred_middleware.store._schema import jobs
+
+HEAD = ScriptDirectory(str(Path(migrations.__file__).parent)).get_current_head()
 
 
 @pytest.fixture
@@ -76,7 +81,7 @@ def test_migrating_is_idempotent_and_safe_to_race(database_url):
         version = connection.exec_driver_sql(
             "SELECT version_num FROM deferred_middleware_version"
         ).scalar_one()
-    assert version == "0001"
+    assert version == HEAD
     for store in stores:
         store.close()
 
@@ -232,3 +237,42 @@ def test_a_locked_sqlite_database_is_reported_as_unavailable(sqlite_url):
         lock.execute("ROLLBACK")
         lock.close()
     insert(store, make_job())
+
+
+def test_a_database_from_an_earlier_release_upgrades_in_place(database_url):
+    old = JobStore(database_url)
+    old.migrate("0001")
+    job = make_job()
+    insert(old, job)
+    indexes = {ix["name"] for ix in sa.inspect(old.engine).get_indexes("deferred_jobs")}
+    assert "ix_deferred_jobs_created" not in indexes
+    old.close()
+
+    new = JobStore(database_url)
+    new.migrate()
+    indexes = {ix["name"] for ix in sa.inspect(new.engine).get_indexes("deferred_jobs")}
+    assert "ix_deferred_jobs_created" in indexes
+    with new.engine.connect() as connection:
+        version = connection.exec_driver_sql(
+            "SELECT version_num FROM deferred_middleware_version"
+        ).scalar_one()
+    assert version == HEAD
+    assert new.get(job.id, request=True).request == job.request
+    new.close()
+
+
+def test_an_older_release_runs_against_a_newer_schema(database_url):
+    """A rolling deploy: a newer release upgraded the table first."""
+    store = JobStore(database_url)
+    store.migrate()
+    with store.engine.begin() as connection:
+        connection.exec_driver_sql(
+            "UPDATE deferred_middleware_version SET version_num = '9999_from_the_future'"
+        )
+    store.close()
+    older = JobStore(database_url)
+    older.migrate()
+    job = make_job()
+    insert(older, job)
+    assert older.get(job.id) is not None
+    older.close()

@@ -248,3 +248,15 @@ def test_a_database_restart_under_web_and_worker_loses_no_accepted_job(
     assert set(runs) == set(accepted)
     assert max(runs.values()) == 1
     assert worker.stop() == 0
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+def test_an_idle_postgres_worker_wakes_on_notify_not_on_its_poll(start_worker, store):
+    worker = start_worker("starlette", POLL_INTERVAL="120")
+    eventually(lambda: "listening for new jobs" in worker.log.read_text(), timeout=30)
+    first = enqueue(store, "/tiny")[0]
+    eventually(lambda: store.get(first).status is Status.SUCCEEDED, timeout=20)
+    # Idle now, with its next poll two minutes away: only NOTIFY can wake it in time.
+    second = enqueue(store, "/tiny")[0]
+    eventually(lambda: store.get(second).status is Status.SUCCEEDED, timeout=20)
+    assert worker.stop() == 0

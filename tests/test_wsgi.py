@@ -94,3 +94,21 @@ def test_the_replayed_environ_is_built_fresh_from_stored_data():
     ):
         assert rebuilt[key] == environ[key], key
     assert rebuilt["wsgi.input"].read() == b"{}"
+
+
+def test_a_full_queue_answers_503_and_makes_no_job(sqlite_url):
+    from tests.conftest import count_rows
+
+    middleware = DeferredWSGIMiddleware(
+        lambda e, s: [],
+        database_url=sqlite_url,
+        routes=["POST /work"],
+        execute=False,
+        max_queued=1,
+    )
+    client = httpx.Client(transport=httpx.WSGITransport(app=middleware), base_url="http://t")
+    assert client.post("/work").status_code == 202
+    refused = client.post("/work")
+    assert refused.status_code == 503
+    assert refused.headers["content-type"] == "application/problem+json"
+    assert count_rows(sqlite_url) == 1

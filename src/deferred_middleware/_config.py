@@ -28,6 +28,7 @@ class Config:
     public_url: str | None = None
     max_body_size: int = 10 * 1024 * 1024
     max_wait: float = 30.0
+    max_queued: int | None = None
     retry_after: int = 1
     concurrency: int = 8
     execute: bool = True

@@ -89,6 +89,9 @@ def not_found() -> Reply:
     return problem(404, "Not Found", "No job with this id.")
 
 
+QUEUE_FULL = "Too many jobs are waiting; try again later."
+
+
 def unavailable(retry_after: int, detail: str = "The job store is unavailable.") -> Reply:
     return problem(503, "Service Unavailable", detail, [("retry-after", str(retry_after))])
 

@@ -29,6 +29,7 @@ logger = logging.getLogger("deferred_middleware")
 
 LOST_WORKER = "The worker running this job was lost before it finished."
 MAX_BACKOFF = 300.0
+QUEUE_CHECK_EVERY = 0.5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +61,8 @@ class JobService:
         self.dispatcher: Dispatcher | None = None
         self.ready = False
         self._ready_lock = threading.Lock()
+        self._queued_seen = 0
+        self._queued_checked = -QUEUE_CHECK_EVERY
 
     def ensure_ready(self) -> None:
         """Create or upgrade the table on first use. Raises StoreUnavailable
@@ -83,6 +86,22 @@ class JobService:
             options=options,
         )
         return job, self.writer.insert(self.store.new_row(job))
+
+    def queue_full(self) -> bool:
+        """Whether ``max_queued`` jobs are waiting. The count is read from the
+        table at most twice a second and raised by this process's own accepts
+        in between, so a burst cannot overshoot by much nor cost a query each."""
+        bound = self.config.max_queued
+        if bound is None:
+            return False
+        now = time.monotonic()
+        if now - self._queued_checked >= QUEUE_CHECK_EVERY:
+            self._queued_seen = self.store.count(Status.QUEUED)
+            self._queued_checked = now
+        if self._queued_seen >= bound:
+            return True
+        self._queued_seen += 1
+        return False
 
     def committed(self) -> None:
         """A row was committed: wake this process's executor, if it has one."""

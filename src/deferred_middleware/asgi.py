@@ -258,6 +258,11 @@ class DeferringResponder:
         try:
             if not service.ready:
                 await middleware.run_sync(service.ensure_ready)
+            if config.max_queued is not None and await middleware.run_sync(service.queue_full):
+                await send_reply(
+                    send, protocol.unavailable(config.retry_after, protocol.QUEUE_FULL)
+                )
+                return
             job, committed = service.submit(stored_request(scope, body), self.options)
             await asyncio.wrap_future(committed)
         except StoreUnavailable:

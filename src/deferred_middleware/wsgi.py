@@ -176,6 +176,8 @@ class DeferredWSGIMiddleware:
         service = self.service
         try:
             service.ensure_ready()
+            if service.queue_full():
+                return protocol.unavailable(config.retry_after, protocol.QUEUE_FULL)
             job, committed = service.submit(stored_request(environ, body), options)
             committed.result()
         except StoreUnavailable:

@@ -118,7 +118,7 @@ def _enable_wal(cursor: Any, lock_timeout: float) -> None:
             time.sleep(0.01)
 
 
-def migrate(engine: sa.Engine) -> None:
+def migrate(engine: sa.Engine, revision: str = "head") -> None:
     """Create or upgrade the job table in place, once, even with several
     processes starting at the same moment."""
     from alembic import command
@@ -135,9 +135,29 @@ def migrate(engine: sa.Engine) -> None:
                 connection.exec_driver_sql("SELECT GET_LOCK('deferred_middleware_migrate', 60)")
             config.attributes["connection"] = connection
             config.attributes["version_table"] = VERSION_TABLE
-            command.upgrade(config, "head")
+            if _schema_is_newer(config, connection):
+                logger.warning(
+                    "the job table's schema is newer than this release; "
+                    "using it as it is (schema changes are additive)"
+                )
+            else:
+                command.upgrade(config, revision)
         if dialect in ("mysql", "mariadb"):
             connection.exec_driver_sql("SELECT RELEASE_LOCK('deferred_middleware_migrate')")
+
+
+def _schema_is_newer(config: Any, connection: sa.Connection) -> bool:
+    """True during a rolling deploy, when a newer release has already
+    upgraded the table that this older process is about to use."""
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
+    context = MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE})
+    current = context.get_current_revision()
+    if current is None:
+        return False
+    known = {script.revision for script in ScriptDirectory.from_config(config).walk_revisions()}
+    return current not in known
 
 
 def _request_row(request: StoredRequest, credential_names: frozenset[str]) -> dict[str, Any]:
@@ -234,9 +254,9 @@ class JobStore:
     def dialect(self) -> str:
         return self.engine.dialect.name
 
-    def migrate(self) -> None:
+    def migrate(self, revision: str = "head") -> None:
         with self._errors():
-            migrate(self.engine)
+            migrate(self.engine, revision)
 
     def close(self) -> None:
         if self._engine is not None:
@@ -280,6 +300,7 @@ class JobStore:
             try:
                 with psycopg.connect(conninfo, autocommit=True) as connection:
                     connection.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                    logger.info("listening for new jobs on %s", NOTIFY_CHANNEL)
                     wake()  # anything inserted while we were not listening
                     while not stopped.is_set():
                         for _ in connection.notifies(timeout=1.0):

@@ -68,4 +68,5 @@ jobs = sa.Table(
     sa.Index("ix_deferred_jobs_claim", "status", "run_after"),
     sa.Index("ix_deferred_jobs_lease", "status", "lease_expires_at"),
     sa.Index("ix_deferred_jobs_finished", "status", "finished_at"),
+    sa.Index("ix_deferred_jobs_created", "created_at"),
 )

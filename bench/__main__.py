@@ -1,0 +1,245 @@
+"""``python -m bench``: every benchmark in one run, ratios side by side.
+
+Writes bench/RESULTS.md and bench/ratios.png. Loopback only, about ten
+minutes; ``--quick`` for a short smoke run. Needs wrk (Debian: apt-get
+install wrk), the PostgreSQL server on 127.0.0.1:5432 and the [bench] extra.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata
+import os
+import platform
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from . import e2e, http, latency_memory
+
+HERE = Path(__file__).resolve().parent
+PACKAGES = [
+    "deferred-middleware",
+    "starlette",
+    "uvicorn",
+    "gunicorn",
+    "flask",
+    "sqlalchemy",
+    "psycopg",
+    "huey",
+    "procrastinate",
+    "pgqueuer",
+    "httpx",
+]
+
+
+def step(name: str, results: dict[str, Any], fn: Any, *args: Any) -> None:
+    started = time.monotonic()
+    print(f"-- {name} ...", flush=True)
+    results[name] = fn(*args)
+    printable = {k: round(v, 3) for k, v in results[name].items()}
+    print(f"   {printable} ({time.monotonic() - started:.0f} s)", flush=True)
+
+
+def machine() -> dict[str, str]:
+    memory = next(
+        line
+        for line in Path("/proc/meminfo").read_text().splitlines()
+        if line.startswith("MemTotal")
+    )
+    with psycopg.connect(e2e.POSTGRES_ADMIN) as connection:
+        postgres = connection.execute("SHOW server_version").fetchone()[0]
+    wrk_version = subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.split()[1]
+    versions = {name: importlib.metadata.version(name) for name in PACKAGES}
+    return {
+        "cores": str(os.cpu_count()),
+        "memory": f"{int(memory.split()[1]) / 1024 / 1024:.1f} GiB",
+        "python": platform.python_version(),
+        "sqlite": sqlite3.sqlite_version,
+        "postgresql": postgres,
+        "wrk": wrk_version,
+        **versions,
+    }
+
+
+def run(quick: bool) -> dict[str, Any]:
+    seconds, rounds = (3, 1) if quick else (8, 2)
+    jobs = 2000 if quick else 10_000
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as folder:
+        sqlite = f"sqlite:///{folder}/bench.db"
+        postgres = e2e.fresh_postgres_database("bench_ours").replace(
+            "postgresql://", "postgresql+psycopg://"
+        )
+        step("accept uvicorn sqlite", results, http.accept, "uvicorn", sqlite, seconds, rounds)
+        step(
+            "accept uvicorn postgresql", results, http.accept, "uvicorn", postgres, seconds, rounds
+        )
+        step("accept gunicorn sqlite", results, http.accept, "gunicorn", sqlite, seconds, rounds)
+        step("status uvicorn sqlite", results, http.status_poll, "uvicorn", sqlite, seconds, rounds)
+        step(
+            "status gunicorn sqlite", results, http.status_poll, "gunicorn", sqlite, seconds, rounds
+        )
+        e2e_sqlite = f"sqlite:///{folder}/e2e.db"
+        step("e2e ours sqlite (in-process executor)", results, e2e.ours, e2e_sqlite, jobs)
+        step("e2e huey sqlite", results, e2e.huey_sqlite, jobs)
+        step("e2e raw sql sqlite batch 1", results, e2e.raw_sqlite, jobs, 1)
+        step("e2e raw sql sqlite batch 10", results, e2e.raw_sqlite, jobs, 10)
+        step("e2e ours postgresql (worker)", results, e2e.ours, postgres, jobs)
+        step("e2e procrastinate postgresql", results, e2e.procrastinate_postgres, jobs)
+        step("e2e pgqueuer postgresql", results, e2e.pgqueuer_postgres, jobs)
+        step("e2e raw sql postgresql batch 1", results, e2e.raw_postgres, jobs, 1)
+        step("e2e raw sql postgresql batch 10", results, e2e.raw_postgres, jobs, 10)
+        step(
+            "latency uvicorn sqlite", results, latency_memory.latency, sqlite, 50 if quick else 200
+        )
+        step(
+            "memory web",
+            results,
+            latency_memory.web_memory,
+            f"sqlite:///{folder}/mem.db",
+            20_000 if quick else 100_000,
+        )
+        step(
+            "memory worker",
+            results,
+            latency_memory.worker_memory,
+            f"sqlite:///{folder}/memw.db",
+            5_000 if quick else 20_000,
+        )
+    return results
+
+
+def write_results(results: dict[str, Any], info: dict[str, str], command: str) -> None:
+    def r(name: str, key: str) -> float:
+        return float(results[name][key])
+
+    lines = [
+        "# Benchmark results",
+        "",
+        f"Run {datetime.date.today().isoformat()} with `{command}` on one machine: "
+        f"{info['cores']} cores, {info['memory']}, Python {info['python']}, SQLite "
+        f"{info['sqlite']}, PostgreSQL {info['postgresql']}, wrk {info['wrk']} "
+        "(`-t2 -c64`, on the same cores as the server).",
+        "",
+        "Versions: " + ", ".join(f"{k} {info[k]}" for k in PACKAGES) + ".",
+        "",
+        "Absolute figures move from run to run on a shared 2-core machine; the ratios,",
+        "measured side by side in one run, are what to compare.",
+        "",
+        "## Accept: a deferred POST answered 202 (row committed) vs the same app's plain POST",
+        "",
+        "| server, database | plain req/s | deferred req/s | ratio | p50 plain / deferred ms |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name in ("accept uvicorn sqlite", "accept uvicorn postgresql", "accept gunicorn sqlite"):
+        lines.append(
+            f"| {name.removeprefix('accept ')} | {r(name, 'plain_rps'):,.0f} | "
+            f"{r(name, 'deferred_rps'):,.0f} | **{r(name, 'ratio'):.2f}** | "
+            f"{r(name, 'plain_p50_ms'):.1f} / {r(name, 'deferred_p50_ms'):.1f} |"
+        )
+    lines += [
+        "",
+        "## Status poll: GET /jobs/{id} vs a plain GET on the same server",
+        "",
+        "| server | plain req/s | status req/s | ratio |",
+        "|---|---:|---:|---:|",
+    ]
+    for name in ("status uvicorn sqlite", "status gunicorn sqlite"):
+        lines.append(
+            f"| {name.removeprefix('status ')} | {r(name, 'plain_rps'):,.0f} | "
+            f"{r(name, 'status_rps'):,.0f} | **{r(name, 'ratio'):.2f}** |"
+        )
+    ours_sqlite = r("e2e ours sqlite (in-process executor)", "jobs_per_s")
+    ours_pg = r("e2e ours postgresql (worker)", "jobs_per_s")
+    lines += [
+        "",
+        "## End to end: jobs/s from first submit to last stored result "
+        f"({'2,000' if 'quick' in command else '10,000'} trivial jobs)",
+        "",
+        "| tool | jobs/s | ours ÷ it |",
+        "|---|---:|---:|",
+    ]
+    for name in [k for k in results if k.startswith("e2e")]:
+        rate = r(name, "jobs_per_s")
+        ours = ours_pg if "postgresql" in name else ours_sqlite
+        lines.append(f"| {name.removeprefix('e2e ')} | {rate:,.0f} | {ours / rate:.2f} |")
+    lat = results["latency uvicorn sqlite"]
+    lines += [
+        "",
+        "## Latency at low load (one request at a time, uvicorn, SQLite)",
+        "",
+        "| | p50 ms | p95 ms |",
+        "|---|---:|---:|",
+        f"| submit → handler start | {lat['start_p50_ms']:.1f} | {lat['start_p95_ms']:.1f} |",
+        f"| submit → result readable (`?wait`) | {lat['result_p50_ms']:.1f} | "
+        f"{lat['result_p95_ms']:.1f} |",
+    ]
+    web, worker = results["memory web"], results["memory worker"]
+    lines += [
+        "",
+        "## Memory",
+        "",
+        f"- web (uvicorn, enqueue only): {web['rss_before_mib']:.1f} MiB after warm-up, "
+        f"{web['rss_after_mib']:.1f} MiB after {web['requests']:,.0f} accepted requests.",
+        f"- worker: {worker['rss_after_first_tenth_mib']:.1f} MiB after the first tenth, "
+        f"{worker['rss_after_all_mib']:.1f} MiB after {worker['jobs']:,.0f} jobs.",
+        "",
+        "![ratios](ratios.png)",
+        "",
+    ]
+    (HERE / "RESULTS.md").write_text("\n".join(lines))
+
+
+def plot(results: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ours_sqlite = results["e2e ours sqlite (in-process executor)"]["jobs_per_s"]
+    ours_pg = results["e2e ours postgresql (worker)"]["jobs_per_s"]
+    bars = {
+        "accept / plain\nuvicorn SQLite": results["accept uvicorn sqlite"]["ratio"],
+        "accept / plain\nuvicorn PostgreSQL": results["accept uvicorn postgresql"]["ratio"],
+        "accept / plain\ngunicorn SQLite": results["accept gunicorn sqlite"]["ratio"],
+        "status / plain GET\nuvicorn": results["status uvicorn sqlite"]["ratio"],
+        "e2e ours / huey\nSQLite": ours_sqlite / results["e2e huey sqlite"]["jobs_per_s"],
+        "e2e ours / procrastinate\nPostgreSQL": ours_pg
+        / results["e2e procrastinate postgresql"]["jobs_per_s"],
+        "e2e ours / PGQueuer\nPostgreSQL": ours_pg
+        / results["e2e pgqueuer postgresql"]["jobs_per_s"],
+    }
+    figure, axes = plt.subplots(figsize=(11, 4.5))
+    axes.bar(range(len(bars)), list(bars.values()), color="#3b6ea8")
+    axes.axhline(1.0, color="grey", linewidth=1, linestyle="--")
+    axes.set_xticks(range(len(bars)), list(bars.keys()), fontsize=8)
+    axes.set_ylabel("ratio (higher is better for us)")
+    axes.set_title("deferred-middleware: ratios measured side by side in one run")
+    for index, value in enumerate(bars.values()):
+        axes.text(index, value, f"{value:.2f}", ha="center", va="bottom", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(HERE / "ratios.png", dpi=100)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="short runs, for a smoke check")
+    quick = parser.parse_args().quick
+    command = "python -m bench" + (" --quick" if quick else "")
+    info = machine()
+    results = run(quick)
+    write_results(results, info, command)
+    plot(results)
+    print(f"wrote {HERE / 'RESULTS.md'} and {HERE / 'ratios.png'}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

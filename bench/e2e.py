@@ -1,0 +1,250 @@
+"""End to end: jobs/s from the first submit to the last stored result, for
+10,000 trivial jobs, ours beside huey, procrastinate and PGQueuer running the
+same trivial task on the same machine, and the raw SQL ceiling."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psycopg
+
+from deferred_middleware._jobs import Job, Status, StoredRequest, new_job_id, utcnow
+from deferred_middleware.store import JobStore
+
+from ._servers import ROOT
+
+POSTGRES_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+def fresh_postgres_database(name: str) -> str:
+    """An empty database per tool, so no run sees another's tables."""
+    with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as connection:
+        connection.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        connection.execute(f"CREATE DATABASE {name}")
+    return f"postgresql://postgres@127.0.0.1:5432/{name}"
+
+
+def _wait_until(check, timeout: float) -> float:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise RuntimeError("the jobs did not finish in time")
+        time.sleep(0.02)
+    return time.monotonic()
+
+
+def ours(database_url: str, jobs: int, concurrency: int = 32) -> dict[str, float]:
+    """``deferred-middleware worker`` on the bench app; jobs are stored the
+    way the middleware stores accepted requests, in batches of 500."""
+    store = JobStore(database_url)
+    store.migrate()
+    with store.engine.begin() as connection:
+        connection.exec_driver_sql("DELETE FROM deferred_jobs")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "DATABASE_URL": database_url}
+    worker = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "deferred_middleware.cli",
+            "worker",
+            "bench.apps:starlette_app",
+            "--concurrency",
+            str(concurrency),
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        _insert(store, 1)  # warm-up: the worker is up once this one is done
+        _wait_until(lambda: store.count(Status.SUCCEEDED) == 1, 60)
+        started = time.monotonic()
+        _insert(store, jobs)
+        finished = _wait_until(lambda: store.count(Status.SUCCEEDED) == jobs + 1, 600)
+    finally:
+        worker.terminate()
+        worker.wait(timeout=60)
+        store.close()
+    return {"jobs_per_s": jobs / (finished - started)}
+
+
+def _insert(store: JobStore, count: int) -> None:
+    body = b'{"report": "q3"}'
+    rows = [
+        store.new_row(
+            Job(
+                id=new_job_id(),
+                status=Status.QUEUED,
+                created_at=utcnow(),
+                request=StoredRequest(
+                    method="POST",
+                    path="/deferred",
+                    body=body,
+                    headers=[("content-type", "application/json")],
+                    server=("bench", 80),
+                ),
+            )
+        )
+        for _ in range(count)
+    ]
+    for start in range(0, count, 500):
+        store.insert_rows(rows[start : start + 500])
+
+
+def huey_sqlite(jobs: int, workers: int = 8) -> dict[str, float]:
+    """huey's SqliteHuey with its own consumer (threads), enqueueing one by one
+    as its API does."""
+    with tempfile.TemporaryDirectory() as folder:
+        os.environ["HUEY_DB"] = str(Path(folder) / "huey.db")
+        from bench import peer_huey
+
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        consumer = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "huey.bin.huey_consumer",
+                "bench.peer_huey.huey",
+                "-w",
+                str(workers),
+                "-k",
+                "thread",
+                "-q",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        huey = peer_huey.huey
+        try:
+            peer_huey.trivial(0)
+            _wait_until(lambda: huey.result_count() >= 1, 60)
+            huey.flush_results()
+            started = time.monotonic()
+            for i in range(jobs):
+                peer_huey.trivial(i)
+            finished = _wait_until(lambda: huey.result_count() >= jobs, 600)
+        finally:
+            consumer.terminate()
+            consumer.wait(timeout=60)
+    return {"jobs_per_s": jobs / (finished - started)}
+
+
+def procrastinate_postgres(jobs: int, concurrency: int = 32) -> dict[str, float]:
+    import procrastinate
+
+    conninfo = fresh_postgres_database("bench_procrastinate")
+    app = procrastinate.App(connector=procrastinate.PsycopgConnector(conninfo=conninfo))
+
+    @app.task(queue="bench", name="trivial")
+    async def trivial(n: int) -> int:
+        return n
+
+    async def run() -> float:
+        async with app.open_async():
+            await app.schema_manager.apply_schema_async()
+            started = time.monotonic()
+            await trivial.batch_defer_async(*({"n": i} for i in range(jobs)))
+            await app.run_worker_async(concurrency=concurrency, wait=False, queues=["bench"])
+            return time.monotonic() - started
+
+    elapsed = asyncio.run(run())
+    return {"jobs_per_s": jobs / elapsed}
+
+
+def pgqueuer_postgres(jobs: int, batch_size: int = 10) -> dict[str, float]:
+    from pgqueuer import PsycopgDriver, Queries, QueueManager
+    from pgqueuer.types import QueueExecutionMode
+
+    conninfo = fresh_postgres_database("bench_pgqueuer")
+    subprocess.run(
+        [sys.executable, "-m", "pgqueuer", "install", "--pg-dsn", conninfo],
+        check=True,
+        capture_output=True,
+    )
+
+    async def run() -> float:
+        connection = await psycopg.AsyncConnection.connect(conninfo, autocommit=True)
+        driver = PsycopgDriver(connection)
+        manager = QueueManager(driver)
+
+        @manager.entrypoint("trivial")
+        async def trivial(job: object) -> None:
+            return None
+
+        started = time.monotonic()
+        await Queries(driver).enqueue(["trivial"] * jobs, [None] * jobs, [0] * jobs)
+        await manager.run(batch_size=batch_size, mode=QueueExecutionMode.drain)
+        elapsed = time.monotonic() - started
+        await connection.close()
+        return elapsed
+
+    elapsed = asyncio.run(run())
+    return {"jobs_per_s": jobs / elapsed}
+
+
+def raw_sqlite(jobs: int, batch: int) -> dict[str, float]:
+    """The ceiling: claim and complete with hand-written SQL, nothing else."""
+    with tempfile.TemporaryDirectory() as folder:
+        connection = sqlite3.connect(str(Path(folder) / "raw.db"), isolation_level=None)
+        connection.execute("PRAGMA journal_mode=WAL")
+        connection.execute("PRAGMA synchronous=NORMAL")
+        connection.execute("CREATE TABLE q (id INTEGER PRIMARY KEY, status TEXT, result BLOB)")
+        connection.execute("CREATE INDEX q_status ON q (status)")
+        connection.executemany("INSERT INTO q (status) VALUES ('queued')", [()] * jobs)
+        started = time.monotonic()
+        while True:
+            connection.execute("BEGIN IMMEDIATE")
+            ids = [
+                r[0]
+                for r in connection.execute(
+                    "UPDATE q SET status='running' WHERE id IN "
+                    "(SELECT id FROM q WHERE status='queued' LIMIT ?) RETURNING id",
+                    (batch,),
+                )
+            ]
+            connection.execute("COMMIT")
+            if not ids:
+                break
+            connection.execute("BEGIN IMMEDIATE")
+            connection.executemany(
+                "UPDATE q SET status='done', result=x'6f6b' WHERE id=?", [(i,) for i in ids]
+            )
+            connection.execute("COMMIT")
+        elapsed = time.monotonic() - started
+        connection.close()
+    return {"jobs_per_s": jobs / elapsed}
+
+
+def raw_postgres(jobs: int, batch: int) -> dict[str, float]:
+    conninfo = fresh_postgres_database("bench_raw")
+    with psycopg.connect(conninfo, autocommit=True) as connection:
+        connection.execute("CREATE TABLE q (id serial PRIMARY KEY, status text, result bytea)")
+        connection.execute("CREATE INDEX q_status ON q (status)")
+        connection.execute(
+            "INSERT INTO q (status) SELECT 'queued' FROM generate_series(1, %s)", (jobs,)
+        )
+        started = time.monotonic()
+        while True:
+            ids = [
+                r[0]
+                for r in connection.execute(
+                    "UPDATE q SET status='running' WHERE id IN (SELECT id FROM q WHERE "
+                    "status='queued' LIMIT %s FOR UPDATE SKIP LOCKED) RETURNING id",
+                    (batch,),
+                )
+            ]
+            if not ids:
+                break
+            connection.execute("UPDATE q SET status='done', result='ok' WHERE id = ANY(%s)", (ids,))
+        elapsed = time.monotonic() - started
+    return {"jobs_per_s": jobs / elapsed}

@@ -1,0 +1,57 @@
+"""Accept and status-poll throughput: the deferred route against the same
+app's plain endpoint, on the same server, in the same run."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import httpx
+
+from ._servers import Server, wrk
+
+
+def _median(runs: list[dict[str, float]]) -> dict[str, float]:
+    for run in runs:
+        if run["errors"]:
+            raise RuntimeError(f"a load run had {run['errors']:.0f} non-2xx answers")
+    return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+
+
+def accept(kind: str, database_url: str, seconds: int, rounds: int) -> dict[str, float]:
+    """Plain POST vs deferred POST, alternated so drift hits both alike. The
+    server enqueues only (EXECUTE=0): this measures accepting, not running."""
+    with Server(kind, {"DATABASE_URL": database_url, "EXECUTE": "0"}) as server:
+        wrk(server.base + "/plain", 2, post=True)
+        wrk(server.base + "/deferred", 2, post=True)
+        plain, deferred = [], []
+        for _ in range(rounds):
+            plain.append(wrk(server.base + "/plain", seconds, post=True))
+            deferred.append(wrk(server.base + "/deferred", seconds, post=True))
+    p, d = _median(plain), _median(deferred)
+    return {
+        "plain_rps": p["rps"],
+        "deferred_rps": d["rps"],
+        "ratio": d["rps"] / p["rps"],
+        "plain_p50_ms": p["p50_ms"],
+        "deferred_p50_ms": d["p50_ms"],
+    }
+
+
+def status_poll(kind: str, database_url: str, seconds: int, rounds: int) -> dict[str, float]:
+    """GET of a finished job's status document vs a plain GET of a small JSON."""
+    with Server(kind, {"DATABASE_URL": database_url, "EXECUTE": "1"}) as server:
+        accepted = httpx.post(server.base + "/deferred", json={})
+        job_url = server.base + accepted.headers["operation-location"]
+        deadline = time.monotonic() + 30
+        while httpx.get(job_url, params={"wait": 5}).json()["status"] != "succeeded":
+            if time.monotonic() > deadline:
+                raise RuntimeError("the job did not finish")
+        wrk(server.base + "/plain-get", 2, post=False)
+        wrk(job_url, 2, post=False)
+        plain, status = [], []
+        for _ in range(rounds):
+            plain.append(wrk(server.base + "/plain-get", seconds, post=False))
+            status.append(wrk(job_url, seconds, post=False))
+    p, s = _median(plain), _median(status)
+    return {"plain_rps": p["rps"], "status_rps": s["rps"], "ratio": s["rps"] / p["rps"]}
