@@ -83,12 +83,13 @@ def run(quick: bool) -> dict[str, Any]:
             "accept uvicorn postgresql", results, http.accept, "uvicorn", postgres, seconds, rounds
         )
         step("accept gunicorn sqlite", results, http.accept, "gunicorn", sqlite, seconds, rounds)
-        step("status uvicorn sqlite", results, http.status_poll, "uvicorn", sqlite, seconds, rounds)
-        step(
-            "status gunicorn sqlite", results, http.status_poll, "gunicorn", sqlite, seconds, rounds
-        )
+        status_db = f"sqlite:///{folder}/status-%s.db"
+        step("status uvicorn sqlite", results, http.status_poll, "uvicorn",
+             status_db % "uvicorn", seconds, rounds)
+        step("status gunicorn sqlite", results, http.status_poll, "gunicorn",
+             status_db % "gunicorn", seconds, rounds)
         e2e_sqlite = f"sqlite:///{folder}/e2e.db"
-        step("e2e ours sqlite (in-process executor)", results, e2e.ours, e2e_sqlite, jobs)
+        step("e2e ours sqlite (worker)", results, e2e.ours, e2e_sqlite, jobs)
         step("e2e huey sqlite", results, e2e.huey_sqlite, jobs)
         step("e2e raw sql sqlite batch 1", results, e2e.raw_sqlite, jobs, 1)
         step("e2e raw sql sqlite batch 10", results, e2e.raw_sqlite, jobs, 10)
@@ -157,7 +158,7 @@ def write_results(results: dict[str, Any], info: dict[str, str], command: str) -
             f"| {name.removeprefix('status ')} | {r(name, 'plain_rps'):,.0f} | "
             f"{r(name, 'status_rps'):,.0f} | **{r(name, 'ratio'):.2f}** |"
         )
-    ours_sqlite = r("e2e ours sqlite (in-process executor)", "jobs_per_s")
+    ours_sqlite = r("e2e ours sqlite (worker)", "jobs_per_s")
     ours_pg = r("e2e ours postgresql (worker)", "jobs_per_s")
     lines += [
         "",
@@ -204,7 +205,7 @@ def plot(results: dict[str, Any]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ours_sqlite = results["e2e ours sqlite (in-process executor)"]["jobs_per_s"]
+    ours_sqlite = results["e2e ours sqlite (worker)"]["jobs_per_s"]
     ours_pg = results["e2e ours postgresql (worker)"]["jobs_per_s"]
     bars = {
         "accept / plain\nuvicorn SQLite": results["accept uvicorn sqlite"]["ratio"],

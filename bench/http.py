@@ -44,7 +44,7 @@ def status_poll(kind: str, database_url: str, seconds: int, rounds: int) -> dict
         accepted = httpx.post(server.base + "/deferred", json={})
         job_url = server.base + accepted.headers["operation-location"]
         deadline = time.monotonic() + 30
-        while httpx.get(job_url, params={"wait": 5}).json()["status"] != "succeeded":
+        while httpx.get(job_url, params={"wait": 5}, timeout=15).json()["status"] != "succeeded":
             if time.monotonic() > deadline:
                 raise RuntimeError("the job did not finish")
         wrk(server.base + "/plain-get", 2, post=False)
