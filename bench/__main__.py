@@ -84,10 +84,24 @@ def run(quick: bool) -> dict[str, Any]:
         )
         step("accept gunicorn sqlite", results, http.accept, "gunicorn", sqlite, seconds, rounds)
         status_db = f"sqlite:///{folder}/status-%s.db"
-        step("status uvicorn sqlite", results, http.status_poll, "uvicorn",
-             status_db % "uvicorn", seconds, rounds)
-        step("status gunicorn sqlite", results, http.status_poll, "gunicorn",
-             status_db % "gunicorn", seconds, rounds)
+        step(
+            "status uvicorn sqlite",
+            results,
+            http.status_poll,
+            "uvicorn",
+            status_db % "uvicorn",
+            seconds,
+            rounds,
+        )
+        step(
+            "status gunicorn sqlite",
+            results,
+            http.status_poll,
+            "gunicorn",
+            status_db % "gunicorn",
+            seconds,
+            rounds,
+        )
         e2e_sqlite = f"sqlite:///{folder}/e2e.db"
         step("e2e ours sqlite (worker)", results, e2e.ours, e2e_sqlite, jobs)
         step("e2e huey sqlite", results, e2e.huey_sqlite, jobs)

@@ -128,7 +128,7 @@ def huey_sqlite(jobs: int, workers: int = 8) -> dict[str, float]:
         try:
             peer_huey.trivial(0)
             _wait_until(lambda: huey.result_count() >= 1, 60)
-            huey.flush_results()
+            huey.storage.flush_results()
             started = time.monotonic()
             for i in range(jobs):
                 peer_huey.trivial(i)

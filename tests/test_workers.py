@@ -101,7 +101,7 @@ def enqueue(
     timeout: float | None = None,
 ) -> list[str]:
     """Jobs as the middleware would store them, without going through HTTP."""
-    rows = []
+    rows, ids = [], []
     for _ in range(count):
         job = Job(
             id=new_job_id(),
@@ -111,9 +111,10 @@ def enqueue(
             options=DeferredOptions(retries=retries, timeout=timeout),
         )
         rows.append(store.new_row(job))
+        ids.append(job.id)
     for start in range(0, len(rows), 500):
         store.insert_rows(rows[start : start + 500])
-    return [row["id"] for row in rows]
+    return ids
 
 
 @pytest.mark.parametrize("app", ["starlette", "flask"])

@@ -61,7 +61,8 @@ class JobRoute:
 def _timestamp(value: datetime | None) -> str | None:
     if value is None:
         return None
-    return value.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    # isoformat is several times faster than strftime; the text is the same.
+    return value.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
 def _json(data: Any) -> bytes:

@@ -13,7 +13,7 @@ import time
 import uuid
 from concurrent.futures import Future
 from datetime import timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import _protocol as protocol
 from ._config import Config
@@ -76,8 +76,10 @@ class JobService:
 
     # -- accepting ---------------------------------------------------------
 
-    def submit(self, request: StoredRequest, options: DeferredOptions) -> tuple[Job, Future[None]]:
-        """Queue the job's row for the writer; the future resolves on commit."""
+    def new_job(
+        self, request: StoredRequest, options: DeferredOptions
+    ) -> tuple[Job, tuple[object, ...]]:
+        """A queued job and its row, for the writer to commit."""
         job = Job(
             id=new_job_id(),
             status=Status.QUEUED,
@@ -85,7 +87,7 @@ class JobService:
             request=request,
             options=options,
         )
-        return job, self.writer.insert(self.store.new_row(job))
+        return job, self.store.new_row(job)
 
     def queue_full(self) -> bool:
         """Whether ``max_queued`` jobs are waiting. The count is read from the
@@ -170,25 +172,27 @@ class JobService:
 
     # -- outcomes ----------------------------------------------------------
 
-    def settle(self, job: Job, attempt: int, outcome: Outcome) -> None:
-        """Store an attempt's outcome: a response below 500 succeeds; a failure
-        is retried while attempts remain, with exponential backoff."""
+    def settle(self, job: Job, attempt: int, outcome: Outcome) -> Future[Any]:
+        """Queue an attempt's outcome for the writer: a response below 500
+        succeeds; a failure is retried while attempts remain, with exponential
+        backoff. The future resolves once it is committed."""
         store = self.store
         if isinstance(outcome, StoredResponse):
             ok = outcome.status < 500
-            store.finish(
-                job.id,
-                attempt,
-                Status.SUCCEEDED if ok else Status.FAILED,
-                response=outcome,
-                error=None if ok else f"The handler answered {outcome.status}.",
+            error = None if ok else f"The handler answered {outcome.status}."
+            status = Status.SUCCEEDED if ok else Status.FAILED
+            written = self.writer.finish(
+                store.finish_parameters(job.id, attempt, status, response=outcome, error=error)
             )
         elif attempt < job.max_attempts:
             delay = min(self.config.retry_backoff * 2 ** (attempt - 1), MAX_BACKOFF)
-            store.retry_later(job.id, attempt, delay, outcome.error)
+            written = self.writer.call(store.retry_later, job.id, attempt, delay, outcome.error)
         else:
-            store.finish(job.id, attempt, Status.FAILED, error=outcome.error)
-        self.notifier.notify(job.id)
+            written = self.writer.finish(
+                store.finish_parameters(job.id, attempt, Status.FAILED, error=outcome.error)
+            )
+        written.add_done_callback(lambda _: self.notifier.notify(job.id))
+        return written
 
     def progress_reporter(self, job_id: str, attempt: int):  # type: ignore[no-untyped-def]
         def report(fraction: float | None, message: str | None) -> None:

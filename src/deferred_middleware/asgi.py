@@ -74,6 +74,50 @@ def marked_options(routes: Iterable[Any], scope: Scope) -> DeferredOptions | Non
     return None
 
 
+class MarkedRouteCache:
+    """Remembers which (method, path) pairs are deferred, so the routes are not
+    searched again on every request. Starlette routing that looks at more than
+    the method and path (``Host`` routes) is never cached; the cache is
+    forgotten when the routes change or when it grows past its bound."""
+
+    LIMIT = 4096
+
+    def __init__(self) -> None:
+        self._answers: dict[tuple[str, str], DeferredOptions | None] = {}
+        self._routes_seen: tuple[int, int] = (0, 0)
+        self._cacheable = True
+
+    def lookup(self, routes: Any, scope: Scope, method: str, path: str) -> DeferredOptions | None:
+        fingerprint = (id(routes), len(routes))
+        if fingerprint != self._routes_seen:
+            self._answers.clear()
+            self._routes_seen = fingerprint
+            self._cacheable = not _has_host_routes(routes)
+        if not self._cacheable:
+            return marked_options(routes, scope)
+        key = (method, path)
+        try:
+            return self._answers[key]
+        except KeyError:
+            pass
+        if len(self._answers) >= self.LIMIT:
+            self._answers.clear()
+        answer = self._answers[key] = marked_options(routes, scope)
+        return answer
+
+
+def _has_host_routes(routes: Iterable[Any]) -> bool:
+    from starlette.routing import Host
+
+    for route in routes:
+        if isinstance(route, Host):
+            return True
+        sub_routes = getattr(route, "routes", None)
+        if sub_routes and _has_host_routes(sub_routes):
+            return True
+    return False
+
+
 class DeferredMiddleware:
     """Answer requests to deferred routes with ``202 Accepted`` and run them later.
 
@@ -102,6 +146,7 @@ class DeferredMiddleware:
         self.service = JobService(self.config)
         self._threads = ThreadPoolExecutor(max_workers=16, thread_name_prefix="deferred-io")
         self._dispatcher: Dispatcher | None = None
+        self._marked = MarkedRouteCache()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -133,7 +178,7 @@ class DeferredMiddleware:
         if options is None:
             routes = self._routes(scope)
             if routes is not None:
-                options = marked_options(routes, scope)
+                options = self._marked.lookup(routes, scope, method, path)
         return options
 
     def _routes(self, scope: Scope) -> Any:
@@ -153,6 +198,13 @@ class DeferredMiddleware:
         """Blocking store work, off the event loop."""
         return await asyncio.get_running_loop().run_in_executor(self._threads, fn, *args)
 
+    async def run_read(self, fn: Callable[..., T], *args: Any) -> T:
+        """A read of the store: in place where reads are local and cheap
+        (SQLite in WAL mode), off the event loop otherwise."""
+        if self.service.store.reads_are_local:
+            return fn(*args)
+        return await self.run_sync(fn, *args)
+
     async def _answer_job_route(self, scope: Scope, send: Send, tail: str) -> None:
         config = self.config
         route = protocol.parse_job_route(tail, scope.get("query_string", b""), config.max_wait)
@@ -166,9 +218,11 @@ class DeferredMiddleware:
         try:
             if not self.service.ready:
                 await self.run_sync(self.service.ensure_ready)
-            if route.wait and method in ("GET", "HEAD"):
+            reading = method in ("GET", "HEAD")
+            if route.wait and reading:
                 await self._wait(route.job_id, route.wait)
-            reply = await self.run_sync(self.service.answer, route, method, urls)
+            run = self.run_read if reading else self.run_sync
+            reply = await run(self.service.answer, route, method, urls)
         except StoreUnavailable:
             reply = protocol.unavailable(config.retry_after)
         await send_reply(send, reply)
@@ -185,7 +239,7 @@ class DeferredMiddleware:
         deadline = loop.time() + timeout
         self.service.notifier.subscribe(job_id, wake)
         try:
-            while not await self.run_sync(self.service.is_finished, job_id):
+            while not await self.run_read(self.service.is_finished, job_id):
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     return
@@ -263,8 +317,8 @@ class DeferringResponder:
                     send, protocol.unavailable(config.retry_after, protocol.QUEUE_FULL)
                 )
                 return
-            job, committed = service.submit(stored_request(scope, body), self.options)
-            await asyncio.wrap_future(committed)
+            job, row = service.new_job(stored_request(scope, body), self.options)
+            await service.writer.insert_async(row)
         except StoreUnavailable:
             logger.warning("could not store a job: the store is unavailable")
             await send_reply(send, protocol.unavailable(config.retry_after))

@@ -178,8 +178,8 @@ class DeferredWSGIMiddleware:
             service.ensure_ready()
             if service.queue_full():
                 return protocol.unavailable(config.retry_after, protocol.QUEUE_FULL)
-            job, committed = service.submit(stored_request(environ, body), options)
-            committed.result()
+            job, row = service.new_job(stored_request(environ, body), options)
+            service.writer.insert(row).result()
         except StoreUnavailable:
             logger.warning("could not store a job: the store is unavailable")
             return protocol.unavailable(config.retry_after)

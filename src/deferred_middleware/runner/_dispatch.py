@@ -36,6 +36,7 @@ class Attempt:
         self.started = time.monotonic()
         self.handle: Running | None = None
         self.interrupted = False  # canceled, timed out or shut down: do not settle
+        self.settling = False  # its outcome is being written: the row may not be running
         self.timed_out = False
 
     @property
@@ -60,6 +61,7 @@ class Dispatcher:
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._min_claim = max(1, self.config.concurrency // 4)
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -122,10 +124,12 @@ class Dispatcher:
     def settle(self, attempt: Attempt, outcome: object) -> None:
         """Store an attempt's outcome, retrying while the database is away:
         the lease keeps the job ours meanwhile."""
+        attempt.settling = True
         delay = 0.1
         while not attempt.interrupted:
             try:
-                self.service.settle(attempt.job, attempt.number, outcome)  # type: ignore[arg-type]
+                # Outcomes finishing together share one commit in the writer.
+                self.service.settle(attempt.job, attempt.number, outcome).result()  # type: ignore[arg-type]
                 return
             except StoreUnavailable:
                 logger.warning(
@@ -152,7 +156,9 @@ class Dispatcher:
                     self.service.prune()
                     next_prune = now + PRUNE_EVERY
                 free = self.config.concurrency - len(self.running)
-                if free > 0:
+                # While busy, wait until a useful batch fits rather than
+                # spending a write transaction on each job that finishes.
+                if free >= self._min_claim or (free > 0 and not self.running):
                     claimed = self.service.store.claim(
                         self.service.worker, free, self.config.lease_seconds
                     )
@@ -162,7 +168,7 @@ class Dispatcher:
                 logger.exception("claiming jobs failed")
             for job in claimed:
                 self._start(job)
-            if not claimed or len(self.running) >= self.config.concurrency:
+            if len(claimed) < self._min_claim or len(self.running) >= self.config.concurrency:
                 self._wake.wait(self.config.poll_interval)
 
     def _start(self, job: Job) -> None:
@@ -200,6 +206,9 @@ class Dispatcher:
             logger.warning("could not renew leases: the job store is unavailable")
             return
         for job_id in held.keys() - owned:
+            attempt = self.running.get(job_id)
+            if attempt is None or attempt.settling:
+                continue  # its outcome was just written: it is not running any more
             logger.warning("job %s: no longer ours (canceled or taken back); abandoning", job_id)
             self.cancel_local(job_id)
 

@@ -7,13 +7,15 @@ the attempt that replaced it.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
-from datetime import datetime, timedelta
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import sqlalchemy as sa
@@ -34,6 +36,7 @@ from ._schema import jobs, metadata
 __all__ = ["JobStore", "StoreUnavailable", "create_engine", "metadata"]
 
 VERSION_TABLE = "deferred_middleware_version"
+POOL_SIZE = 24
 NOTIFY_CHANNEL = "deferred_jobs"
 logger = logging.getLogger("deferred_middleware")
 
@@ -61,6 +64,22 @@ REQUEST_COLUMNS = (
 )
 RESPONSE_COLUMNS = (jobs.c.response_status, jobs.c.response_headers, jobs.c.response_body)
 ACTIVE = (Status.QUEUED.value, Status.RUNNING.value)
+INSERT_KEYS = (
+    "id",
+    "status",
+    "created_at",
+    "run_after",
+    "attempts",
+    "max_attempts",
+    "timeout",
+    "request_method",
+    "request_path",
+    "request_query",
+    "request_headers",
+    "request_credentials",
+    "request_meta",
+    "request_body",
+)
 
 
 class StoreUnavailable(Exception):
@@ -72,8 +91,11 @@ def create_engine(url: str, lock_timeout: float = 5.0) -> sa.Engine:
     connections checked before use elsewhere (a restarted server must not
     fail the next request)."""
     parsed = sa.make_url(url)
+    # Enough pooled connections for every thread that uses them (the request
+    # thread pool, the writer, the dispatcher), so none is opened per request.
+    pool = {"pool_size": POOL_SIZE, "max_overflow": POOL_SIZE}
     if parsed.get_backend_name() != "sqlite":
-        options: dict[str, Any] = {"pool_pre_ping": True, "pool_recycle": 3600}
+        options: dict[str, Any] = {"pool_pre_ping": True, "pool_recycle": 3600, **pool}
         if parsed.get_backend_name() in ("mysql", "mariadb"):
             options["isolation_level"] = "READ COMMITTED"
         return sa.create_engine(parsed, **options)
@@ -82,7 +104,7 @@ def create_engine(url: str, lock_timeout: float = 5.0) -> sa.Engine:
     engine = sa.create_engine(
         parsed,
         connect_args={"check_same_thread": False, "timeout": lock_timeout},
-        poolclass=StaticPool if in_memory else None,
+        **({"poolclass": StaticPool} if in_memory else pool),
     )
 
     @sa.event.listens_for(engine, "connect")
@@ -146,6 +168,28 @@ def migrate(engine: sa.Engine, revision: str = "head") -> None:
             connection.exec_driver_sql("SELECT RELEASE_LOCK('deferred_middleware_migrate')")
 
 
+# Built once: an outcome is written for every job, and building the
+# statement anew each time cost more than executing it.
+FINISH = (
+    jobs.update()
+    .where(
+        jobs.c.id == sa.bindparam("b_id"),
+        jobs.c.attempts == sa.bindparam("b_attempt"),
+        jobs.c.status == Status.RUNNING.value,
+    )
+    .values(
+        status=sa.bindparam("b_status"),
+        finished_at=sa.bindparam("b_finished_at"),
+        lease_expires_at=None,
+        error=sa.bindparam("b_error"),
+        request_credentials=None,
+        response_status=sa.bindparam("b_response_status"),
+        response_headers=sa.bindparam("b_response_headers"),
+        response_body=sa.bindparam("b_response_body"),
+    )
+)
+
+
 def _schema_is_newer(config: Any, connection: sa.Connection) -> bool:
     """True during a rolling deploy, when a newer release has already
     upgraded the table that this older process is about to use."""
@@ -162,19 +206,21 @@ def _schema_is_newer(config: Any, connection: sa.Connection) -> bool:
 
 def _request_row(request: StoredRequest, credential_names: frozenset[str]) -> dict[str, Any]:
     headers, credentials = split_credentials(request.headers, credential_names)
+    meta = {
+        "scheme": request.scheme,
+        "root_path": request.root_path,
+        "http_version": request.http_version,
+        "server": request.server,
+        "client": request.client,
+    }
     return {
         "request_method": request.method,
         "request_path": request.path,
         "request_query": request.query_string.decode("latin-1"),
-        "request_headers": [list(pair) for pair in headers],
-        "request_credentials": [list(c) for c in credentials] or None,
-        "request_meta": {
-            "scheme": request.scheme,
-            "root_path": request.root_path,
-            "http_version": request.http_version,
-            "server": list(request.server) if request.server else None,
-            "client": list(request.client) if request.client else None,
-        },
+        # JSON is encoded here, once, rather than by a bind processor per row.
+        "request_headers": json.dumps(headers),
+        "request_credentials": json.dumps(credentials) if credentials else None,
+        "request_meta": json.dumps(meta),
         "request_body": request.body,
     }
 
@@ -238,6 +284,8 @@ class JobStore:
         self.credential_headers = credential_headers
         self._engine: sa.Engine | None = None
         self._pid = 0
+        self._insert: tuple[str, tuple[str, ...], bool] | None = None
+        self._batch = threading.local()
 
     @property
     def engine(self) -> sa.Engine:
@@ -248,14 +296,22 @@ class JobStore:
                 self._engine.dispose(close=False)
             self._engine = create_engine(self.database_url, self.lock_timeout)
             self._pid = os.getpid()
+            self._insert = None
         return self._engine
 
     @property
     def dialect(self) -> str:
         return self.engine.dialect.name
 
+    @property
+    def reads_are_local(self) -> bool:
+        """Whether a read is cheaper done in place than handed to a thread:
+        SQLite in WAL mode, where readers never wait for writers and a
+        primary-key read is a few dozen microseconds of local file access."""
+        return self.dialect == "sqlite"
+
     def migrate(self, revision: str = "head") -> None:
-        with self._errors():
+        with _translate_errors():
             migrate(self.engine, revision)
 
     def close(self) -> None:
@@ -263,28 +319,57 @@ class JobStore:
             self._engine.dispose()
             self._engine = None
 
-    def _errors(self) -> Any:
-        return _TranslateErrors()
-
     # -- accepting ---------------------------------------------------------
 
-    def new_row(self, job: Job) -> dict[str, Any]:
+    def new_row(self, job: Job) -> tuple[Any, ...]:
+        """The job as the parameters of one insert, in the driver's own types."""
         assert job.request is not None
-        return {
+        created = self._datetime_param(job.created_at)
+        row = {
             "id": job.id,
             "status": job.status.value,
-            "created_at": job.created_at,
-            "run_after": job.created_at,
+            "created_at": created,
+            "run_after": created,
             "attempts": 0,
             "max_attempts": job.max_attempts,
             "timeout": job.options.timeout,
             **_request_row(job.request, self.credential_headers),
         }
+        return tuple(row[key] for key in self._insert_statement()[1])
 
-    def insert_rows(self, rows: Sequence[dict[str, Any]]) -> None:
+    def _datetime_param(self, value: datetime) -> Any:
+        naive = value.astimezone(timezone.utc).replace(tzinfo=None)
+        if self.dialect == "sqlite":
+            # SQLAlchemy's own storage format for DateTime on SQLite.
+            return naive.isoformat(" ", "microseconds")
+        return naive
+
+    def _insert_statement(self) -> tuple[str, tuple[str, ...], bool]:
+        """The INSERT compiled once per engine for the driver's parameter style
+        (and whether that style is named); a burst of accepts then costs one
+        executemany, without SQLAlchemy's per-row parameter processing."""
+        if self._insert is None:
+            compiled = jobs.insert().compile(dialect=self.engine.dialect, column_keys=INSERT_KEYS)
+            positions = compiled.positiontup
+            keys = tuple(positions) if positions is not None else INSERT_KEYS
+            self._insert = (str(compiled), keys, positions is None)
+        return self._insert
+
+    def insert_rows(self, rows: Sequence[tuple[Any, ...]]) -> None:
         """Many accepted jobs in one transaction: one commit for a whole burst."""
-        with self._errors(), self.engine.begin() as connection:
-            connection.execute(jobs.insert(), list(rows))
+        sql, keys, named = self._insert_statement()
+        with self._transaction() as connection:
+            if self.dialect == "sqlite":
+                # One multi-row statement rather than executemany: sqlite3 lets go
+                # of the GIL around every statement it steps, and each hand-back
+                # waits on a busy event loop.
+                values = sql[sql.index("VALUES") + 6 :]
+                multi = sql[: sql.index("VALUES") + 6] + ", ".join([values] * len(rows))
+                connection.exec_driver_sql(multi, tuple(v for row in rows for v in row))
+            elif named:
+                connection.exec_driver_sql(sql, [dict(zip(keys, r, strict=True)) for r in rows])
+            else:
+                connection.exec_driver_sql(sql, list(rows))
             if self.dialect == "postgresql":
                 # Delivered on commit: idle workers wake now rather than at their next poll.
                 connection.exec_driver_sql(f"NOTIFY {NOTIFY_CHANNEL}")
@@ -317,7 +402,7 @@ class JobStore:
             columns += REQUEST_COLUMNS
         if response:
             columns += RESPONSE_COLUMNS
-        with self._errors(), self.engine.connect() as connection:
+        with _translate_errors(), self.engine.connect() as connection:
             row = connection.execute(sa.select(*columns).where(jobs.c.id == job_id)).first()
         return None if row is None else _job_from_row(row)
 
@@ -333,12 +418,12 @@ class JobStore:
             query = query.where(jobs.c.status.in_([s.value for s in statuses]))
         if created_before is not None:
             query = query.where(jobs.c.created_at < created_before)
-        with self._errors(), self.engine.connect() as connection:
+        with _translate_errors(), self.engine.connect() as connection:
             return [_job_from_row(row) for row in connection.execute(query)]
 
     def count(self, status: Status) -> int:
         query = sa.select(sa.func.count()).select_from(jobs).where(jobs.c.status == status.value)
-        with self._errors(), self.engine.connect() as connection:
+        with _translate_errors(), self.engine.connect() as connection:
             return int(connection.execute(query).scalar_one())
 
     # -- running -----------------------------------------------------------
@@ -364,7 +449,7 @@ class JobStore:
             .limit(limit)
         )
         columns = (*STATUS_COLUMNS, *REQUEST_COLUMNS)
-        with self._errors(), self._write() as connection:
+        with self._transaction() as connection:
             if self.dialect in ("mysql", "mariadb"):
                 ids = list(connection.scalars(due.with_for_update(skip_locked=True)))
                 if not ids:
@@ -389,7 +474,7 @@ class JobStore:
             jobs.c.status == Status.RUNNING.value,
             jobs.c.worker == worker,
         )
-        with self._errors(), self._write() as connection:
+        with self._transaction() as connection:
             connection.execute(jobs.update().where(owned).values(lease_expires_at=expires))
             rows = connection.execute(sa.select(jobs.c.id, jobs.c.attempts).where(owned))
             return {row.id for row in rows if job_attempts.get(row.id) == row.attempts}
@@ -412,20 +497,34 @@ class JobStore:
     ) -> bool:
         """Record an attempt's outcome and forget the stored credentials.
         False when the attempt no longer owns the job: its write is dropped."""
-        values: dict[str, Any] = {
-            "status": status.value,
-            "finished_at": utcnow(),
-            "lease_expires_at": None,
-            "error": error,
-            "request_credentials": None,
+        parameters = self.finish_parameters(job_id, attempt, status, response=response, error=error)
+        with self._transaction() as connection:
+            return connection.execute(FINISH, parameters).rowcount == 1
+
+    def finish_many(self, parameters: list[dict[str, Any]]) -> None:
+        """Several outcomes in one statement; each is fenced by its attempt."""
+        with self._transaction() as connection:
+            connection.execute(FINISH, parameters)
+
+    @staticmethod
+    def finish_parameters(
+        job_id: str,
+        attempt: int,
+        status: Status,
+        *,
+        response: StoredResponse | None = None,
+        error: str | None = None,
+    ) -> dict[str, Any]:
+        return {
+            "b_id": job_id,
+            "b_attempt": attempt,
+            "b_status": status.value,
+            "b_finished_at": utcnow(),
+            "b_error": error,
+            "b_response_status": response.status if response else None,
+            "b_response_headers": response.headers if response else None,
+            "b_response_body": response.body if response else None,
         }
-        if response is not None:
-            values.update(
-                response_status=response.status,
-                response_headers=[list(pair) for pair in response.headers],
-                response_body=response.body,
-            )
-        return self._update(self._fenced(job_id, attempt), values) == 1
 
     def retry_later(self, job_id: str, attempt: int, delay: float, error: str) -> bool:
         values = {
@@ -460,7 +559,7 @@ class JobStore:
         re-queue those with attempts left, fail the rest."""
         now = utcnow()
         expired = sa.and_(jobs.c.status == Status.RUNNING.value, jobs.c.lease_expires_at < now)
-        with self._errors(), self._write() as connection:
+        with self._transaction() as connection:
             rows = list(
                 connection.execute(
                     sa.select(jobs.c.id, jobs.c.attempts, jobs.c.max_attempts).where(expired)
@@ -526,7 +625,7 @@ class JobStore:
         return self._update(finished, values) == 1
 
     def delete(self, job_id: str) -> bool:
-        with self._errors(), self.engine.begin() as connection:
+        with self._transaction() as connection:
             return connection.execute(jobs.delete().where(jobs.c.id == job_id)).rowcount == 1
 
     def prune(self, finished_before: datetime, batch: int = 500) -> int:
@@ -540,7 +639,7 @@ class JobStore:
         )
         total = 0
         while True:
-            with self._errors(), self._write() as connection:
+            with self._transaction() as connection:
                 ids = list(connection.scalars(sa.select(jobs.c.id).where(finished).limit(batch)))
                 if ids:
                     connection.execute(jobs.delete().where(jobs.c.id.in_(ids), finished))
@@ -550,44 +649,48 @@ class JobStore:
 
     # -- helpers -----------------------------------------------------------
 
-    def _write(self) -> Any:
-        connection = self.engine.connect().execution_options(sqlite_immediate=True)
-        return _Transaction(connection)
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sa.Connection]:
+        """A write transaction; inside :meth:`batch`, the batch's own one.
+        On SQLite it takes the write lock at once, so it never has to upgrade
+        a read lock midway (which fails under concurrency instead of waiting)."""
+        shared = getattr(self._batch, "connection", None)
+        if shared is not None:
+            yield shared
+            return
+        with _translate_errors():
+            connection = self.engine.connect().execution_options(sqlite_immediate=True)
+            try:
+                with connection.begin():
+                    yield connection
+            finally:
+                connection.close()
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Run several writes of this thread in one transaction: one commit
+        for a burst of outcomes, as for a burst of accepts."""
+        with self._transaction() as connection:
+            self._batch.connection = connection
+            try:
+                yield
+            finally:
+                self._batch.connection = None
 
     def _update(self, where: Any, values: dict[str, Any]) -> int:
-        with self._errors(), self.engine.begin() as connection:
+        with self._transaction() as connection:
             return connection.execute(jobs.update().where(where).values(values)).rowcount
 
 
-class _Transaction:
-    """A connection with a transaction open for the ``with`` block."""
-
-    def __init__(self, connection: sa.Connection) -> None:
-        self.connection = connection
-
-    def __enter__(self) -> sa.Connection:
-        self.connection.begin()
-        return self.connection
-
-    def __exit__(self, exc_type: Any, *_: Any) -> None:
-        try:
-            if exc_type is None:
-                self.connection.commit()
-            else:
-                self.connection.rollback()
-        finally:
-            self.connection.close()
-
-
-class _TranslateErrors:
+@contextlib.contextmanager
+def _translate_errors() -> Iterator[None]:
     """Database trouble (down, locked, unreachable) becomes StoreUnavailable,
     which the adapters answer with 503; programming errors stay loud."""
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, exc_type: Any, exc: BaseException | None, _tb: Any) -> None:
-        if isinstance(exc, (sa.exc.OperationalError, sa.exc.InterfaceError)) or (
-            isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated
-        ):
-            raise StoreUnavailable(str(exc.__class__.__name__)) from exc
+    try:
+        yield
+    except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
+        raise StoreUnavailable(exc.__class__.__name__) from exc
+    except sa.exc.DBAPIError as exc:
+        if exc.connection_invalidated:
+            raise StoreUnavailable(exc.__class__.__name__) from exc
+        raise
