@@ -167,7 +167,7 @@ def pgqueuer_postgres(jobs: int, batch_size: int = 10) -> dict[str, float]:
 
     conninfo = fresh_postgres_database("bench_pgqueuer")
     subprocess.run(
-        [sys.executable, "-m", "pgqueuer", "install", "--pg-dsn", conninfo],
+        [sys.executable, "-m", "pgqueuer", "--pg-dsn", conninfo, "install"],
         check=True,
         capture_output=True,
     )

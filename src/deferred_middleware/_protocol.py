@@ -69,20 +69,24 @@ def _json(data: Any) -> bytes:
     return json.dumps(data, separators=(",", ":")).encode()
 
 
-def _json_reply(status: int, data: Any, extra: Headers = ()) -> Reply:  # type: ignore[assignment]
+def _json_reply(status: int, data: Any, extra: Headers | None = None) -> Reply:
     body = _json(data)
-    headers = [("content-type", JSON), ("content-length", str(len(body))), *extra]
+    headers = [("content-type", JSON), ("content-length", str(len(body))), *(extra or ())]
     return Reply(status, headers, body)
 
 
-def problem(status: int, title: str, detail: str | None = None, headers: Headers = ()) -> Reply:  # type: ignore[assignment]
+def problem(
+    status: int, title: str, detail: str | None = None, headers: Headers | None = None
+) -> Reply:
     """An RFC 9457 problem document."""
     data: dict[str, Any] = {"type": "about:blank", "title": title, "status": status}
     if detail:
         data["detail"] = detail
     body = _json(data)
     return Reply(
-        status, [("content-type", PROBLEM), ("content-length", str(len(body))), *headers], body
+        status,
+        [("content-type", PROBLEM), ("content-length", str(len(body))), *(headers or ())],
+        body,
     )
 
 

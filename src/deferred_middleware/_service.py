@@ -11,6 +11,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import Future
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -194,7 +195,9 @@ class JobService:
         written.add_done_callback(lambda _: self.notifier.notify(job.id))
         return written
 
-    def progress_reporter(self, job_id: str, attempt: int):  # type: ignore[no-untyped-def]
+    def progress_reporter(
+        self, job_id: str, attempt: int
+    ) -> Callable[[float | None, str | None], None]:
         def report(fraction: float | None, message: str | None) -> None:
             future = self.writer.call(self.store.set_progress, job_id, attempt, fraction, message)
             future.add_done_callback(lambda _: self.notifier.notify(job_id))
