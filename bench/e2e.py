@@ -175,14 +175,15 @@ def pgqueuer_postgres(jobs: int, batch_size: int = 10) -> dict[str, float]:
     async def run() -> float:
         connection = await psycopg.AsyncConnection.connect(conninfo, autocommit=True)
         driver = PsycopgDriver(connection)
-        manager = QueueManager(driver)
+        queries = Queries(driver)
+        manager = QueueManager(queries)
 
         @manager.entrypoint("trivial")
         async def trivial(job: object) -> None:
             return None
 
         started = time.monotonic()
-        await Queries(driver).enqueue(["trivial"] * jobs, [None] * jobs, [0] * jobs)
+        await queries.enqueue(["trivial"] * jobs, [None] * jobs, [0] * jobs)
         await manager.run(batch_size=batch_size, mode=QueueExecutionMode.drain)
         elapsed = time.monotonic() - started
         await connection.close()

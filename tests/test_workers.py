@@ -227,6 +227,7 @@ def test_a_database_restart_under_web_and_worker_loses_no_accepted_job(
 ):
     server = serve("uvicorn", DATABASE_URL=database_url, EXECUTE="0", POLL_INTERVAL="0.2")
     worker = start_worker("starlette")
+    eventually(lambda: "listening for new jobs" in worker.log.read_text(), timeout=30)
     accepted = [httpx.post(server.base + "/tiny").json()["id"] for _ in range(10)]
     _postgres_cluster("stop")
     try:
@@ -260,4 +261,15 @@ def test_an_idle_postgres_worker_wakes_on_notify_not_on_its_poll(start_worker, s
     # Idle now, with its next poll two minutes away: only NOTIFY can wake it in time.
     second = enqueue(store, "/tiny")[0]
     eventually(lambda: store.get(second).status is Status.SUCCEEDED, timeout=20)
+    assert worker.stop() == 0
+
+
+def test_a_worker_started_while_its_database_is_down_waits_for_it(
+    start_worker, sqlite_url, tmp_path
+):
+    """The table does not exist and cannot be reached yet; the worker stays up."""
+    unreachable = "postgresql+psycopg://postgres@127.0.0.1:1/test"
+    worker = start_worker("starlette", DATABASE_URL=unreachable, POLL_INTERVAL="0.2")
+    eventually(lambda: "store is unavailable" in worker.log.read_text(), timeout=30)
+    assert worker.process.poll() is None
     assert worker.stop() == 0

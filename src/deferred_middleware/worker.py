@@ -67,7 +67,8 @@ def run(target: str, *, concurrency: int | None = None, grace: float | None = No
         config.concurrency = concurrency
     if grace is not None:
         config.grace_seconds = grace
-    middleware.service.ensure_ready()
+    # No database check here: a worker started while its database is down
+    # waits for it, claiming (and creating the table) once it is back.
     logger.warning(
         "worker %s: running jobs of %s (concurrency %d)",
         middleware.service.worker,

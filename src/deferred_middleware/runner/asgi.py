@@ -9,6 +9,7 @@ from typing import Any
 from .._context import RunningJob, reset_current, set_current
 from .._jobs import StoredRequest, StoredResponse
 from .._service import Failure, Outcome
+from ..store import StoreUnavailable
 from ._dispatch import Attempt, Dispatcher, timeout_failure
 from .wsgi import RAISED
 
@@ -116,10 +117,22 @@ class TaskLauncher:
         finally:
             reset_current(token)
         if not attempt.interrupted:
+            await self._settle(attempt, outcome)
+        dispatcher.done(attempt)
+
+    async def _settle(self, attempt: Attempt, outcome: Outcome) -> None:
+        """Wait for the outcome's commit without tying up a thread; only while
+        the store is unavailable does a thread keep retrying the write."""
+        dispatcher = self.dispatcher
+        assert dispatcher is not None
+        attempt.settling = True
+        try:
+            written = dispatcher.service.settle(attempt.job, attempt.number, outcome)
+            await asyncio.wrap_future(written)
+        except StoreUnavailable:
             await asyncio.get_running_loop().run_in_executor(
                 None, dispatcher.settle, attempt, outcome
             )
-        dispatcher.done(attempt)
 
     async def _outcome(self, attempt: Attempt) -> Outcome:
         job = attempt.job

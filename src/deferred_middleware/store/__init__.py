@@ -14,7 +14,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -225,17 +225,34 @@ def _request_row(request: StoredRequest, credential_names: frozenset[str]) -> di
     }
 
 
-def _request_from_row(row: Any) -> StoredRequest:
-    meta = row.request_meta
-    headers = [(name, value) for name, value in row.request_headers]
-    if row.request_credentials:
-        headers = merge_credentials(headers, [tuple(c) for c in row.request_credentials])
+def _utc(value: Any) -> datetime | None:
+    """A timestamp as SQLAlchemy or the raw driver hands it over (SQLite's
+    text, or a naive datetime), made timezone-aware UTC."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    return value if value.tzinfo is not None else value.replace(tzinfo=timezone.utc)
+
+
+def _from_json(value: Any) -> Any:
+    """JSON columns arrive decoded from SQLAlchemy and psycopg, as text from
+    the raw SQLite and MySQL drivers; they never hold a bare JSON string."""
+    return json.loads(value) if isinstance(value, (str, bytes)) else value
+
+
+def _request_from_row(row: Mapping[str, Any]) -> StoredRequest:
+    meta = _from_json(row["request_meta"])
+    headers = [(name, value) for name, value in _from_json(row["request_headers"])]
+    credentials = _from_json(row["request_credentials"])
+    if credentials:
+        headers = merge_credentials(headers, [tuple(c) for c in credentials])
     return StoredRequest(
-        method=row.request_method,
-        path=row.request_path,
-        query_string=row.request_query.encode("latin-1"),
+        method=row["request_method"],
+        path=row["request_path"],
+        query_string=row["request_query"].encode("latin-1"),
         headers=headers,
-        body=bytes(row.request_body),
+        body=bytes(row["request_body"]),
         scheme=meta["scheme"],
         root_path=meta["root_path"],
         http_version=meta["http_version"],
@@ -244,27 +261,27 @@ def _request_from_row(row: Any) -> StoredRequest:
     )
 
 
-def _job_from_row(row: Any) -> Job:
-    mapping = row._mapping
+def _job_from_row(row: Mapping[str, Any]) -> Job:
+    """One decoder for every read, whether SQLAlchemy or the driver ran it."""
     job = Job(
-        id=row.id,
-        status=Status(row.status),
-        created_at=row.created_at,
-        options=DeferredOptions(retries=row.max_attempts - 1, timeout=row.timeout),
-        started_at=row.started_at,
-        finished_at=row.finished_at,
-        attempts=row.attempts,
-        progress=row.progress,
-        message=row.message,
-        error=row.error,
+        id=row["id"],
+        status=Status(row["status"]),
+        created_at=_utc(row["created_at"]),  # type: ignore[arg-type]
+        options=DeferredOptions(retries=row["max_attempts"] - 1, timeout=row["timeout"]),
+        started_at=_utc(row["started_at"]),
+        finished_at=_utc(row["finished_at"]),
+        attempts=row["attempts"],
+        progress=row["progress"],
+        message=row["message"],
+        error=row["error"],
     )
-    if "request_method" in mapping:
+    if "request_method" in row:
         job.request = _request_from_row(row)
-    if mapping.get("response_status") is not None:
+    if row.get("response_status") is not None:
         job.response = StoredResponse(
-            status=row.response_status,
-            headers=[(name, value) for name, value in row.response_headers],
-            body=bytes(row.response_body),
+            status=row["response_status"],
+            headers=[(name, value) for name, value in _from_json(row["response_headers"])],
+            body=bytes(row["response_body"]),
         )
     return job
 
@@ -286,6 +303,8 @@ class JobStore:
         self._pid = 0
         self._insert: tuple[str, tuple[str, ...], bool] | None = None
         self._batch = threading.local()
+        self._readers = threading.local()
+        self._selects: dict[tuple[bool, bool], tuple[str, list[str], bool]] = {}
 
     @property
     def engine(self) -> sa.Engine:
@@ -297,6 +316,7 @@ class JobStore:
             self._engine = create_engine(self.database_url, self.lock_timeout)
             self._pid = os.getpid()
             self._insert = None
+            self._selects = {}
         return self._engine
 
     @property
@@ -397,14 +417,50 @@ class JobStore:
     # -- reading -----------------------------------------------------------
 
     def get(self, job_id: str, *, request: bool = False, response: bool = False) -> Job | None:
-        columns = list(STATUS_COLUMNS)
-        if request:
-            columns += REQUEST_COLUMNS
-        if response:
-            columns += RESPONSE_COLUMNS
-        with _translate_errors(), self.engine.connect() as connection:
-            row = connection.execute(sa.select(*columns).where(jobs.c.id == job_id)).first()
-        return None if row is None else _job_from_row(row)
+        """One job by id: the hot read behind every status poll, so it runs a
+        statement compiled once on a connection this thread keeps."""
+        sql, names, positional = self._select_statement(request, response)
+        dbapi = self.engine.dialect.loaded_dbapi
+        connection = self._reader()
+        try:
+            cursor = connection.cursor()
+            cursor.execute(sql, (job_id,) if positional else {"b_id": job_id})
+            row = cursor.fetchone()
+            cursor.close()
+            connection.rollback()  # end the read: the next one sees new commits
+        except (dbapi.OperationalError, dbapi.InterfaceError) as exc:
+            self._readers.held = None
+            connection.invalidate()
+            raise StoreUnavailable(exc.__class__.__name__) from exc
+        return None if row is None else _job_from_row(dict(zip(names, row, strict=True)))
+
+    def _select_statement(self, request: bool, response: bool) -> tuple[str, list[str], bool]:
+        key = (request, response)
+        if key not in self._selects:
+            columns = [
+                *STATUS_COLUMNS,
+                *(REQUEST_COLUMNS if request else ()),
+                *(RESPONSE_COLUMNS if response else ()),
+            ]
+            query = sa.select(*columns).where(jobs.c.id == sa.bindparam("b_id"))
+            compiled = query.compile(dialect=self.engine.dialect)
+            names = [column.name for column in columns]
+            self._selects[key] = (str(compiled), names, compiled.positiontup is not None)
+        return self._selects[key]
+
+    def _reader(self) -> Any:
+        """This thread's own pooled connection for reads, kept between calls."""
+        engine = self.engine
+        held = getattr(self._readers, "held", None)
+        if held is None or held[0] is not engine:
+            dbapi = engine.dialect.loaded_dbapi
+            try:
+                with _translate_errors():
+                    connection = engine.raw_connection()
+            except (dbapi.OperationalError, dbapi.InterfaceError) as exc:
+                raise StoreUnavailable(exc.__class__.__name__) from exc
+            held = self._readers.held = (engine, connection)
+        return held[1]
 
     def list(
         self,
@@ -419,7 +475,7 @@ class JobStore:
         if created_before is not None:
             query = query.where(jobs.c.created_at < created_before)
         with _translate_errors(), self.engine.connect() as connection:
-            return [_job_from_row(row) for row in connection.execute(query)]
+            return [_job_from_row(row._mapping) for row in connection.execute(query)]
 
     def count(self, status: Status) -> int:
         query = sa.select(sa.func.count()).select_from(jobs).where(jobs.c.status == status.value)
@@ -461,7 +517,7 @@ class JobStore:
                     due = due.with_for_update(skip_locked=True)
                 statement = jobs.update().where(jobs.c.id.in_(due.scalar_subquery()))
                 rows = connection.execute(statement.values(values).returning(*columns))
-            return [_job_from_row(row) for row in rows]
+            return [_job_from_row(row._mapping) for row in rows]
 
     def renew(self, worker: str, job_attempts: dict[str, int], lease_seconds: float) -> set[str]:
         """Extend the leases this worker holds; answers which jobs are still its own
