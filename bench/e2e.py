@@ -5,12 +5,14 @@ same trivial task on the same machine, and the raw SQL ceiling."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sqlite3
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
@@ -40,39 +42,44 @@ def _wait_until(check, timeout: float) -> float:
     return time.monotonic()
 
 
-def ours(database_url: str, jobs: int, concurrency: int = 32) -> dict[str, float]:
-    """``deferred-middleware worker`` on the bench app; jobs are stored the
-    way the middleware stores accepted requests, in batches of 500."""
+@contextlib.contextmanager
+def running_worker(database_url: str, concurrency: int = 32) -> Iterator[tuple[JobStore, int]]:
+    """An empty job table and a ``deferred-middleware worker`` on the bench app,
+    stopped (SIGTERM) after the block. Gives the store and the worker's pid."""
     store = JobStore(database_url)
     store.migrate()
     with store.engine.begin() as connection:
         connection.exec_driver_sql("DELETE FROM deferred_jobs")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "DATABASE_URL": database_url}
+    command = [
+        sys.executable,
+        "-m",
+        "deferred_middleware.cli",
+        "worker",
+        "bench.apps:starlette_app",
+        "--concurrency",
+        str(concurrency),
+    ]
     worker = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "deferred_middleware.cli",
-            "worker",
-            "bench.apps:starlette_app",
-            "--concurrency",
-            str(concurrency),
-        ],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     try:
+        yield store, worker.pid
+    finally:
+        worker.terminate()
+        worker.wait(timeout=60)
+        store.close()
+
+
+def ours(database_url: str, jobs: int, concurrency: int = 32) -> dict[str, float]:
+    """``deferred-middleware worker`` on the bench app; jobs are stored the
+    way the middleware stores accepted requests, in batches of 500."""
+    with running_worker(database_url, concurrency) as (store, _):
         _insert(store, 1)  # warm-up: the worker is up once this one is done
         _wait_until(lambda: store.count(Status.SUCCEEDED) == 1, 60)
         started = time.monotonic()
         _insert(store, jobs)
         finished = _wait_until(lambda: store.count(Status.SUCCEEDED) == jobs + 1, 600)
-    finally:
-        worker.terminate()
-        worker.wait(timeout=60)
-        store.close()
     return {"jobs_per_s": jobs / (finished - started)}
 
 

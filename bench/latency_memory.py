@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import os
 import statistics
-import subprocess
-import sys
 import time
 
 import httpx
 
 from deferred_middleware._jobs import Status
-from deferred_middleware.store import JobStore
 
-from ._servers import ROOT, Server, rss_mib, wrk
-from .e2e import _insert
+from ._servers import Server, rss_mib, wrk
+from .e2e import _insert, running_worker
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -57,29 +53,9 @@ def web_memory(database_url: str, requests: int) -> dict[str, float]:
 
 def worker_memory(database_url: str, jobs: int) -> dict[str, float]:
     """RSS of ``deferred-middleware worker`` across ``jobs`` jobs, fed in chunks."""
-    store = JobStore(database_url)
-    store.migrate()
-    with store.engine.begin() as connection:
-        connection.exec_driver_sql("DELETE FROM deferred_jobs")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "DATABASE_URL": database_url}
-    worker = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "deferred_middleware.cli",
-            "worker",
-            "bench.apps:starlette_app",
-            "--concurrency",
-            "32",
-        ],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
     chunk = max(jobs // 10, 1)
     samples = []
-    try:
+    with running_worker(database_url) as (store, pid):
         for fed in range(chunk, jobs + chunk, chunk):
             _insert(store, chunk)
             deadline = time.monotonic() + 600
@@ -87,11 +63,7 @@ def worker_memory(database_url: str, jobs: int) -> dict[str, float]:
                 if time.monotonic() > deadline:
                     raise RuntimeError("the worker fell behind")
                 time.sleep(0.05)
-            samples.append(rss_mib(worker.pid))
-    finally:
-        worker.terminate()
-        worker.wait(timeout=60)
-        store.close()
+            samples.append(rss_mib(pid))
     return {
         "jobs": float(jobs),
         "rss_after_first_tenth_mib": samples[0],

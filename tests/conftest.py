@@ -16,6 +16,9 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
+from deferred_middleware._jobs import DEFAULT_CREDENTIAL_HEADERS
+from deferred_middleware.store import JobStore
+
 ROOT = Path(__file__).resolve().parent.parent
 IN_CI = bool(os.environ.get("CI"))
 POSTGRES_URL = os.environ.get(
@@ -42,6 +45,29 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _gunicorn(worker_class: str, *options: str) -> Callable[[int, list[str]], list[str]]:
+    def command(port: int, extra: list[str]) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "-k",
+            worker_class,
+            "-w",
+            "2",
+            *options,
+            "--no-control-socket",
+            "-b",
+            f"127.0.0.1:{port}",
+            "--graceful-timeout",
+            "20",
+            *extra,
+            "tests.apps.flask_app:app",
+        ]
+
+    return command
+
+
 SERVERS = {
     "uvicorn": lambda port, extra: [
         sys.executable,
@@ -54,40 +80,8 @@ SERVERS = {
         "warning",
         *extra,
     ],
-    "gunicorn-sync": lambda port, extra: [
-        sys.executable,
-        "-m",
-        "gunicorn",
-        "-k",
-        "sync",
-        "-w",
-        "2",
-        "--no-control-socket",
-        "-b",
-        f"127.0.0.1:{port}",
-        "--graceful-timeout",
-        "20",
-        *extra,
-        "tests.apps.flask_app:app",
-    ],
-    "gunicorn-gthread": lambda port, extra: [
-        sys.executable,
-        "-m",
-        "gunicorn",
-        "-k",
-        "gthread",
-        "-w",
-        "2",
-        "--threads",
-        "4",
-        "--no-control-socket",
-        "-b",
-        f"127.0.0.1:{port}",
-        "--graceful-timeout",
-        "20",
-        *extra,
-        "tests.apps.flask_app:app",
-    ],
+    "gunicorn-sync": _gunicorn("sync"),
+    "gunicorn-gthread": _gunicorn("gthread", "--threads", "4"),
     "flask-dev": lambda port, extra: [
         sys.executable,
         "-m",
@@ -271,3 +265,12 @@ def count_rows(url: str) -> int:
             )
     finally:
         engine.dispose()
+
+
+@pytest.fixture
+def store(database_url: str) -> Iterator[JobStore]:
+    """The job table on the database under test, migrated, credentials split out."""
+    store = JobStore(database_url, credential_headers=DEFAULT_CREDENTIAL_HEADERS)
+    store.migrate()
+    yield store
+    store.close()

@@ -8,20 +8,9 @@ import subprocess
 import sys
 from datetime import timedelta
 
-import pytest
-
 from deferred_middleware._jobs import Status, StoredResponse, utcnow
-from deferred_middleware.store import JobStore
 from deferred_middleware.store._schema import jobs
 from tests.test_workers import enqueue
-
-
-@pytest.fixture
-def store(database_url):
-    store = JobStore(database_url)
-    store.migrate()
-    yield store
-    store.close()
 
 
 def cli(database_url: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:

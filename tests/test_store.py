@@ -12,7 +12,6 @@ from alembic.script import ScriptDirectory
 
 from deferred_middleware import migrations
 from deferred_middleware._jobs import (
-    DEFAULT_CREDENTIAL_HEADERS,
     DeferredOptions,
     Job,
     Status,
@@ -25,14 +24,6 @@ from deferred_middleware.store import JobStore, StoreUnavailable
 from deferred_middleware.store._schema import jobs
 
 HEAD = ScriptDirectory(str(Path(migrations.__file__).parent)).get_current_head()
-
-
-@pytest.fixture
-def store(database_url):
-    store = JobStore(database_url, credential_headers=DEFAULT_CREDENTIAL_HEADERS)
-    store.migrate()
-    yield store
-    store.close()
 
 
 def make_job(retries: int = 0, body: bytes = b"{}", headers=None) -> Job:

@@ -84,14 +84,6 @@ def start_worker(workdir, worker_env):
             worker.process.wait()
 
 
-@pytest.fixture
-def store(database_url):
-    store = JobStore(database_url)
-    store.migrate()
-    yield store
-    store.close()
-
-
 def enqueue(
     store: JobStore,
     path: str,

@@ -219,7 +219,3 @@ class JobService:
     def prune(self) -> int:
         before = utcnow() - timedelta(seconds=self.config.retention_seconds)
         return self.store.prune(before)
-
-    def close(self) -> None:
-        self.writer.stop()
-        self.store.close()
