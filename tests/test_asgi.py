@@ -210,3 +210,25 @@ async def test_a_full_queue_answers_503_and_makes_no_job(sqlite_url):
         assert refused.json()["detail"] == "Too many jobs are waiting; try again later."
     assert count_rows(sqlite_url) == 2
     await middleware.shutdown()
+
+
+async def test_the_last_progress_before_returning_is_kept(sqlite_url):
+    """Progress reported just before the handler returns is written before
+    the outcome, so the finished job shows it."""
+
+    @deferred
+    async def work(request: Request) -> Response:
+        for step in range(1, 5):
+            current_job().progress(step / 4, f"step {step} of 4")
+        return PlainTextResponse("done")
+
+    app = Starlette(
+        routes=[Route("/work", work, methods=["POST"])],
+        middleware=[Middleware(DeferredMiddleware, database_url=sqlite_url)],
+    )
+    async with client_for(app) as client:
+        for _ in range(5):
+            accepted = await client.post("/work")
+            assert (await finished(client, accepted)).text == "done"
+            document = (await client.get(accepted.headers["operation-location"])).json()
+            assert (document["progress"], document["message"]) == (1.0, "step 4 of 4")

@@ -112,3 +112,22 @@ def test_a_full_queue_answers_503_and_makes_no_job(sqlite_url):
     assert refused.status_code == 503
     assert refused.headers["content-type"] == "application/problem+json"
     assert count_rows(sqlite_url) == 1
+
+
+def test_the_last_progress_before_returning_is_kept(sqlite_url):
+    from deferred_middleware import current_job
+
+    def app(environ, start_response):
+        for step in range(1, 5):
+            current_job().progress(step / 4, f"step {step} of 4")
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"done"]
+
+    middleware = DeferredWSGIMiddleware(app, database_url=sqlite_url, routes=["POST /work"])
+    client = httpx.Client(transport=httpx.WSGITransport(app=middleware), base_url="http://t")
+    for _ in range(5):
+        accepted = client.post("/work")
+        assert finished(client, accepted).text == "done"
+        document = client.get(accepted.headers["operation-location"]).json()
+        assert (document["progress"], document["message"]) == (1.0, "step 4 of 4")
+    middleware.shutdown()

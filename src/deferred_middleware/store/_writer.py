@@ -98,17 +98,14 @@ class BatchWriter:
 
     def _write(self, items: list[tuple[str, Any, Waiter]]) -> None:
         """One transaction per kind of write, so that a failing outcome write
-        can never cost an accept its row: accepts in one statement, finished
-        outcomes in one statement, other writes together."""
+        can never cost an accept its row: accepts in one statement, other
+        writes (progress, retries) together, finished outcomes in one statement."""
         groups: dict[str, list[tuple[Any, Waiter]]] = {"insert": [], "finish": [], "call": []}
         for kind, payload, waiter in items:
             groups[kind].append((payload, waiter))
         if groups["insert"]:
             rows = [row for row, _ in groups["insert"]]
             self._together(lambda: self.store.insert_rows(rows), groups["insert"])
-        if groups["finish"]:
-            outcomes = [parameters for parameters, _ in groups["finish"]]
-            self._together(lambda: self.store.finish_many(outcomes), groups["finish"])
         calls = groups["call"]
         if calls:
             try:
@@ -119,6 +116,11 @@ class BatchWriter:
                     self._call_alone(*call)
             else:
                 _resolve([(waiter, r) for (_, waiter), r in zip(calls, results, strict=True)], None)
+        # Last: a handler's final progress must be written before its
+        # outcome, which ends the attempt that fences it.
+        if groups["finish"]:
+            outcomes = [parameters for parameters, _ in groups["finish"]]
+            self._together(lambda: self.store.finish_many(outcomes), groups["finish"])
 
     def _together(self, write: Callable[[], None], waiting: list[tuple[Any, Waiter]]) -> None:
         try:
