@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from .._jobs import Job
-from .._service import Failure, JobService
+from .._service import Failure, JobService, Outcome
 from ..store import StoreUnavailable
 
 logger = logging.getLogger("deferred_middleware")
@@ -121,7 +121,7 @@ class Dispatcher:
                 del self.running[attempt.job.id]
         self._wake.set()
 
-    def settle(self, attempt: Attempt, outcome: object) -> None:
+    def settle(self, attempt: Attempt, outcome: Outcome) -> None:
         """Store an attempt's outcome, retrying while the database is away:
         the lease keeps the job ours meanwhile."""
         attempt.settling = True
@@ -129,7 +129,7 @@ class Dispatcher:
         while not attempt.interrupted:
             try:
                 # Outcomes finishing together share one commit in the writer.
-                self.service.settle(attempt.job, attempt.number, outcome).result()  # type: ignore[arg-type]
+                self.service.settle(attempt.job, attempt.number, outcome).result()
                 return
             except StoreUnavailable:
                 logger.warning(
