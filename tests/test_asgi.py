@@ -15,6 +15,8 @@ from starlette.routing import Mount, Route
 
 from deferred_middleware import DeferredMiddleware, current_job, deferred
 
+from .support import count_rows
+
 pytestmark = pytest.mark.anyio
 
 
@@ -130,7 +132,6 @@ async def test_lifespan_state_reaches_the_replayed_request(sqlite_url):
 
 
 async def test_a_client_that_disconnects_mid_body_makes_no_job(sqlite_url):
-    from tests.conftest import count_rows
 
     middleware = DeferredMiddleware(
         lambda *a: None, database_url=sqlite_url, routes=["POST /upload"]
@@ -193,7 +194,6 @@ async def test_progress_is_clamped_and_visible(sqlite_url):
 
 
 async def test_a_full_queue_answers_503_and_makes_no_job(sqlite_url):
-    from tests.conftest import count_rows
 
     middleware = DeferredMiddleware(
         lambda *a: None,

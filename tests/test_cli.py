@@ -8,9 +8,14 @@ import subprocess
 import sys
 from datetime import timedelta
 
-from deferred_middleware._jobs import Status, StoredResponse, utcnow
+import pytest
+
+from deferred_middleware._jobs import Finish, Status, StoredResponse, utcnow
 from deferred_middleware.store._schema import jobs
-from tests.test_workers import enqueue
+
+from .support import enqueue
+
+pytestmark = pytest.mark.servers
 
 
 def cli(database_url: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -24,11 +29,13 @@ def cli(database_url: str, *args: str, check: bool = True) -> subprocess.Complet
 
 def test_list_show_cancel_retry_and_prune(store, database_url):
     done, failed, queued = enqueue(store, "/tiny", 3)
-    store.claim("w", 2, 30)
-    store.finish(done, 1, Status.SUCCEEDED, response=StoredResponse(200, [], b"hello"))
-    store.finish(failed, 1, Status.FAILED, error="It broke.")
-    claimed = {done, failed}
-    assert claimed <= {done, failed, queued}
+    assert {job.id for job in store.claim("w", 2, 30)} == {done, failed}
+    store.write(
+        [
+            Finish(done, 1, Status.SUCCEEDED, StoredResponse(200, [], b"hello")),
+            Finish(failed, 1, Status.FAILED, error="It broke."),
+        ]
+    )
 
     listed = json.loads(cli(database_url, "list", "--json").stdout)
     assert {row["id"]: row["status"] for row in listed} == {

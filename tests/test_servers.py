@@ -11,11 +11,11 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from tests.apps._common import BINARY, STREAM_CHUNKS
-from tests.conftest import count_rows, eventually
+from .apps._common import BINARY, STREAM_CHUNKS
+from .support import LOST, count_rows, eventually
 
+pytestmark = pytest.mark.servers
 KINDS = ["uvicorn", "gunicorn-sync", "gunicorn-gthread", "flask-dev"]
-LOST = "The worker running this job was lost before it finished."
 
 
 @pytest.fixture(params=KINDS)

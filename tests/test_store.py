@@ -1,110 +1,94 @@
-"""The job table against SQLite and the real PostgreSQL and MariaDB servers."""
+"""The store contract, held by every implementation: in memory, SQLite, and
+the real PostgreSQL and MariaDB servers. Time moves only by the test's clock."""
 
 from __future__ import annotations
 
 import threading
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
-import sqlalchemy as sa
-from alembic.script import ScriptDirectory
 
-from deferred_middleware import migrations
 from deferred_middleware._jobs import (
-    DeferredOptions,
-    Job,
+    Finish,
+    Progress,
+    Requeue,
+    RetryLater,
     Status,
-    StoredRequest,
     StoredResponse,
     new_job_id,
-    utcnow,
 )
-from deferred_middleware.store import JobStore, StoreUnavailable
-from deferred_middleware.store._schema import jobs
+from deferred_middleware.store import JobStore, MemoryJobStore, SQLJobStore
 
-HEAD = ScriptDirectory(str(Path(migrations.__file__).parent)).get_current_head()
+from .support import FakeClock, make_job
 
-
-def make_job(retries: int = 0, body: bytes = b"{}", headers=None) -> Job:
-    request = StoredRequest(
-        method="POST",
-        path="/reports/é",
-        query_string=b"a=1&b=%20",
-        headers=headers or [("content-type", "application/json")],
-        body=body,
-        server=("example", 443),
-        client=("10.0.0.1", 5555),
-        scheme="https",
-        root_path="/api",
-    )
-    return Job(
-        id=new_job_id(),
-        status=Status.QUEUED,
-        created_at=utcnow(),
-        request=request,
-        options=DeferredOptions(retries=retries, timeout=30),
-    )
+OK = StoredResponse(200, [], b"")
 
 
-def insert(store: JobStore, *jobs_: Job) -> None:
-    store.insert_rows([store.new_row(job) for job in jobs_])
+@pytest.fixture
+def new(clock):
+    """Jobs created on the test's clock, as the middleware would create them."""
+
+    def make(**options):
+        return make_job(created_at=clock(), **options)
+
+    return make
 
 
-def test_migrating_is_idempotent_and_safe_to_race(database_url):
-    stores = [JobStore(database_url) for _ in range(4)]
-    errors: list[BaseException] = []
-
-    def migrate(store: JobStore) -> None:
-        try:
-            store.migrate()
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=migrate, args=(s,)) for s in stores]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert errors == []
-    stores[0].migrate()
-    with stores[0].engine.connect() as connection:
-        version = connection.exec_driver_sql(
-            "SELECT version_num FROM deferred_middleware_version"
-        ).scalar_one()
-    assert version == HEAD
-    for store in stores:
-        store.close()
+def claim_one(store: JobStore, worker: str = "w", lease: float = 30) -> int:
+    [claimed] = store.claim(worker, 1, lease)
+    return claimed.attempts
 
 
-def test_a_job_round_trips_exactly(store):
+def test_a_job_round_trips_exactly(any_store, new):
     body = bytes(range(256)) * 1024  # 256 KiB: larger than MySQL's plain BLOB
     headers = [("x-twice", "1"), ("authorization", "Bearer t"), ("x-twice", "2"), ("cookie", "c=1")]
-    job = make_job(body=body, headers=headers)
-    insert(store, job)
-    loaded = store.get(job.id, request=True)
+    job = new(body=body, headers=headers)
+    any_store.insert([job])
+    loaded = any_store.get(job.id, request=True)
     assert loaded is not None
     assert loaded.request == job.request
     assert loaded.status is Status.QUEUED
     assert loaded.created_at == job.created_at  # microseconds and UTC survive
     assert loaded.options == job.options
+    assert loaded.attempts == 0
+    assert any_store.get(job.id).request is None  # only what was asked for
 
-    [claimed] = store.claim("w1", 10, 30)
+    [claimed] = any_store.claim("w1", 10, 30)
+    assert claimed.request == job.request  # a claim carries the request, credentials included
     response = StoredResponse(201, [("set-cookie", "a=1"), ("set-cookie", "b=2")], body)
-    assert store.finish(job.id, claimed.attempts, Status.SUCCEEDED, response=response)
-    done = store.get(job.id, request=True, response=True)
+    assert any_store.write([Finish(job.id, claimed.attempts, Status.SUCCEEDED, response)]) == 1
+    done = any_store.get(job.id, request=True, response=True)
     assert done.response == response
+    assert any_store.get(job.id).response is None
     assert done.request.header("authorization") is None  # forgotten once finished
     assert done.request.headers == [("x-twice", "1"), ("x-twice", "2")]
 
 
-def test_concurrent_claims_never_hand_out_a_job_twice(store):
-    all_jobs = [make_job() for _ in range(200)]
-    insert(store, *all_jobs)
+def test_claims_take_due_jobs_oldest_first_up_to_the_limit(any_store, new, clock):
+    jobs = []
+    for _ in range(3):
+        jobs.append(new())
+        any_store.insert([jobs[-1]])
+        clock.advance(1)
+    first = any_store.claim("w", 2, 30)
+    assert {j.id for j in first} == {jobs[0].id, jobs[1].id}
+    assert all(j.status is Status.RUNNING and j.attempts == 1 for j in first)
+    assert all(j.started_at == clock() for j in first)
+    assert [j.id for j in any_store.claim("w", 5, 30)] == [jobs[2].id]
+    assert any_store.claim("w", 5, 30) == []
+    assert any_store.count(Status.RUNNING) == 3
+    assert any_store.count(Status.QUEUED) == 0
+
+
+def test_concurrent_claims_never_hand_out_a_job_twice(any_store, new):
+    any_store.insert([new() for _ in range(200)])
     claimed: list[list[str]] = [[] for _ in range(4)]
 
     def claim_all(index: int) -> None:
-        worker = JobStore(store.database_url)
+        if isinstance(any_store, SQLJobStore):  # a store of its own, as another process has
+            worker: JobStore = SQLJobStore(any_store.database_url)
+        else:
+            worker = any_store
         while batch := worker.claim(f"w{index}", 7, 30):
             claimed[index].extend(job.id for job in batch)
         worker.close()
@@ -116,154 +100,215 @@ def test_concurrent_claims_never_hand_out_a_job_twice(store):
         thread.join()
     every = [job_id for ids in claimed for job_id in ids]
     assert len(every) == len(set(every)) == 200
-    assert store.count(Status.RUNNING) == 200
+    assert any_store.count(Status.RUNNING) == 200
 
 
-def expire_leases(store: JobStore) -> None:
-    with store.engine.begin() as connection:
-        connection.execute(
-            jobs.update()
-            .where(jobs.c.status == Status.RUNNING.value)
-            .values(lease_expires_at=utcnow() - timedelta(seconds=5))
-        )
-
-
-def test_a_stale_attempt_cannot_overwrite_the_attempt_that_replaced_it(store):
-    job = make_job(retries=1)
-    insert(store, job)
-    [first] = store.claim("stale", 1, 30)
-    expire_leases(store)
-    assert store.reap_expired("lost") == ([job.id], [])
-    [second] = store.claim("fresh", 1, 30)
-    assert (first.attempts, second.attempts) == (1, 2)
+def test_a_stale_attempt_cannot_overwrite_the_attempt_that_replaced_it(any_store, new, clock):
+    job = new(retries=1)
+    any_store.insert([job])
+    first = claim_one(any_store, "stale")
+    clock.advance(31)
+    assert any_store.reap_expired("lost") == ([job.id], [])
+    second = claim_one(any_store, "fresh")
+    assert (first, second) == (1, 2)
     late = StoredResponse(200, [], b"stale")
-    assert not store.finish(job.id, first.attempts, Status.SUCCEEDED, response=late)
-    assert not store.set_progress(job.id, first.attempts, 0.9, "stale")
-    assert store.renew("stale", {job.id: first.attempts}, 30) == set()
-    assert store.renew("fresh", {job.id: second.attempts}, 30) == {job.id}
+    assert any_store.write([Finish(job.id, first, Status.SUCCEEDED, late)]) == 0
+    assert any_store.write([Progress(job.id, first, 0.9, "stale")]) == 0
+    assert any_store.write([RetryLater(job.id, first, 1, "x"), Requeue(job.id, first)]) == 0
+    assert any_store.renew("stale", {job.id: first}, 30) == set()
+    assert any_store.renew("fresh", {job.id: second}, 30) == {job.id}
+    assert any_store.renew("fresh", {job.id: first}, 30) == set()  # the attempt must match too
     fresh = StoredResponse(200, [], b"fresh")
-    assert store.finish(job.id, second.attempts, Status.SUCCEEDED, response=fresh)
-    assert store.get(job.id, response=True).response.body == b"fresh"
+    assert any_store.write([Finish(job.id, second, Status.SUCCEEDED, fresh)]) == 1
+    assert any_store.get(job.id, response=True).response.body == b"fresh"
+    assert any_store.get(job.id).progress is None
 
 
-def test_an_expired_job_without_retries_fails_with_the_given_error(store):
-    job = make_job(retries=0)
-    insert(store, job)
-    store.claim("gone", 1, 30)
-    expire_leases(store)
-    assert store.reap_expired("The worker was lost.") == ([], [job.id])
-    failed = store.get(job.id)
+def test_renewing_keeps_a_lease_from_expiring(any_store, new, clock):
+    job = new()
+    any_store.insert([job])
+    attempt = claim_one(any_store, "w", lease=10)
+    clock.advance(8)
+    assert any_store.renew("w", {job.id: attempt}, 10) == {job.id}
+    clock.advance(8)
+    assert any_store.reap_expired("lost") == ([], [])
+    clock.advance(3)
+    assert any_store.reap_expired("lost") == ([], [job.id])
+
+
+def test_an_expired_job_without_retries_fails_with_the_given_error(any_store, new, clock):
+    job = new(retries=0, headers=[("authorization", "Bearer t")])
+    any_store.insert([job])
+    claim_one(any_store, "gone")
+    clock.advance(30)
+    assert any_store.reap_expired("lost") == ([], [])  # the lease ends after, not at, its time
+    clock.advance(1)
+    assert any_store.reap_expired("The worker was lost.") == ([], [job.id])
+    failed = any_store.get(job.id, request=True)
     assert failed.status is Status.FAILED
     assert failed.error == "The worker was lost."
-    assert failed.finished_at is not None
+    assert failed.finished_at == clock()
+    assert failed.request.headers == []  # credentials erased
 
 
-def test_retry_later_waits_before_the_job_is_due_again(store):
-    job = make_job(retries=2)
-    insert(store, job)
-    [claimed] = store.claim("w", 1, 30)
-    assert store.retry_later(job.id, claimed.attempts, 3600, "raised")
-    assert store.claim("w", 1, 30) == []
-    assert store.get(job.id).status is Status.QUEUED
+def test_a_reaped_job_with_retries_is_due_at_once_and_keeps_its_error(any_store, new, clock):
+    job = new(retries=1)
+    any_store.insert([job])
+    claim_one(any_store)
+    clock.advance(31)
+    any_store.reap_expired("lost")
+    requeued = any_store.get(job.id)
+    assert requeued.status is Status.QUEUED
+    assert requeued.error == "lost"
+    assert requeued.finished_at is None
+    assert claim_one(any_store) == 2
 
 
-def test_requeue_gives_back_an_interrupted_attempt(store):
+def test_retry_later_waits_before_the_job_is_due_again(any_store, new, clock):
+    job = new(retries=2)
+    any_store.insert([job])
+    attempt = claim_one(any_store)
+    assert any_store.write([RetryLater(job.id, attempt, 60, "raised")]) == 1
+    queued = any_store.get(job.id)
+    assert (queued.status, queued.error, queued.attempts) == (Status.QUEUED, "raised", 1)
+    assert any_store.claim("w", 1, 30) == []
+    clock.advance(59)
+    assert any_store.claim("w", 1, 30) == []
+    clock.advance(1)
+    assert claim_one(any_store) == 2
+    assert any_store.renew("w", {job.id: 2}, 30) == {job.id}
+
+
+def test_requeue_gives_back_an_interrupted_attempt(any_store, new):
+    job = new()
+    any_store.insert([job])
+    attempt = claim_one(any_store)
+    assert any_store.write([Requeue(job.id, attempt)]) == 1
+    back = any_store.get(job.id)
+    assert (back.status, back.attempts) == (Status.QUEUED, 0)
+    assert claim_one(any_store) == 1
+
+
+def test_progress_is_kept_and_writes_apply_in_order(any_store, new):
+    job = new()
+    any_store.insert([job])
+    attempt = claim_one(any_store)
+    writes = [
+        Progress(job.id, attempt, 0.5, "half"),
+        Progress(job.id, attempt, 1.0, "all"),
+        Finish(job.id, attempt, Status.SUCCEEDED, OK),
+        Progress(job.id, attempt, 0.1, "too late"),  # the attempt has ended
+    ]
+    assert any_store.write(writes) == 3
+    done = any_store.get(job.id)
+    assert (done.progress, done.message, done.status) == (1.0, "all", Status.SUCCEEDED)
+
+
+def test_a_failed_finish_keeps_its_error_and_response(any_store, new, clock):
+    job = new()
+    any_store.insert([job])
+    attempt = claim_one(any_store)
+    answered = StoredResponse(502, [("x", "y")], b"bad gateway")
+    any_store.write([Finish(job.id, attempt, Status.FAILED, answered, "The handler answered 502.")])
+    failed = any_store.get(job.id, response=True)
+    assert failed.status is Status.FAILED
+    assert failed.error == "The handler answered 502."
+    assert failed.response == answered
+    assert failed.finished_at == clock()
+
+
+def test_cancel_touches_only_active_jobs(any_store, new):
+    queued, running, finished = new(), new(), new()
+    any_store.insert([finished])
+    attempt = claim_one(any_store)
+    any_store.write([Finish(finished.id, attempt, Status.SUCCEEDED, OK)])
+    any_store.insert([running])
+    attempt = claim_one(any_store)
+    any_store.insert([queued])
+    assert any_store.cancel(queued.id).status is Status.CANCELED
+    canceled = any_store.cancel(running.id)
+    assert canceled.status is Status.CANCELED
+    assert canceled.finished_at is not None
+    assert any_store.cancel(finished.id).status is Status.SUCCEEDED
+    assert any_store.cancel(new_job_id()) is None
+    # The canceled attempt's late outcome is refused, and its lease is gone.
+    assert any_store.write([Finish(running.id, attempt, Status.SUCCEEDED, OK)]) == 0
+    assert any_store.renew("w", {running.id: attempt}, 30) == set()
+
+
+def test_retry_queues_a_finished_failure_with_fresh_attempts(any_store, new):
+    failed, succeeded = new(retries=1), new()
+    any_store.insert([failed, succeeded])
+    any_store.claim("w", 2, 30)
+    any_store.write(
+        [
+            Finish(failed.id, 1, Status.FAILED, StoredResponse(500, [], b"x"), "broke"),
+            Finish(succeeded.id, 1, Status.SUCCEEDED, OK),
+        ]
+    )
+    assert not any_store.retry(succeeded.id)
+    assert not any_store.retry(new_job_id())
+    assert any_store.retry(failed.id)
+    again = any_store.get(failed.id, response=True)
+    assert (again.status, again.error, again.response, again.finished_at) == (
+        Status.QUEUED,
+        None,
+        None,
+        None,
+    )
+    assert again.max_attempts == 3  # one used, two fresh
+    assert claim_one(any_store) == 2
+
+
+def test_delete_forgets_the_job(any_store, new):
+    job = new()
+    any_store.insert([job])
+    assert any_store.delete(job.id)
+    assert any_store.get(job.id) is None
+    assert not any_store.delete(job.id)
+
+
+def test_prune_removes_only_expired_finished_jobs(any_store, new, clock):
+    old_done, new_done, old_queued = new(), new(), new()
+    any_store.insert([old_done])
+    any_store.write([Finish(old_done.id, claim_one(any_store), Status.SUCCEEDED, OK)])
+    any_store.insert([old_queued])
+    clock.advance(3 * 86400)
+    any_store.insert([new_done])
+    any_store.write([Finish(new_done.id, claim_one(any_store), Status.SUCCEEDED, OK)])
+    assert any_store.prune(clock() - timedelta(days=1), batch=1) == 1
+    assert any_store.get(old_done.id) is None
+    assert any_store.get(new_done.id) is not None
+    assert any_store.get(old_queued.id) is not None
+
+
+def test_list_is_newest_first_and_filters(any_store, new, clock):
+    jobs = []
+    for _ in range(3):
+        jobs.append(new())
+        any_store.insert([jobs[-1]])
+        clock.advance(1)
+    any_store.cancel(jobs[0].id)
+    assert [j.id for j in any_store.list()] == [j.id for j in reversed(jobs)]
+    assert [j.id for j in any_store.list(limit=1)] == [jobs[2].id]
+    assert [j.id for j in any_store.list([Status.CANCELED])] == [jobs[0].id]
+    assert [j.id for j in any_store.list(created_before=jobs[1].created_at)] == [jobs[0].id]
+    assert all(j.request is None for j in any_store.list())
+
+
+def test_the_memory_store_refuses_a_duplicate_id():
+    store = MemoryJobStore()
     job = make_job()
-    insert(store, job)
-    [claimed] = store.claim("w", 1, 30)
-    assert store.requeue(job.id, claimed.attempts)
-    assert store.get(job.id).attempts == 0
-    assert store.claim("w", 1, 30)[0].attempts == 1
+    store.insert([job])
+    with pytest.raises(ValueError):
+        store.insert([make_job(), job])
+    assert store.count(Status.QUEUED) == 1
 
 
-def test_cancel_touches_only_active_jobs(store):
-    queued, finished = make_job(), make_job()
-    insert(store, queued, finished)
-    store.claim("w", 10, 30)
-    assert store.finish(finished.id, 1, Status.SUCCEEDED, response=StoredResponse(200, [], b""))
-    assert store.cancel(queued.id).status is Status.CANCELED
-    assert store.cancel(finished.id).status is Status.SUCCEEDED
-    assert store.cancel(new_job_id()) is None
-
-
-def test_prune_removes_only_expired_finished_jobs(store):
-    old_done, new_done, old_queued = make_job(), make_job(), make_job()
-    insert(store, old_done, new_done)
-    store.claim("w", 10, 30)
-    for job in (old_done, new_done):
-        store.finish(job.id, 1, Status.SUCCEEDED, response=StoredResponse(200, [], b""))
-    insert(store, old_queued)
-    long_ago = utcnow() - timedelta(days=3)
-    with store.engine.begin() as connection:
-        connection.execute(
-            jobs.update().where(jobs.c.id == old_done.id).values(finished_at=long_ago)
-        )
-        connection.execute(
-            jobs.update().where(jobs.c.id == old_queued.id).values(created_at=long_ago)
-        )
-    assert store.prune(utcnow() - timedelta(days=1), batch=1) == 1
-    assert store.get(old_done.id) is None
-    assert store.get(new_done.id) is not None
-    assert store.get(old_queued.id) is not None
-
-
-def test_an_unreachable_database_is_reported_as_unavailable():
-    store = JobStore("postgresql+psycopg://postgres@127.0.0.1:1/test", lock_timeout=1)
-    with pytest.raises(StoreUnavailable):
-        store.migrate()
-    with pytest.raises(StoreUnavailable):
-        store.get(new_job_id())
-
-
-def test_a_locked_sqlite_database_is_reported_as_unavailable(sqlite_url):
-    store = JobStore(sqlite_url, lock_timeout=0.2)
-    store.migrate()
-    lock = sa.create_engine(sqlite_url).raw_connection()
-    lock.isolation_level = None
-    lock.execute("BEGIN EXCLUSIVE")
-    try:
-        with pytest.raises(StoreUnavailable):
-            insert(store, make_job())
-    finally:
-        lock.execute("ROLLBACK")
-        lock.close()
-    insert(store, make_job())
-
-
-def test_a_database_from_an_earlier_release_upgrades_in_place(database_url):
-    old = JobStore(database_url)
-    old.migrate("0001")
-    job = make_job()
-    insert(old, job)
-    indexes = {ix["name"] for ix in sa.inspect(old.engine).get_indexes("deferred_jobs")}
-    assert "ix_deferred_jobs_created" not in indexes
-    old.close()
-
-    new = JobStore(database_url)
-    new.migrate()
-    indexes = {ix["name"] for ix in sa.inspect(new.engine).get_indexes("deferred_jobs")}
-    assert "ix_deferred_jobs_created" in indexes
-    with new.engine.connect() as connection:
-        version = connection.exec_driver_sql(
-            "SELECT version_num FROM deferred_middleware_version"
-        ).scalar_one()
-    assert version == HEAD
-    assert new.get(job.id, request=True).request == job.request
-    new.close()
-
-
-def test_an_older_release_runs_against_a_newer_schema(database_url):
-    """A rolling deploy: a newer release upgraded the table first."""
-    store = JobStore(database_url)
-    store.migrate()
-    with store.engine.begin() as connection:
-        connection.exec_driver_sql(
-            "UPDATE deferred_middleware_version SET version_num = '9999_from_the_future'"
-        )
-    store.close()
-    older = JobStore(database_url)
-    older.migrate()
-    job = make_job()
-    insert(older, job)
-    assert older.get(job.id) is not None
-    older.close()
+def test_the_memory_store_erases_credentials_when_a_job_ends():
+    store = MemoryJobStore(credential_headers=frozenset({"authorization"}), clock=FakeClock())
+    job = make_job(headers=[("authorization", "Bearer t")])
+    store.insert([job])
+    assert store.credentials_of(job.id) == [(0, "authorization", "Bearer t")]
+    store.cancel(job.id)
+    assert store.credentials_of(job.id) == []

@@ -3,110 +3,18 @@ on the real PostgreSQL and MariaDB servers."""
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import time
 from collections import Counter
-from pathlib import Path
 
 import httpx
 import pytest
 
-from deferred_middleware._jobs import (
-    DeferredOptions,
-    Job,
-    Status,
-    StoredRequest,
-    new_job_id,
-    utcnow,
-)
-from deferred_middleware.store import JobStore
-from tests.conftest import ROOT, eventually
+from deferred_middleware._jobs import Status
 
-LOST = "The worker running this job was lost before it finished."
-APPS = {"starlette": "tests.apps.starlette_app:app", "flask": "tests.apps.flask_app:app"}
+from .support import LOST, POSTGRES_URL, ThrowawayPostgres, enqueue, eventually, require
 
-
-class Worker:
-    """One ``deferred-middleware worker`` process."""
-
-    def __init__(self, env: dict[str, str], log: Path, app: str, *args: str) -> None:
-        command = [
-            sys.executable,
-            "-m",
-            "deferred_middleware.cli",
-            "--log-level",
-            "info",
-            "worker",
-            APPS[app],
-            *args,
-        ]
-        with open(log, "ab") as out:
-            self.process = subprocess.Popen(
-                command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
-            )
-        self.log = log
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-        return self.process.wait(timeout=timeout)
-
-
-@pytest.fixture
-def worker_env(workdir, database_url):
-    return {
-        **os.environ,
-        "PYTHONPATH": str(ROOT),
-        "DATABASE_URL": database_url,
-        "GATE_DIR": str(workdir / "gates"),
-        "EFFECTS_FILE": str(workdir / "effects.txt"),
-        "POLL_INTERVAL": "0.2",
-    }
-
-
-@pytest.fixture
-def start_worker(workdir, worker_env):
-    started: list[Worker] = []
-
-    def start(app: str = "starlette", *args: str, **env: str) -> Worker:
-        log = workdir / f"worker-{len(started)}.log"
-        worker = Worker({**worker_env, **env}, log, app, *args)
-        started.append(worker)
-        return worker
-
-    yield start
-    for worker in started:
-        if worker.process.poll() is None:
-            worker.process.kill()
-            worker.process.wait()
-
-
-def enqueue(
-    store: JobStore,
-    path: str,
-    count: int = 1,
-    retries: int = 0,
-    query: bytes = b"",
-    timeout: float | None = None,
-) -> list[str]:
-    """Jobs as the middleware would store them, without going through HTTP."""
-    rows, ids = [], []
-    for _ in range(count):
-        job = Job(
-            id=new_job_id(),
-            status=Status.QUEUED,
-            created_at=utcnow(),
-            request=StoredRequest(method="POST", path=path, query_string=query, server=("t", 80)),
-            options=DeferredOptions(retries=retries, timeout=timeout),
-        )
-        rows.append(store.new_row(job))
-        ids.append(job.id)
-    for start in range(0, len(rows), 500):
-        store.insert_rows(rows[start : start + 500])
-    return ids
+pytestmark = pytest.mark.servers
 
 
 @pytest.mark.parametrize("app", ["starlette", "flask"])
@@ -163,9 +71,9 @@ def test_sigterm_lets_a_running_job_finish_within_the_grace_period(
     job_id = enqueue(store, "/report", query=b"gate=t1")[0]
     worker = start_worker(app, "--grace", "60")
     eventually(lambda: len(effects()) == 1, timeout=30)
-    worker.process.send_signal(signal.SIGTERM)
+    worker.send(signal.SIGTERM)
     gates("t1")  # opened only after the signal: the worker must wait for it
-    assert worker.process.wait(timeout=60) == 0
+    assert worker.wait(timeout=60) == 0
     assert store.get(job_id).status is Status.SUCCEEDED
 
 
@@ -207,25 +115,31 @@ def test_an_enqueue_only_web_tier_and_a_worker_complete_a_request(
     worker.stop()
 
 
-def _postgres_cluster(action: str) -> None:
-    version = sorted(os.listdir("/etc/postgresql"))[0]
-    command = ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", action]
-    subprocess.run([*command, "-m", "fast"] if action == "stop" else command, check=True)
+@pytest.fixture
+def throwaway_postgres():
+    """A PostgreSQL server this test may stop and start."""
+    require(POSTGRES_URL, "postgres")  # the server package is what we need from the machine
+    server = ThrowawayPostgres()
+    server.start()
+    yield server
+    server.destroy()
 
 
-@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+@pytest.mark.postgres
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_a_database_restart_under_web_and_worker_loses_no_accepted_job(
-    serve, start_worker, database_url, effects
+    serve, start_worker, throwaway_postgres, effects
 ):
-    server = serve("uvicorn", DATABASE_URL=database_url, EXECUTE="0", POLL_INTERVAL="0.2")
-    worker = start_worker("starlette")
-    eventually(lambda: "listening for new jobs" in worker.log.read_text(), timeout=30)
+    url = throwaway_postgres.url
+    server = serve("uvicorn", DATABASE_URL=url, EXECUTE="0", POLL_INTERVAL="0.2")
+    worker = start_worker("starlette", DATABASE_URL=url)
+    eventually(lambda: "listening for new jobs" in worker.log(), timeout=30)
     accepted = [httpx.post(server.base + "/tiny").json()["id"] for _ in range(10)]
-    _postgres_cluster("stop")
+    throwaway_postgres.stop()
     try:
         during = [httpx.post(server.base + "/tiny", timeout=30) for _ in range(5)]
     finally:
-        _postgres_cluster("start")
+        throwaway_postgres.start()
     for response in during:
         assert response.status_code == 503, response.text
         assert response.headers["retry-after"] == "1"
@@ -247,7 +161,7 @@ def test_a_database_restart_under_web_and_worker_loses_no_accepted_job(
 @pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
 def test_an_idle_postgres_worker_wakes_on_notify_not_on_its_poll(start_worker, store):
     worker = start_worker("starlette", POLL_INTERVAL="120")
-    eventually(lambda: "listening for new jobs" in worker.log.read_text(), timeout=30)
+    eventually(lambda: "listening for new jobs" in worker.log(), timeout=30)
     first = enqueue(store, "/tiny")[0]
     eventually(lambda: store.get(first).status is Status.SUCCEEDED, timeout=20)
     # Idle now, with its next poll two minutes away: only NOTIFY can wake it in time.
@@ -262,6 +176,6 @@ def test_a_worker_started_while_its_database_is_down_waits_for_it(
     """The table does not exist and cannot be reached yet; the worker stays up."""
     unreachable = "postgresql+psycopg://postgres@127.0.0.1:1/test"
     worker = start_worker("starlette", DATABASE_URL=unreachable, POLL_INTERVAL="0.2")
-    eventually(lambda: "store is unavailable" in worker.log.read_text(), timeout=30)
-    assert worker.process.poll() is None
+    eventually(lambda: "store is unavailable" in worker.log(), timeout=30)
+    assert worker.alive()
     assert worker.stop() == 0

@@ -11,6 +11,8 @@ from deferred_middleware.flask import FlaskDeferred
 from deferred_middleware.runner.wsgi import build_environ
 from deferred_middleware.wsgi import stored_request
 
+from .support import count_rows
+
 
 def finished(client: httpx.Client, accepted: httpx.Response) -> httpx.Response:
     return client.get(accepted.headers["location"], params={"wait": 20})
@@ -97,7 +99,6 @@ def test_the_replayed_environ_is_built_fresh_from_stored_data():
 
 
 def test_a_full_queue_answers_503_and_makes_no_job(sqlite_url):
-    from tests.conftest import count_rows
 
     middleware = DeferredWSGIMiddleware(
         lambda e, s: [],

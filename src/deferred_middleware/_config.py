@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Iterable
+from typing import TypedDict
 
 from ._jobs import DEFAULT_CREDENTIAL_HEADERS
 
@@ -57,3 +58,46 @@ class Config:
         names = DEFAULT_CREDENTIAL_HEADERS | {h.lower() for h in credential_headers}
         given = {k: v for k, v in options.items() if v is not None}
         return cls(credential_headers=names, **given)  # type: ignore[arg-type]
+
+
+class Options(TypedDict, total=False):
+    """The keyword options every adapter takes (README, "Options")."""
+
+    database_url: str
+    """Any SQLAlchemy URL; default an SQLite file in the working directory."""
+    routes: Iterable[str]
+    """Patterns of deferred routes, for apps that cannot be edited."""
+    retries: int
+    """For routes chosen by pattern: how often a failed attempt runs again."""
+    timeout: float | None
+    """For routes chosen by pattern: seconds one attempt may take."""
+    credential_headers: Iterable[str]
+    """More headers to forget once a job finishes."""
+    prefix: str
+    """Where the job routes are mounted (``/jobs``)."""
+    public_url: str | None
+    """Absolute URLs in headers and bodies, e.g. ``https://api.example.com``."""
+    max_body_size: int
+    """Larger deferred requests get 413 and no job."""
+    max_wait: float
+    """Cap of ``?wait=N``, seconds."""
+    max_queued: int | None
+    """With this many jobs waiting, deferred requests get 503."""
+    retry_after: int
+    """Seconds clients are told to wait between polls."""
+    concurrency: int
+    """Jobs this process runs at once."""
+    execute: bool
+    """False: enqueue only, for a web tier that must not run jobs."""
+    lease_seconds: float
+    """A running job's lease, renewed every third of it."""
+    poll_interval: float
+    """How often idle executors and cross-process long-polls look."""
+    retry_backoff: float
+    """First retry's delay, doubled each attempt (at most 300 s)."""
+    retention_seconds: float
+    """Finished jobs are pruned after this."""
+    lock_timeout: float
+    """How long to wait for a locked SQLite database before 503."""
+    grace_seconds: float
+    """On shutdown, how long running jobs may take to finish."""

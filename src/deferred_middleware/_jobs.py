@@ -125,6 +125,76 @@ class Job:
         return self.options.retries + 1
 
 
+@dataclasses.dataclass(frozen=True)
+class Failure:
+    """An attempt that produced no response. ``error`` is shown to clients,
+    so it is always one of our own sentences, never an exception's text."""
+
+    error: str
+
+
+Outcome = StoredResponse | Failure
+"""What one attempt came to: the handler's response, or why there is none."""
+
+RAISED = Failure("The handler raised an exception.")
+NO_RESPONSE = Failure("The handler returned no response.")
+NOT_STARTED = Failure("The job could not be started.")
+LOST_WORKER = "The worker running this job was lost before it finished."
+
+
+def timed_out(job: Job) -> Failure:
+    return Failure(f"The job timed out after {job.options.timeout:g} seconds.")
+
+
+# -- writes of a running attempt ------------------------------------------
+# Each is fenced by the attempt number: it lands only while that attempt
+# still owns the job, so a worker that lost its lease cannot overwrite the
+# attempt that replaced it.
+
+
+@dataclasses.dataclass(frozen=True)
+class Finish:
+    """The attempt ended the job: its final status, response and error."""
+
+    job_id: str
+    attempt: int
+    status: Status
+    response: StoredResponse | None = None
+    error: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class RetryLater:
+    """The attempt failed with attempts left: queue the job again after ``delay`` seconds."""
+
+    job_id: str
+    attempt: int
+    delay: float
+    error: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Requeue:
+    """The attempt was interrupted by a shutdown: give the job back at once,
+    without counting the attempt against its retries."""
+
+    job_id: str
+    attempt: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Progress:
+    """What the status route shows while the attempt runs."""
+
+    job_id: str
+    attempt: int
+    progress: float | None
+    message: str | None
+
+
+AttemptWrite = Finish | RetryLater | Requeue | Progress
+
+
 def split_credentials(
     headers: Headers, credential_names: frozenset[str]
 ) -> tuple[Headers, list[tuple[int, str, str]]]:

@@ -3,41 +3,43 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import logging
-from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any
+
+from asgiref.typing import (
+    ASGI3Application,
+    ASGIReceiveCallable,
+    ASGIReceiveEvent,
+    ASGISendCallable,
+    ASGISendEvent,
+    HTTPScope,
+    Scope,
+)
 
 from . import _protocol as protocol
-from ._config import Config
+from ._assemble import assemble
+from ._core import QueueFull
 from ._jobs import DeferredOptions, StoredRequest
-from ._routes import NEVER_DEFERRED, RoutePatterns, options_of
-from ._service import JobService
-from .runner._dispatch import Dispatcher, start_dispatcher
+from ._routes import NEVER_DEFERRED
 from .runner.asgi import TaskLauncher
 from .store import StoreUnavailable
 
-logger = logging.getLogger("deferred_middleware")
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
-Scope = dict[str, Any]
-Message = dict[str, Any]
-Receive = Callable[[], Any]
-Send = Callable[[Message], Any]
-ASGIApp = Callable[[Scope, Receive, Send], Any]
-T = TypeVar("T")
+    from ._config import Options
 
 
-def route_path(scope: Scope) -> str:
+def route_path(scope: HTTPScope) -> str:
     """The path below ``root_path``, as the app's router sees it."""
-    path: str = scope["path"]
-    root_path: str = scope.get("root_path", "")
+    path = scope["path"]
+    root_path = scope.get("root_path", "")
     if root_path and path.startswith(root_path) and path[len(root_path) :][:1] in ("", "/"):
         return path[len(root_path) :]
     return path
 
 
-def stored_request(scope: Scope, body: bytes) -> StoredRequest:
+def stored_request(scope: HTTPScope, body: bytes) -> StoredRequest:
+    server, client = scope.get("server"), scope.get("client")
     return StoredRequest(
         method=scope["method"],
         path=route_path(scope),
@@ -47,75 +49,22 @@ def stored_request(scope: Scope, body: bytes) -> StoredRequest:
         scheme=scope.get("scheme", "http"),
         root_path=scope.get("root_path", ""),
         http_version=scope.get("http_version", "1.1"),
-        server=tuple(scope["server"]) if scope.get("server") else None,  # type: ignore[arg-type]
-        client=tuple(scope["client"]) if scope.get("client") else None,  # type: ignore[arg-type]
+        server=(server[0], server[1] or 0) if server else None,
+        client=(client[0], client[1]) if client else None,
     )
 
 
-async def send_reply(send: Send, reply: protocol.Reply) -> None:
+async def send_reply(send: ASGISendCallable, reply: protocol.Reply) -> None:
     headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in reply.headers]
-    await send({"type": "http.response.start", "status": reply.status, "headers": headers})
-    await send({"type": "http.response.body", "body": reply.body})
-
-
-def marked_options(routes: Iterable[Any], scope: Scope) -> DeferredOptions | None:
-    """The ``@deferred`` options of the Starlette route that will serve this
-    request, found the way Starlette's router finds it (first full match)."""
-    from starlette.routing import Match
-
-    for route in routes:
-        match, child_scope = route.matches(scope)
-        if match is not Match.FULL:
-            continue
-        sub_routes = getattr(route, "routes", None)  # Mount and Host
-        if sub_routes is not None:
-            return marked_options(sub_routes, {**scope, **child_scope})
-        return options_of(child_scope.get("endpoint"))
-    return None
-
-
-class MarkedRouteCache:
-    """Remembers which (method, path) pairs are deferred, so the routes are not
-    searched again on every request. Starlette routing that looks at more than
-    the method and path (``Host`` routes) is never cached; the cache is
-    forgotten when the routes change or when it grows past its bound."""
-
-    LIMIT = 4096
-
-    def __init__(self) -> None:
-        self._answers: dict[tuple[str, str], DeferredOptions | None] = {}
-        self._routes_seen: tuple[int, int] = (0, 0)
-        self._cacheable = True
-
-    def lookup(self, routes: Any, scope: Scope, method: str, path: str) -> DeferredOptions | None:
-        fingerprint = (id(routes), len(routes))
-        if fingerprint != self._routes_seen:
-            self._answers.clear()
-            self._routes_seen = fingerprint
-            self._cacheable = not _has_host_routes(routes)
-        if not self._cacheable:
-            return marked_options(routes, scope)
-        key = (method, path)
-        try:
-            return self._answers[key]
-        except KeyError:
-            pass
-        if len(self._answers) >= self.LIMIT:
-            self._answers.clear()
-        answer = self._answers[key] = marked_options(routes, scope)
-        return answer
-
-
-def _has_host_routes(routes: Iterable[Any]) -> bool:
-    from starlette.routing import Host
-
-    for route in routes:
-        if isinstance(route, Host):
-            return True
-        sub_routes = getattr(route, "routes", None)
-        if sub_routes and _has_host_routes(sub_routes):
-            return True
-    return False
+    await send(
+        {
+            "type": "http.response.start",
+            "status": reply.status,
+            "headers": headers,
+            "trailers": False,
+        }
+    )
+    await send({"type": "http.response.body", "body": reply.body, "more_body": False})
 
 
 class DeferredMiddleware:
@@ -124,31 +73,24 @@ class DeferredMiddleware:
     Routes are deferred by marking their endpoint with ``@deferred`` (found
     through the Starlette router) or by naming them in ``routes``, for apps
     that cannot be edited. The job routes under ``prefix`` are served here;
-    every other request passes through untouched.
+    every other request passes through untouched. Options: see
+    :class:`deferred_middleware._config.Options`.
     """
 
-    def __init__(
-        self,
-        app: ASGIApp,
-        *,
-        database_url: str | None = None,
-        routes: Iterable[str] = (),
-        retries: int = 0,
-        timeout: float | None = None,
-        credential_headers: Iterable[str] = (),
-        **options: Any,
-    ) -> None:
+    def __init__(self, app: ASGI3Application, **options: Unpack[Options]) -> None:
         self.app = app
-        self.config = Config.build(
-            credential_headers=credential_headers, database_url=database_url, **options
-        )
-        self.patterns = RoutePatterns(routes, DeferredOptions(retries=retries, timeout=timeout))
-        self.service = JobService(self.config)
-        self._threads = ThreadPoolExecutor(max_workers=16, thread_name_prefix="deferred-io")
-        self._dispatcher: Dispatcher | None = None
-        self._marked = MarkedRouteCache()
+        self.launcher = TaskLauncher(app)
+        parts = assemble(self.launcher, **options)
+        self.config = parts.config
+        self.patterns = parts.patterns
+        self.core = parts.core
+        self.dispatcher = parts.dispatcher
+        self._executing = False
+        self._marked: Any = None
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def __call__(
+        self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
+    ) -> None:
         if scope["type"] == "lifespan":
             await self._lifespan(scope, receive, send)
             return
@@ -156,134 +98,75 @@ class DeferredMiddleware:
             await self.app(scope, receive, send)
             return
         path = route_path(scope)
-        prefix = self.config.prefix
-        if path == prefix or path.startswith(prefix + "/"):
-            await self._answer_job_route(scope, send, path[len(prefix) :])
+        tail = self.core.job_route_tail(path)
+        if tail is not None:
+            reply = await self.core.answer_async(
+                tail, scope["method"], scope.get("query_string", b""), scope.get("root_path", "")
+            )
+            await send_reply(send, reply)
             return
         options = self._deferred_options(scope, path)
         if options is None:
             await self.app(scope, receive, send)
             return
-        if self.config.execute and self._dispatcher is None:
-            self._start_executor(scope.get("state"))
+        if self.config.execute and not self._executing:
+            self._start_executor(scope.get("state"))  # type: ignore[arg-type]
         await DeferringResponder(self, options)(scope, receive, send)
 
-    # -- which requests ----------------------------------------------------
-
-    def _deferred_options(self, scope: Scope, path: str) -> DeferredOptions | None:
+    def _deferred_options(self, scope: HTTPScope, path: str) -> DeferredOptions | None:
         method = scope["method"]
         if method in NEVER_DEFERRED:
             return None
         options = self.patterns.match(method, path) if self.patterns else None
         if options is None:
-            routes = self._routes(scope)
-            if routes is not None:
-                options = self._marked.lookup(routes, scope, method, path)
+            options = self._marked_options(scope, method, path)
         return options
 
-    def _routes(self, scope: Scope) -> Any:
-        app: Any = scope.get("app") or self.app
-        for _ in range(32):  # follow wrapping middleware down to a router
-            routes = getattr(app, "routes", None)
-            if routes is not None:
-                return routes
-            app = getattr(app, "app", None)
-            if app is None:
-                break
-        return None
+    def _marked_options(self, scope: HTTPScope, method: str, path: str) -> DeferredOptions | None:
+        from .starlette import MarkedRoutes, find_routes
 
-    # -- the job routes ----------------------------------------------------
-
-    async def run_sync(self, fn: Callable[..., T], *args: Any) -> T:
-        """Blocking store work, off the event loop."""
-        return await asyncio.get_running_loop().run_in_executor(self._threads, fn, *args)
-
-    async def run_read(self, fn: Callable[..., T], *args: Any) -> T:
-        """A read of the store: in place where reads are local and cheap
-        (SQLite in WAL mode), off the event loop otherwise."""
-        if self.service.store.reads_are_local:
-            return fn(*args)
-        return await self.run_sync(fn, *args)
-
-    async def _answer_job_route(self, scope: Scope, send: Send, tail: str) -> None:
-        config = self.config
-        route = protocol.parse_job_route(tail, scope.get("query_string", b""), config.max_wait)
-        if route is None:
-            await send_reply(send, protocol.not_found())
-            return
-        urls = protocol.JobURLs.for_request(
-            config.prefix, scope.get("root_path", ""), config.public_url
-        )
-        method = scope["method"]
-        try:
-            if not self.service.ready:
-                await self.run_sync(self.service.ensure_ready)
-            reading = method in ("GET", "HEAD")
-            if route.wait and reading:
-                await self._wait(route.job_id, route.wait)
-            run = self.run_read if reading else self.run_sync
-            reply = await run(self.service.answer, route, method, urls)
-        except StoreUnavailable:
-            reply = protocol.unavailable(config.retry_after)
-        await send_reply(send, reply)
-
-    async def _wait(self, job_id: str, timeout: float) -> None:
-        """Long-poll: woken at once by a job run in this process, polling
-        at ``poll_interval`` for one run elsewhere."""
-        loop = asyncio.get_running_loop()
-        changed = asyncio.Event()
-
-        def wake() -> None:
-            loop.call_soon_threadsafe(changed.set)
-
-        deadline = loop.time() + timeout
-        self.service.notifier.subscribe(job_id, wake)
-        try:
-            while not await self.run_read(self.service.is_finished, job_id):
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    return
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(
-                        changed.wait(), min(remaining, self.config.poll_interval)
-                    )
-                changed.clear()
-        finally:
-            self.service.notifier.unsubscribe(job_id, wake)
+        routes = find_routes(scope.get("app") or self.app)  # type: ignore[typeddict-item]
+        if routes is None:
+            return None
+        if self._marked is None:
+            self._marked = MarkedRoutes()
+        return self._marked.lookup(routes, scope, method, path)  # type: ignore[no-any-return]
 
     # -- running jobs in this process -------------------------------------
 
-    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _lifespan(
+        self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
+    ) -> None:
         """Start the executor once the app has started (its lifespan state is
         ready for the jobs), drain it before the app shuts down."""
         state = scope.get("state")
 
-        async def lifespan_receive() -> Message:
+        async def lifespan_receive() -> ASGIReceiveEvent:
             message = await receive()
             if message["type"] == "lifespan.shutdown":
                 await self.shutdown()
             return message
 
-        async def lifespan_send(message: Message) -> None:
+        async def lifespan_send(message: ASGISendEvent) -> None:
             if message["type"] == "lifespan.startup.complete" and self.config.execute:
-                self._start_executor(state)
+                self._start_executor(state)  # type: ignore[arg-type]
             await send(message)
 
         await self.app(scope, lifespan_receive, lifespan_send)
 
     def _start_executor(self, state: dict[str, Any] | None) -> None:
-        if self._dispatcher is not None:
+        if self._executing:
             return
-        launcher = TaskLauncher(self.app, asyncio.get_running_loop(), state)
-        self._dispatcher = start_dispatcher(self.service, launcher, enforce_timeouts=False)
+        self._executing = True
+        self.launcher.bind(asyncio.get_running_loop(), state)
+        self.dispatcher.start()
 
     async def shutdown(self) -> None:
         """Let running jobs finish within the grace period; return the rest to the queue."""
-        dispatcher, self._dispatcher = self._dispatcher, None
-        if dispatcher is not None:
-            await self.run_sync(dispatcher.stop, self.config.grace_seconds)
-            self.service.dispatcher = None
-        await self.run_sync(self.service.writer.stop)
+        if self._executing:
+            self._executing = False
+            await self.core.offload(self.dispatcher.stop, self.config.grace_seconds)
+        await self.core.offload(self.core.close)
 
 
 class ClientDisconnected(Exception):
@@ -298,39 +181,29 @@ class DeferringResponder:
         self.middleware = middleware
         self.options = options
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        middleware = self.middleware
-        config = middleware.config
+    async def __call__(
+        self, scope: HTTPScope, receive: ASGIReceiveCallable, send: ASGISendCallable
+    ) -> None:
+        core = self.middleware.core
+        limit = self.middleware.config.max_body_size
         try:
-            body = await self._read_body(scope, receive, config.max_body_size)
+            body = await self._read_body(scope, receive, limit)
         except ClientDisconnected:
             return  # the client left before sending its body: nothing was promised
         if body is None:
-            await send_reply(send, protocol.too_large(config.max_body_size))
+            await send_reply(send, protocol.too_large(limit))
             return
-        service = middleware.service
         try:
-            if not service.ready:
-                await middleware.run_sync(service.ensure_ready)
-            if config.max_queued is not None and await middleware.run_sync(service.queue_full):
-                await send_reply(
-                    send, protocol.unavailable(config.retry_after, protocol.QUEUE_FULL)
-                )
-                return
-            job, row = service.new_job(stored_request(scope, body), self.options)
-            await service.writer.insert_async(row)
-        except StoreUnavailable:
-            logger.warning("could not store a job: the store is unavailable")
-            await send_reply(send, protocol.unavailable(config.retry_after))
+            job = await core.accept_async(stored_request(scope, body), self.options)
+        except (QueueFull, StoreUnavailable) as error:
+            await send_reply(send, core.refused(error))
             return
-        service.committed()
-        urls = protocol.JobURLs.for_request(
-            config.prefix, scope.get("root_path", ""), config.public_url
-        )
-        await send_reply(send, protocol.accepted(job, urls, config.retry_after))
+        await send_reply(send, core.accepted(job, scope.get("root_path", "")))
 
     @staticmethod
-    async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes | None:
+    async def _read_body(
+        scope: HTTPScope, receive: ASGIReceiveCallable, limit: int
+    ) -> bytes | None:
         for name, value in scope["headers"]:
             if name.lower() == b"content-length":
                 try:

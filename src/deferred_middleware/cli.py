@@ -16,7 +16,7 @@ except ImportError:  # pragma: no cover - the [cli] extra is not installed
 
 from ._config import default_database_url
 from ._jobs import Job, Status, utcnow
-from .store import JobStore, StoreUnavailable
+from .store import SQLJobStore, StoreUnavailable
 
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -75,7 +75,7 @@ def worker(target: str, concurrency: int | None, grace: float | None) -> None:
 @click.pass_context
 def jobs(ctx: click.Context, database_url: str) -> None:
     """Inspect and manage jobs in the job table."""
-    store = JobStore(database_url)
+    store = SQLJobStore(database_url)
     ctx.call_on_close(store.close)
     try:
         store.migrate()
@@ -119,7 +119,7 @@ def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
 @click.option("--json", "as_json", is_flag=True, help="One JSON array, for scripts.")
 @click.pass_obj
 def list_jobs(
-    store: JobStore,
+    store: SQLJobStore,
     statuses: tuple[str, ...],
     older_than: timedelta | None,
     limit: int,
@@ -139,7 +139,7 @@ def list_jobs(
         click.echo("no jobs")
 
 
-def _get(store: JobStore, job_id: str) -> Job:
+def _get(store: SQLJobStore, job_id: str) -> Job:
     job = store.get(job_id, response=True)
     if job is None:
         raise click.ClickException(f"no job {job_id}")
@@ -150,7 +150,7 @@ def _get(store: JobStore, job_id: str) -> Job:
 @click.argument("job_id")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
-def show(store: JobStore, job_id: str, as_json: bool) -> None:
+def show(store: SQLJobStore, job_id: str, as_json: bool) -> None:
     """Show one job, with its response's status and size once it has one."""
     job = _get(store, job_id)
     row = _row(job)
@@ -168,7 +168,7 @@ def show(store: JobStore, job_id: str, as_json: bool) -> None:
 @jobs.command()
 @click.argument("job_id")
 @click.pass_obj
-def cancel(store: JobStore, job_id: str) -> None:
+def cancel(store: SQLJobStore, job_id: str) -> None:
     """Cancel a queued or running job. A running job's worker stops it at its
     next lease renewal (an asyncio task is canceled; a thread is abandoned)."""
     job = store.cancel(job_id)
@@ -182,7 +182,7 @@ def cancel(store: JobStore, job_id: str) -> None:
 @jobs.command()
 @click.argument("job_id")
 @click.pass_obj
-def retry(store: JobStore, job_id: str) -> None:
+def retry(store: SQLJobStore, job_id: str) -> None:
     """Queue a failed or canceled job again. Its stored credentials were
     forgotten when it finished, so it runs without them."""
     if not store.retry(job_id):
@@ -200,7 +200,7 @@ def retry(store: JobStore, job_id: str) -> None:
     help="Delete jobs finished longer ago than this.",
 )
 @click.pass_obj
-def prune(store: JobStore, older_than: timedelta) -> None:
+def prune(store: SQLJobStore, older_than: timedelta) -> None:
     """Delete finished jobs past their retention time, in small batches."""
     removed = store.prune(utcnow() - older_than)
     click.echo(f"pruned {removed} job{'s' if removed != 1 else ''}")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flask import Flask, got_request_exception
 from werkzeug.exceptions import HTTPException
@@ -18,6 +18,11 @@ from ._context import current_job
 from ._jobs import DeferredOptions
 from ._routes import options_of
 from .wsgi import DeferredWSGIMiddleware, Environ
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from ._config import Options
 
 EXTENSION_KEY = "deferred_middleware"
 logger = logging.getLogger("deferred_middleware")
@@ -31,18 +36,18 @@ class FlaskDeferred:
     each app is kept in ``app.extensions["deferred_middleware"]``.
     """
 
-    def __init__(self, app: Flask | None = None, **options: Any) -> None:
+    def __init__(self, app: Flask | None = None, **options: Unpack[Options]) -> None:
         self.options = options
         if app is not None:
             self.init_app(app)
 
-    def init_app(self, app: Flask, **options: Any) -> DeferredWSGIMiddleware:
+    def init_app(self, app: Flask, **options: Unpack[Options]) -> DeferredWSGIMiddleware:
         if EXTENSION_KEY in app.extensions:
             raise RuntimeError("FlaskDeferred is already set up on this app")
         middleware = DeferredWSGIMiddleware(
             app.wsgi_app,  # type: ignore[arg-type]
             find_options=_ViewOptions(app),
-            **{**self.options, **options},
+            **{**self.options, **options},  # type: ignore[typeddict-item]
         )
         app.wsgi_app = middleware  # type: ignore[method-assign]
         app.extensions[EXTENSION_KEY] = middleware

@@ -71,7 +71,7 @@ def run(target: str, *, concurrency: int | None = None, grace: float | None = No
     # waits for it, claiming (and creating the table) once it is back.
     logger.warning(
         "worker %s: running jobs of %s (concurrency %d)",
-        middleware.service.worker,
+        middleware.dispatcher.worker,
         target,
         config.concurrency,
     )

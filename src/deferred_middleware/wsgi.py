@@ -4,22 +4,23 @@ from __future__ import annotations
 
 import atexit
 import http
-import logging
 import os
 import threading
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import _protocol as protocol
-from ._config import Config
+from ._assemble import assemble
+from ._core import QueueFull
 from ._jobs import DeferredOptions, StoredRequest
-from ._routes import NEVER_DEFERRED, RoutePatterns
-from ._service import JobService
-from .runner._dispatch import Dispatcher, start_dispatcher
+from ._routes import NEVER_DEFERRED
 from .runner.wsgi import ThreadLauncher, WSGIApp
 from .store import StoreUnavailable
 
-logger = logging.getLogger("deferred_middleware")
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from ._config import Options
 
 Environ = dict[str, Any]
 StartResponse = Callable[..., Any]
@@ -115,28 +116,23 @@ class DeferredWSGIMiddleware:
     ``routes``; Flask apps use :class:`deferred_middleware.flask.FlaskDeferred`,
     which also finds ``@deferred`` views. It trusts nothing from the client
     for its URLs: they are built from ``SCRIPT_NAME`` and ``public_url``.
+    Options: see :class:`deferred_middleware._config.Options`.
     """
 
     def __init__(
         self,
         app: WSGIApp,
         *,
-        database_url: str | None = None,
-        routes: Iterable[str] = (),
-        retries: int = 0,
-        timeout: float | None = None,
-        credential_headers: Iterable[str] = (),
         find_options: OptionsFinder | None = None,
-        **options: Any,
+        **options: Unpack[Options],
     ) -> None:
         self.app = app
-        self.config = Config.build(
-            credential_headers=credential_headers, database_url=database_url, **options
-        )
-        self.patterns = RoutePatterns(routes, DeferredOptions(retries=retries, timeout=timeout))
         self.find_options = find_options
-        self.service = JobService(self.config)
-        self._dispatcher: Dispatcher | None = None
+        parts = assemble(ThreadLauncher(app), **options)
+        self.config = parts.config
+        self.patterns = parts.patterns
+        self.core = parts.core
+        self.dispatcher = parts.dispatcher
         self._pid = 0
         self._lock = threading.Lock()
 
@@ -144,9 +140,15 @@ class DeferredWSGIMiddleware:
         if self.config.execute and self._pid != os.getpid():
             self.start_executor()
         path = from_wsgi_string(environ.get("PATH_INFO", ""))
-        prefix = self.config.prefix
-        if path == prefix or path.startswith(prefix + "/"):
-            return respond(start_response, self._answer_job_route(environ, path[len(prefix) :]))
+        tail = self.core.job_route_tail(path)
+        if tail is not None:
+            reply = self.core.answer(
+                tail,
+                environ["REQUEST_METHOD"],
+                environ.get("QUERY_STRING", "").encode("latin-1"),
+                from_wsgi_string(environ.get("SCRIPT_NAME", "")),
+            )
+            return respond(start_response, reply)
         options = self._deferred_options(environ, path)
         if options is None:
             return self.app(environ, start_response)
@@ -161,46 +163,19 @@ class DeferredWSGIMiddleware:
             options = self.find_options(environ)
         return options
 
-    def _urls(self, environ: Environ) -> protocol.JobURLs:
-        root_path = from_wsgi_string(environ.get("SCRIPT_NAME", ""))
-        return protocol.JobURLs.for_request(self.config.prefix, root_path, self.config.public_url)
-
     def _accept(self, environ: Environ, options: DeferredOptions) -> protocol.Reply:
-        config = self.config
+        limit = self.config.max_body_size
         try:
-            body = read_body(environ, config.max_body_size)
+            body = read_body(environ, limit)
         except BodyTooLarge:
-            return protocol.too_large(config.max_body_size)
+            return protocol.too_large(limit)
         except ClientDisconnected:
             return protocol.problem(400, "Bad Request", "The request body was incomplete.")
-        service = self.service
         try:
-            service.ensure_ready()
-            if service.queue_full():
-                return protocol.unavailable(config.retry_after, protocol.QUEUE_FULL)
-            job, row = service.new_job(stored_request(environ, body), options)
-            service.writer.insert(row).result()
-        except StoreUnavailable:
-            logger.warning("could not store a job: the store is unavailable")
-            return protocol.unavailable(config.retry_after)
-        service.committed()
-        return protocol.accepted(job, self._urls(environ), config.retry_after)
-
-    def _answer_job_route(self, environ: Environ, tail: str) -> protocol.Reply:
-        config = self.config
-        route = protocol.parse_job_route(
-            tail, environ.get("QUERY_STRING", "").encode("latin-1"), config.max_wait
-        )
-        if route is None:
-            return protocol.not_found()
-        method = environ["REQUEST_METHOD"]
-        try:
-            self.service.ensure_ready()
-            if route.wait and method in ("GET", "HEAD"):
-                self.service.wait(route.job_id, route.wait)
-            return self.service.answer(route, method, self._urls(environ))
-        except StoreUnavailable:
-            return protocol.unavailable(config.retry_after)
+            job = self.core.accept(stored_request(environ, body), options)
+        except (QueueFull, StoreUnavailable) as error:
+            return self.core.refused(error)
+        return self.core.accepted(job, from_wsgi_string(environ.get("SCRIPT_NAME", "")))
 
     # -- running jobs in this process -------------------------------------
 
@@ -211,14 +186,12 @@ class DeferredWSGIMiddleware:
             if self._pid == os.getpid():
                 return
             self._pid = os.getpid()
-            launcher = ThreadLauncher(self.app)
-            self._dispatcher = start_dispatcher(self.service, launcher, enforce_timeouts=True)
+            self.dispatcher.start()
             atexit.register(self.shutdown)
 
     def shutdown(self) -> None:
         """Let running jobs finish within the grace period; return the rest to the queue."""
-        dispatcher, self._dispatcher = self._dispatcher, None
-        if dispatcher is not None and self._pid == os.getpid():
-            dispatcher.stop(self.config.grace_seconds)
-            self.service.dispatcher = None
-        self.service.writer.stop()
+        if self._pid == os.getpid():
+            self._pid = 0
+            self.dispatcher.stop(self.config.grace_seconds)
+        self.core.close()

@@ -1,73 +1,151 @@
 """The executor loop shared by in-process execution and ``deferred-middleware worker``.
 
-It claims jobs from the table while it has capacity, keeps their leases alive,
-takes back jobs whose worker died, and prunes old ones. How a claimed job is
-run (an asyncio task, a thread) is the launcher's business.
+It claims jobs while it has capacity, owns each attempt's life (its
+``current_job``, progress, timeout, outcome), keeps leases alive, takes back
+jobs whose worker died, and prunes old ones. How a request is replayed (an
+asyncio task, a thread) is the launcher's business, and only that.
 """
 
 from __future__ import annotations
 
+import contextvars
+import enum
 import logging
+import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable
-from typing import Any, Protocol
+from concurrent.futures import Future
+from datetime import timedelta
+from typing import Protocol
 
-from .._jobs import Job
-from .._service import Failure, JobService, Outcome
-from ..store import StoreUnavailable
+from .. import _policy as policy
+from .._config import Config
+from .._context import RunningJob, set_current
+from .._jobs import (
+    LOST_WORKER,
+    NOT_STARTED,
+    RAISED,
+    AttemptWrite,
+    Job,
+    Outcome,
+    Progress,
+    Requeue,
+    StoredRequest,
+    timed_out,
+    utcnow,
+)
+from .._notify import Notifier
+from ..store import Clock, JobStore, StoreUnavailable
+from ..store._writer import BatchWriter
 
 logger = logging.getLogger("deferred_middleware")
 
 PRUNE_EVERY = 60.0
 TICK = 0.25
+MAX_WRITE_DELAY = 5.0
 
 
 class Running(Protocol):
-    """A launched attempt, as much as the runtime lets us stop it."""
+    """A launched replay, as much as the runtime lets us stop it."""
 
-    def cancel(self) -> bool: ...
+    def cancel(self) -> bool:
+        """Interrupt it; False where the runtime cannot (a thread)."""
+
+
+Ended = Callable[["Outcome | None"], None]
+
+
+class Launcher(Protocol):
+    """Replays a stored request into an app, inside ``context``, and calls
+    ``ended`` with the outcome (None when the replay was cancelled)."""
+
+    def launch(
+        self, request: StoredRequest, context: contextvars.Context, ended: Ended
+    ) -> Running: ...
+
+
+class State(enum.Enum):
+    RUNNING = "running"
+    TIMED_OUT = "timed out"  # waiting for an uninterruptible replay to return
+    SETTLING = "settling"  # its outcome is being written
+    INTERRUPTED = "interrupted"  # canceled, taken back or shut down: never settled
+    DONE = "done"
 
 
 class Attempt:
-    def __init__(self, job: Job) -> None:
+    def __init__(
+        self,
+        job: Job,
+        started: float,
+        report: Callable[[Attempt, float | None, str | None], None],
+    ) -> None:
         self.job = job
         self.number = job.attempts
-        self.started = time.monotonic()
+        self.started = started
+        self.state = State.RUNNING
         self.handle: Running | None = None
-        self.interrupted = False  # canceled, timed out or shut down: do not settle
-        self.settling = False  # its outcome is being written: the row may not be running
-        self.timed_out = False
+        self.running_job = RunningJob(job.id, self.number, lambda f, m: report(self, f, m))
+        self.unwritten: AttemptWrite | None = None
+        self.write_delay = 0.1
+        self.write_again_at = 0.0
+
+    def overdue(self, now: float) -> bool:
+        timeout = self.job.options.timeout
+        return timeout is not None and now - self.started > timeout
 
     @property
-    def overdue(self) -> bool:
-        timeout = self.job.options.timeout
-        return timeout is not None and time.monotonic() - self.started > timeout
+    def last(self) -> bool:
+        return self.number >= self.job.max_attempts
 
 
-Launcher = Callable[[Attempt], Running]
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{uuid.uuid4().hex[:12]}"
 
 
 class Dispatcher:
-    def __init__(self, service: JobService, launch: Launcher, *, enforce_timeouts: bool) -> None:
-        """``enforce_timeouts``: whether the dispatcher must watch deadlines
-        itself (threads cannot be interrupted; asyncio tasks time out alone)."""
-        self.service = service
-        self.config = service.config
-        self.launch = launch
-        self.enforce_timeouts = enforce_timeouts
+    def __init__(
+        self,
+        config: Config,
+        store: JobStore,
+        writer: BatchWriter,
+        notifier: Notifier,
+        launcher: Launcher,
+        *,
+        clock: Clock = utcnow,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """``clock`` and ``monotonic`` are the wall and the interval clocks;
+        the tests pass their own."""
+        self.config = config
+        self.clock = clock
+        self.monotonic = monotonic
+        self.store = store
+        self.writer = writer
+        self.notifier = notifier
+        self.launcher = launcher
+        self.worker = worker_name()
         self.running: dict[str, Attempt] = {}
         self._lock = threading.Lock()
+        self._released = threading.Condition(self._lock)
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._min_claim = max(1, self.config.concurrency // 4)
+        self._migrated = False
+        self._next_reap = self._next_prune = 0.0
+        self._next_renew = monotonic() + config.lease_seconds / 3
+
+    @property
+    def _min_claim(self) -> int:
+        return max(1, self.config.concurrency // 4)
 
     # -- lifecycle ---------------------------------------------------------
 
     def start(self) -> None:
+        self._stopping.clear()
         loops = [(self._claim_loop, "claim"), (self._lease_loop, "lease")]
-        if self.service.store.dialect == "postgresql":
+        if self.store.pushes_wakeups:
             loops.append((self._listen_loop, "listen"))
         for target, name in loops:
             thread = threading.Thread(target=target, name=f"deferred-{name}", daemon=True)
@@ -80,26 +158,31 @@ class Dispatcher:
         self._stopping.set()
         self._wake.set()
         deadline = time.monotonic() + grace
-        while self.running and time.monotonic() < deadline:
-            time.sleep(TICK / 5)
         with self._lock:
-            left = list(self.running.values())
+            while self.running and (left := deadline - time.monotonic()) > 0:
+                self._released.wait(left)
+            attempts = list(self.running.values())
             self.running.clear()
-        for attempt in left:
-            attempt.interrupted = True
+            for attempt in attempts:
+                attempt.state = State.INTERRUPTED
+        for attempt in attempts:
             if attempt.handle is not None:
                 attempt.handle.cancel()
-            try:
-                self.service.store.requeue(attempt.job.id, attempt.number)
-                logger.warning("job %s: returned to the queue at shutdown", attempt.job.id)
-            except StoreUnavailable:
-                logger.error(
-                    "job %s: could not be returned to the queue; its lease "
-                    "will expire and it will be taken back",
-                    attempt.job.id,
-                )
+            self._give_back(attempt)
         for thread in self._threads:
             thread.join(timeout=5)
+        self._threads.clear()
+
+    def _give_back(self, attempt: Attempt) -> None:
+        try:
+            self.store.write([Requeue(attempt.job.id, attempt.number)])
+            logger.warning("job %s: returned to the queue at shutdown", attempt.job.id)
+        except StoreUnavailable:
+            logger.error(
+                "job %s: could not be returned to the queue; its lease "
+                "will expire and it will be taken back",
+                attempt.job.id,
+            )
 
     def wake(self) -> None:
         self._wake.set()
@@ -107,134 +190,194 @@ class Dispatcher:
     def cancel_local(self, job_id: str) -> None:
         """The job was canceled in the table; stop it here if it runs here."""
         with self._lock:
-            attempt = self.running.pop(job_id, None)
-        if attempt is not None:
-            attempt.interrupted = True
-            if attempt.handle is not None:
-                attempt.handle.cancel()
-            self._wake.set()
-
-    def done(self, attempt: Attempt) -> None:
-        """Called by the launcher when an attempt has ended, however it ended."""
-        with self._lock:
-            if self.running.get(attempt.job.id) is attempt:
-                del self.running[attempt.job.id]
-        self._wake.set()
-
-    def settle(self, attempt: Attempt, outcome: Outcome) -> None:
-        """Store an attempt's outcome, retrying while the database is away:
-        the lease keeps the job ours meanwhile."""
-        attempt.settling = True
-        delay = 0.1
-        while not attempt.interrupted:
-            try:
-                # Outcomes finishing together share one commit in the writer.
-                self.service.settle(attempt.job, attempt.number, outcome).result()
+            attempt = self.running.get(job_id)
+            if attempt is None or attempt.state is State.SETTLING:
                 return
-            except StoreUnavailable:
-                logger.warning(
-                    "job %s: the store is unavailable; retrying the write", attempt.job.id
-                )
-                if self._stopping.wait(delay):
-                    return
-                delay = min(delay * 2, 5.0)
+            attempt.state = State.INTERRUPTED
+        if attempt.handle is not None:
+            attempt.handle.cancel()
+        self._release(attempt)
 
-    # -- loops -------------------------------------------------------------
+    # -- one attempt -------------------------------------------------------
 
-    def _claim_loop(self) -> None:
-        next_reap = next_prune = 0.0
-        while not self._stopping.is_set():
-            self._wake.clear()
-            now = time.monotonic()
-            claimed: list[Job] = []
-            try:
-                self.service.ensure_ready()
-                if now >= next_reap:
-                    self.service.reap()
-                    next_reap = now + self.config.lease_seconds / 2
-                if now >= next_prune:
-                    self.service.prune()
-                    next_prune = now + PRUNE_EVERY
-                free = self.config.concurrency - len(self.running)
-                # While busy, wait until a useful batch fits rather than
-                # spending a write transaction on each job that finishes.
-                if free >= self._min_claim or (free > 0 and not self.running):
-                    claimed = self.service.store.claim(
-                        self.service.worker, free, self.config.lease_seconds
-                    )
-            except StoreUnavailable:
-                logger.warning("the job store is unavailable; claiming again shortly")
-            except Exception:
-                logger.exception("claiming jobs failed")
-            for job in claimed:
-                self._start(job)
-            if len(claimed) < self._min_claim or len(self.running) >= self.config.concurrency:
-                self._wake.wait(self.config.poll_interval)
-
-    def _start(self, job: Job) -> None:
-        attempt = Attempt(job)
+    def _launch(self, job: Job) -> None:
+        attempt = Attempt(job, self.monotonic(), self._report)
         with self._lock:
             self.running[job.id] = attempt
+        context = contextvars.copy_context()
+        context.run(set_current, attempt.running_job)
+        assert job.request is not None  # claimed jobs carry their request
         try:
-            attempt.handle = self.launch(attempt)
+            attempt.handle = self.launcher.launch(
+                job.request, context, lambda outcome: self._ended(attempt, outcome)
+            )
         except Exception:
             logger.exception("job %s: could not be started", job.id)
-            self.settle(attempt, Failure("The job could not be started."))
-            self.done(attempt)
+            self._settle(attempt, NOT_STARTED)
+
+    def _ended(self, attempt: Attempt, outcome: Outcome | None) -> None:
+        """The replay returned (or was cancelled), in whatever thread ran it."""
+        with self._lock:
+            state = attempt.state
+        if state is State.RUNNING and outcome is not None:
+            if attempt.running_job.raised:  # the app rendered its own page for a raise
+                outcome = RAISED
+            self._settle(attempt, outcome)
+        elif state is State.TIMED_OUT:
+            self._settle(attempt, timed_out(attempt.job))
+        elif state is not State.SETTLING:
+            self._release(attempt)
+
+    def _settle(self, attempt: Attempt, outcome: Outcome) -> None:
+        """The one way an attempt's outcome reaches the table."""
+        if outcome is RAISED:
+            logger.error("job %s: attempt %d raised", attempt.job.id, attempt.number)
+        with self._lock:
+            if attempt.state in (State.INTERRUPTED, State.DONE, State.SETTLING):
+                return
+            attempt.state = State.SETTLING
+        write = policy.settle(attempt.job, attempt.number, outcome, self.config.retry_backoff)
+        self._submit(attempt, write)
+
+    def _submit(self, attempt: Attempt, write: AttemptWrite) -> None:
+        future = self.writer.write(write)
+        future.add_done_callback(lambda done: self._written(attempt, write, done))
+
+    def _written(self, attempt: Attempt, write: AttemptWrite, future: Future[None]) -> None:
+        if isinstance(future.exception(), StoreUnavailable):
+            # The lease keeps the job ours meanwhile; the lease loop writes it again.
+            logger.warning("job %s: the store is unavailable; will write again", write.job_id)
+            attempt.unwritten = write
+            attempt.write_again_at = self.monotonic() + attempt.write_delay
+            attempt.write_delay = min(attempt.write_delay * 2, MAX_WRITE_DELAY)
+            return
+        attempt.unwritten = None
+        self.notifier.notify(write.job_id)
+        self._release(attempt)
+
+    def _release(self, attempt: Attempt) -> None:
+        with self._lock:
+            if attempt.state is not State.INTERRUPTED:
+                attempt.state = State.DONE
+            if self.running.get(attempt.job.id) is attempt:
+                del self.running[attempt.job.id]
+            self._released.notify_all()
+        self._wake.set()
+
+    def _report(self, attempt: Attempt, fraction: float | None, message: str | None) -> None:
+        future = self.writer.write(Progress(attempt.job.id, attempt.number, fraction, message))
+        future.add_done_callback(lambda _: self.notifier.notify(attempt.job.id))
+
+    # -- loops, each step on its own for the tests --------------------------
+
+    def _claim_loop(self) -> None:
+        while not self._stopping.is_set():
+            self._wake.clear()
+            claimed = self.claim_step()
+            if claimed < self._min_claim or len(self.running) >= self.config.concurrency:
+                self._wake.wait(self.config.poll_interval)
+
+    def claim_step(self) -> int:
+        """Housekeeping when due, then claim what fits. While busy, wait
+        until a useful batch fits rather than spending a write transaction
+        on each job that finishes. Answers how many jobs were launched."""
+        now = self.monotonic()
+        claimed: list[Job] = []
+        try:
+            if not self._migrated:
+                self.store.migrate()
+                self._migrated = True
+            if now >= self._next_reap:
+                self._reap()
+                self._next_reap = now + self.config.lease_seconds / 2
+            if now >= self._next_prune:
+                self._prune()
+                self._next_prune = now + PRUNE_EVERY
+            free = self.config.concurrency - len(self.running)
+            if free >= self._min_claim or (free > 0 and not self.running):
+                claimed = self.store.claim(self.worker, free, self.config.lease_seconds)
+        except StoreUnavailable:
+            logger.warning("the job store is unavailable; claiming again shortly")
+        except Exception:
+            logger.exception("claiming jobs failed")
+        for job in claimed:
+            self._launch(job)
+        return len(claimed)
+
+    def _reap(self) -> None:
+        retried, failed = self.store.reap_expired(LOST_WORKER)
+        for job_id in (*retried, *failed):
+            logger.warning(
+                "job %s: its worker was lost; %s",
+                job_id,
+                "re-queued" if job_id in retried else "failed",
+            )
+            self.notifier.notify(job_id)
+
+    def _prune(self) -> int:
+        before = self.clock() - timedelta(seconds=self.config.retention_seconds)
+        return self.store.prune(before)
 
     def _lease_loop(self) -> None:
-        renew_every = self.config.lease_seconds / 3
-        next_renew = time.monotonic() + renew_every
         while not self._stopping.wait(TICK) or self.running:
-            if self.enforce_timeouts:
-                self._expire_overdue()
-            if time.monotonic() >= next_renew:
-                next_renew = time.monotonic() + renew_every
-                self._renew()
+            self.tend_step()
             if self._stopping.is_set() and not self.running:
                 return
 
+    def tend_step(self) -> None:
+        """Time out overdue attempts, write again what could not be written,
+        and renew the leases when a third of their time has passed."""
+        self._expire_overdue()
+        self._write_again()
+        now = self.monotonic()
+        if now >= self._next_renew:
+            self._next_renew = now + self.config.lease_seconds / 3
+            self._renew()
+
     def _listen_loop(self) -> None:
-        self.service.store.listen(self._wake.set, self._stopping)
+        self.store.listen(self._wake.set, self._stopping)
 
     def _renew(self) -> None:
         with self._lock:
             held = {job_id: a.number for job_id, a in self.running.items()}
         try:
-            owned = self.service.store.renew(self.service.worker, held, self.config.lease_seconds)
+            owned = self.store.renew(self.worker, held, self.config.lease_seconds)
         except StoreUnavailable:
             logger.warning("could not renew leases: the job store is unavailable")
             return
         for job_id in held.keys() - owned:
-            attempt = self.running.get(job_id)
-            if attempt is None or attempt.settling:
-                continue  # its outcome was just written: it is not running any more
             logger.warning("job %s: no longer ours (canceled or taken back); abandoning", job_id)
             self.cancel_local(job_id)
 
-    def _expire_overdue(self) -> None:
-        """A thread cannot be stopped, only abandoned. A timed-out attempt with
-        retries left keeps its slot and lease until its thread returns, so the
-        job never runs twice at the same time; the last attempt fails at once."""
+    def _write_again(self) -> None:
+        now = self.monotonic()
         with self._lock:
-            overdue = [a for a in self.running.values() if a.overdue and not a.timed_out]
+            due = [
+                a
+                for a in self.running.values()
+                if a.unwritten is not None and a.write_again_at <= now
+            ]
+        for attempt in due:
+            write, attempt.unwritten = attempt.unwritten, None
+            if write is not None:
+                self._submit(attempt, write)
+
+    def _expire_overdue(self) -> None:
+        """An asyncio replay is cancelled and then settled as timed out. A
+        thread cannot be stopped, only abandoned: with retries left it keeps
+        its slot and lease until it returns, so the job never runs twice at
+        the same time; the last attempt fails at once."""
+        now = self.monotonic()
+        with self._lock:
+            overdue = [
+                a for a in self.running.values() if a.state is State.RUNNING and a.overdue(now)
+            ]
+            for attempt in overdue:
+                attempt.state = State.TIMED_OUT
         for attempt in overdue:
-            attempt.timed_out = True
             logger.warning("job %s: attempt %d timed out", attempt.job.id, attempt.number)
-            if attempt.number >= attempt.job.max_attempts:
-                self.settle(attempt, timeout_failure(attempt.job))
-                attempt.interrupted = True
-                self.done(attempt)
-
-
-def start_dispatcher(service: JobService, launcher: Any, *, enforce_timeouts: bool) -> Dispatcher:
-    """Start running ``service``'s jobs with ``launcher`` in this process."""
-    dispatcher = Dispatcher(service, launcher, enforce_timeouts=enforce_timeouts)
-    launcher.dispatcher = dispatcher
-    service.dispatcher = dispatcher
-    dispatcher.start()
-    return dispatcher
-
-
-def timeout_failure(job: Job) -> Failure:
-    return Failure(f"The job timed out after {job.options.timeout:g} seconds.")
+            interrupted = attempt.handle is not None and attempt.handle.cancel()
+            if not interrupted and attempt.last:
+                with self._lock:
+                    attempt.state = State.RUNNING
+                self._settle(attempt, timed_out(attempt.job))

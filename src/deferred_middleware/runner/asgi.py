@@ -3,28 +3,28 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
+from concurrent.futures import Future
 from typing import Any
 
-from .._context import RunningJob, reset_current, set_current
-from .._jobs import StoredRequest, StoredResponse
-from .._service import Failure, Outcome
-from ..store import StoreUnavailable
-from ._dispatch import Attempt, Dispatcher, timeout_failure
-from .wsgi import RAISED
+from asgiref.typing import ASGI3Application as ASGIApp
+from asgiref.typing import HTTPScope
+
+from .._context import current_job
+from .._jobs import NO_RESPONSE, RAISED, Outcome, StoredRequest, StoredResponse
+from ._dispatch import Ended
 
 logger = logging.getLogger("deferred_middleware")
-
-ASGIApp = Any
 
 
 class NoResponse(Exception):
     pass
 
 
-def build_scope(request: StoredRequest, state: dict[str, Any] | None) -> dict[str, Any]:
+def build_scope(request: StoredRequest, state: dict[str, Any] | None) -> HTTPScope:
     path = request.root_path + request.path
-    scope: dict[str, Any] = {
+    scope: HTTPScope = {
         "type": "http",
         "asgi": {"version": "3.0", "spec_version": "2.4"},
         "http_version": request.http_version,
@@ -41,7 +41,7 @@ def build_scope(request: StoredRequest, state: dict[str, Any] | None) -> dict[st
     }
     if state is not None:
         # The app's lifespan state (pools, clients), as a server would share it.
-        scope["state"] = dict(state)
+        scope["state"] = dict(state)  # type: ignore[typeddict-unknown-key]
     return scope
 
 
@@ -87,66 +87,37 @@ async def replay_asgi(
 
 
 class TaskLauncher:
-    """Runs each claimed attempt as a task on the given event loop."""
+    """Replays each request as a task on the app's event loop, bound at start-up."""
 
-    def __init__(
-        self, app: ASGIApp, loop: asyncio.AbstractEventLoop, state: dict[str, Any] | None
-    ) -> None:
+    def __init__(self, app: ASGIApp) -> None:
         self.app = app
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.state: dict[str, Any] | None = None
+
+    def bind(self, loop: asyncio.AbstractEventLoop, state: dict[str, Any] | None) -> None:
+        """The loop the app runs on, and its lifespan state for the jobs."""
         self.loop = loop
         self.state = state
-        self.dispatcher: Dispatcher | None = None
 
-    def __call__(self, attempt: Attempt) -> Any:
-        return asyncio.run_coroutine_threadsafe(self._run(attempt), self.loop)
+    def launch(
+        self, request: StoredRequest, context: contextvars.Context, ended: Ended
+    ) -> Future[None]:
+        if self.loop is None:
+            raise RuntimeError("the task launcher was not bound to an event loop")
+        # The task is created in (a copy of) ``context``: the handle that
+        # creates it is scheduled from inside it.
+        return context.run(asyncio.run_coroutine_threadsafe, self._run(request, ended), self.loop)
 
-    async def _run(self, attempt: Attempt) -> None:
-        dispatcher = self.dispatcher
-        assert dispatcher is not None
-        job = attempt.job
-        report = dispatcher.service.progress_reporter(job.id, attempt.number)
-        running = RunningJob(job.id, attempt.number, report)
-        token = set_current(running)
+    async def _run(self, request: StoredRequest, ended: Ended) -> None:
         try:
-            outcome = await self._outcome(attempt)
+            outcome: Outcome = await replay_asgi(self.app, request, self.state)
         except asyncio.CancelledError:
-            # Canceled by a user or returned to the queue at shutdown:
-            # the table already says what became of the job.
-            dispatcher.done(attempt)
+            ended(None)
             raise
-        finally:
-            reset_current(token)
-        if not attempt.interrupted:
-            await self._settle(attempt, outcome)
-        dispatcher.done(attempt)
-
-    async def _settle(self, attempt: Attempt, outcome: Outcome) -> None:
-        """Wait for the outcome's commit without tying up a thread; only while
-        the store is unavailable does a thread keep retrying the write."""
-        dispatcher = self.dispatcher
-        assert dispatcher is not None
-        attempt.settling = True
-        try:
-            written = dispatcher.service.settle(attempt.job, attempt.number, outcome)
-            await asyncio.wrap_future(written)
-        except StoreUnavailable:
-            await asyncio.get_running_loop().run_in_executor(
-                None, dispatcher.settle, attempt, outcome
-            )
-
-    async def _outcome(self, attempt: Attempt) -> Outcome:
-        job = attempt.job
-        assert job.request is not None
-        try:
-            return await asyncio.wait_for(
-                replay_asgi(self.app, job.request, self.state), job.options.timeout
-            )
-        except asyncio.TimeoutError:
-            logger.warning("job %s: attempt %d timed out", job.id, attempt.number)
-            return timeout_failure(job)
         except NoResponse:
-            logger.error("job %s: the app gave no response", job.id)
-            return Failure("The handler returned no response.")
+            logger.error("job %s: the app gave no response", current_job().id)
+            outcome = NO_RESPONSE
         except Exception:
-            logger.exception("job %s: attempt %d raised", job.id, attempt.number)
-            return RAISED
+            logger.exception("job %s: the handler raised", current_job().id)
+            outcome = RAISED
+        ended(outcome)

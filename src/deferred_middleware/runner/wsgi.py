@@ -6,6 +6,7 @@ request: by the time a job runs, that request and its objects are gone.
 
 from __future__ import annotations
 
+import contextvars
 import io
 import logging
 import sys
@@ -13,14 +14,11 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from .._context import RunningJob, reset_current, set_current
-from .._jobs import StoredRequest, StoredResponse
-from .._service import Failure, Outcome
-from ._dispatch import Attempt, Dispatcher, timeout_failure
+from .._context import current_job
+from .._jobs import RAISED, Outcome, StoredRequest, StoredResponse
+from ._dispatch import Ended
 
 logger = logging.getLogger("deferred_middleware")
-
-RAISED = Failure("The handler raised an exception.")
 
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Any]
 
@@ -86,48 +84,27 @@ def replay_wsgi(app: WSGIApp, request: StoredRequest) -> StoredResponse:
 
 
 class ThreadLauncher:
-    """Runs each claimed attempt in a daemon thread of its own."""
+    """Replays each request in a daemon thread of its own."""
 
     def __init__(self, app: WSGIApp) -> None:
         self.app = app
-        self.dispatcher: Dispatcher | None = None
 
-    def __call__(self, attempt: Attempt) -> _Abandon:
+    def launch(
+        self, request: StoredRequest, context: contextvars.Context, ended: Ended
+    ) -> _Abandon:
         thread = threading.Thread(
-            target=self._run,
-            args=(attempt,),
-            name=f"deferred-job-{attempt.job.id[:8]}",
-            daemon=True,
+            target=context.run, args=(self._run, request, ended), name="deferred-job", daemon=True
         )
         thread.start()
         return _Abandon()
 
-    def _run(self, attempt: Attempt) -> None:
-        dispatcher = self.dispatcher
-        assert dispatcher is not None
-        job = attempt.job
-        report = dispatcher.service.progress_reporter(job.id, attempt.number)
-        running = RunningJob(job.id, attempt.number, report)
-        token = set_current(running)
+    def _run(self, request: StoredRequest, ended: Ended) -> None:
         try:
-            outcome = self._outcome(attempt)
-        finally:
-            reset_current(token)
-        if running.raised:
-            outcome = RAISED
-        if attempt.timed_out:
-            outcome = timeout_failure(job)
-        if not attempt.interrupted:
-            dispatcher.settle(attempt, outcome)
-        dispatcher.done(attempt)
-
-    def _outcome(self, attempt: Attempt) -> Outcome:
-        assert attempt.job.request is not None
-        try:
-            return replay_wsgi(self.app, attempt.job.request)
+            outcome: Outcome = replay_wsgi(self.app, request)
         except Exception:
-            logger.exception("job %s: attempt %d raised", attempt.job.id, attempt.number)
-            return RAISED
+            logger.exception("job %s: the handler raised", current_job().id)
+            outcome = RAISED
+        ended(outcome)
 
 
 class _Abandon:

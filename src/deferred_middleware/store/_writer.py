@@ -1,4 +1,4 @@
-"""One thread that owns the hot writes: accepts and outcomes.
+"""One thread that owns the hot writes: accepts and attempt writes.
 
 Whatever is queued when the thread looks is written in one transaction
 (group commit): a burst of requests costs one commit, not one each. The
@@ -10,20 +10,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import queue
 import threading
 from collections import defaultdict
-from collections.abc import Callable
-from concurrent.futures import Future
-from typing import Any
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, InvalidStateError
+from typing import Any, TypeVar
 
-from . import JobStore
+from .._jobs import AttemptWrite, Job
+from ._base import JobStore, StoreUnavailable
 
 MAX_BATCH = 512
 _STOP = object()
+logger = logging.getLogger("deferred_middleware")
 
 Waiter = Future | asyncio.Future  # type: ignore[type-arg]
+T = TypeVar("T")
 
 
 class BatchWriter:
@@ -34,29 +38,14 @@ class BatchWriter:
         self._pid = 0
         self._lock = threading.Lock()
 
-    def insert(self, row: tuple[Any, ...]) -> Future[None]:
-        """Queue a row; the future resolves once it is committed."""
+    def insert(self, job: Job, waiter: Waiter) -> None:
+        """Queue a new job's row; ``waiter`` resolves once it is committed."""
+        self._put((True, job, waiter))
+
+    def write(self, write: AttemptWrite) -> Future[None]:
+        """Queue an attempt write; written in order with the others queued."""
         future: Future[None] = Future()
-        self._put(("insert", row, future))
-        return future
-
-    def insert_async(self, row: tuple[Any, ...]) -> asyncio.Future[None]:
-        """As :meth:`insert`, for a coroutine on the running event loop."""
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._put(("insert", row, future))
-        return future
-
-    def finish(self, parameters: dict[str, Any]) -> Future[None]:
-        """Queue a finished attempt's outcome; those queued together are
-        written with one statement."""
-        future: Future[None] = Future()
-        self._put(("finish", parameters, future))
-        return future
-
-    def call(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
-        """Run a write in this thread, in the next batch's transaction."""
-        future: Future[Any] = Future()
-        self._put(("call", (fn, args), future))
+        self._put((False, write, future))
         return future
 
     def stop(self) -> None:
@@ -67,14 +56,16 @@ class BatchWriter:
             thread.join()
         self._thread = None
 
-    def _put(self, item: tuple[str, Any, Waiter]) -> None:
-        if self._thread is None or self._pid != os.getpid():
+    def _put(self, item: tuple[bool, Any, Waiter]) -> None:
+        thread = self._thread
+        if thread is None or self._pid != os.getpid() or not thread.is_alive():
             self._start()
         self._queue.put(item)
 
     def _start(self) -> None:
         with self._lock:
-            if self._thread is None or self._pid != os.getpid():
+            thread = self._thread
+            if thread is None or self._pid != os.getpid() or not thread.is_alive():
                 self._pid = os.getpid()
                 self._thread = threading.Thread(
                     target=self._run, name="deferred-writer", daemon=True
@@ -91,55 +82,43 @@ class BatchWriter:
                     break
             stop = _STOP in batch
             items = [item for item in batch if item is not _STOP]
-            if items:
+            try:
                 self._write(items)
+            except BaseException:  # the thread must outlive anything a batch does
+                logger.exception("the job writer failed a batch")
+                _resolve([(waiter, None) for _, _, waiter in items], StoreUnavailable("writer"))
             if stop:
                 return
 
-    def _write(self, items: list[tuple[str, Any, Waiter]]) -> None:
-        """One transaction per kind of write, so that a failing outcome write
-        can never cost an accept its row: accepts in one statement, other
-        writes (progress, retries) together, finished outcomes in one statement."""
-        groups: dict[str, list[tuple[Any, Waiter]]] = {"insert": [], "finish": [], "call": []}
-        for kind, payload, waiter in items:
-            groups[kind].append((payload, waiter))
-        if groups["insert"]:
-            rows = [row for row, _ in groups["insert"]]
-            self._together(lambda: self.store.insert_rows(rows), groups["insert"])
-        calls = groups["call"]
-        if calls:
-            try:
-                with self.store.batch():
-                    results = [fn(*args) for (fn, args), _ in calls]
-            except BaseException:
-                for call in calls:  # one at a time, so one failure fails only itself
-                    self._call_alone(*call)
-            else:
-                _resolve([(waiter, r) for (_, waiter), r in zip(calls, results, strict=True)], None)
-        # Last: a handler's final progress must be written before its
-        # outcome, which ends the attempt that fences it.
-        if groups["finish"]:
-            outcomes = [parameters for parameters, _ in groups["finish"]]
-            self._together(lambda: self.store.finish_many(outcomes), groups["finish"])
+    def _write(self, items: list[tuple[bool, Any, Waiter]]) -> None:
+        """Accepts in one transaction, attempt writes in another, so that a
+        failing outcome can never cost an accept its row."""
+        inserts = [(job, waiter) for is_insert, job, waiter in items if is_insert]
+        writes = [(write, waiter) for is_insert, write, waiter in items if not is_insert]
+        if inserts:
+            self._together(self.store.insert, inserts)
+        if writes:
+            self._together(self.store.write, writes)
 
-    def _together(self, write: Callable[[], None], waiting: list[tuple[Any, Waiter]]) -> None:
+    def _together(
+        self, store: Callable[[Sequence[T]], object], items: list[tuple[T, Waiter]]
+    ) -> None:
+        """One transaction for all; if it fails for any reason but the store
+        being unavailable, each item alone, so one bad item fails only itself."""
         try:
-            with self.store.batch():
-                write()
-        except BaseException as exc:
-            _resolve([(waiter, None) for _, waiter in waiting], exc)
-        else:
-            _resolve([(waiter, None) for _, waiter in waiting], None)
-
-    def _call_alone(self, call: tuple[Callable[..., Any], tuple[Any, ...]], waiter: Waiter) -> None:
-        fn, args = call
-        try:
-            with self.store.batch():
-                result = fn(*args)
-        except BaseException as exc:
-            _resolve([(waiter, None)], exc)
-        else:
-            _resolve([(waiter, result)], None)
+            store([item for item, _ in items])
+        except StoreUnavailable as exc:
+            _resolve([(waiter, None) for _, waiter in items], exc)
+            return
+        except Exception:
+            if len(items) == 1:
+                logger.exception("the job store refused a write")
+                _resolve([(items[0][1], None)], StoreUnavailable("refused"))
+                return
+            for item in items:
+                self._together(store, [item])
+            return
+        _resolve([(waiter, None) for _, waiter in items], None)
 
 
 def _resolve(outcomes: list[tuple[Waiter, Any]], error: BaseException | None) -> None:
@@ -149,10 +128,13 @@ def _resolve(outcomes: list[tuple[Waiter, Any]], error: BaseException | None) ->
     for waiter, result in outcomes:
         if isinstance(waiter, asyncio.Future):
             by_loop[waiter.get_loop()].append((waiter, result))
-        elif error is not None:
-            waiter.set_exception(error)
-        else:
-            waiter.set_result(result)
+            continue
+        # InvalidStateError: the waiter gave up (cancelled); nobody is waiting.
+        with contextlib.suppress(InvalidStateError):
+            if error is not None:
+                waiter.set_exception(error)
+            else:
+                waiter.set_result(result)
     for loop, futures in by_loop.items():
         # RuntimeError: the loop has closed, so nobody is waiting any more.
         with contextlib.suppress(RuntimeError):

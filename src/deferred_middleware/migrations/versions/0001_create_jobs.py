@@ -6,8 +6,16 @@ Revises:
 
 import sqlalchemy as sa
 from alembic import op
+from sqlalchemy.dialects import mysql
 
-from deferred_middleware.store._schema import Body, LongText, UTCDateTime
+# Frozen copies of the column types as they were at this revision: a later
+# change to the live schema must never change what this revision creates.
+Body = sa.LargeBinary().with_variant(mysql.LONGBLOB(), "mysql", "mariadb")
+LongText = sa.Text().with_variant(mysql.LONGTEXT(), "mysql", "mariadb")
+
+
+def UTCDateTime() -> sa.types.TypeEngine:  # named as the type it stands for
+    return sa.DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
 
 revision = "0001"
 down_revision = None

@@ -1,0 +1,297 @@
+"""The orchestration both adapters share: accept a request as a job, answer
+the job routes, wait for a job. Each operation has a blocking face (WSGI)
+and an awaitable one (ASGI) over the same rules; neither adapter touches
+the store or the writer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Protocol, TypeVar
+
+from . import _protocol as protocol
+from ._config import Config
+from ._jobs import DeferredOptions, Job, Status, StoredRequest, new_job_id, utcnow
+from ._notify import Notifier
+from .store import Clock, JobStore, StoreUnavailable
+from .store._writer import BatchWriter
+
+logger = logging.getLogger("deferred_middleware")
+
+QUEUE_CHECK_EVERY = 0.5
+OFFLOAD_THREADS = 16
+T = TypeVar("T")
+
+
+class QueueFull(Exception):
+    """``max_queued`` jobs are waiting: answer 503, make no job."""
+
+
+class Executor(Protocol):
+    """What the core asks of whatever runs jobs in this process."""
+
+    def wake(self) -> None:
+        """A job was committed: look for work now rather than at the next poll."""
+
+    def cancel_local(self, job_id: str) -> None:
+        """The job was canceled in the table: stop it if it runs here."""
+
+
+class JobCore:
+    def __init__(
+        self,
+        config: Config,
+        store: JobStore,
+        writer: BatchWriter,
+        notifier: Notifier,
+        executor: Executor | None = None,
+        *,
+        clock: Clock = utcnow,
+    ) -> None:
+        self.config = config
+        self.clock = clock
+        self.store = store
+        self.writer = writer
+        self.notifier = notifier
+        self.executor = executor
+        self.ready = False
+        self._ready_lock = threading.Lock()
+        self._queued_seen = 0
+        self._queued_checked = -QUEUE_CHECK_EVERY
+        self._pool: ThreadPoolExecutor | None = None
+
+    def prepare(self) -> None:
+        """Create or upgrade the table on first use. Raises StoreUnavailable
+        while the database is down; the next request tries again."""
+        if self.ready:
+            return
+        with self._ready_lock:
+            if not self.ready:
+                self.store.migrate()
+                self.ready = True
+
+    def close(self) -> None:
+        """Write what is queued; end the writer and the offloading threads."""
+        self.writer.stop()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+            self._pool = None
+
+    # -- accepting ---------------------------------------------------------
+
+    def accept(self, request: StoredRequest, options: DeferredOptions) -> Job:
+        """Store the request as a queued job; returns once its row is
+        committed. Raises QueueFull or StoreUnavailable: then no job exists."""
+        self.prepare()
+        if self._queue_check_due():
+            self._count_queued()
+        job = self._new_job(request, options)
+        committed: Future[None] = Future()
+        self.writer.insert(job, committed)
+        committed.result()
+        self._committed()
+        return job
+
+    async def accept_async(self, request: StoredRequest, options: DeferredOptions) -> Job:
+        """As :meth:`accept`; the event loop waits only on a future."""
+        if not self.ready:
+            await self.offload(self.prepare)
+        if self._queue_check_due():
+            await self.offload(self._count_queued)
+        job = self._new_job(request, options)
+        committed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.writer.insert(job, committed)
+        await committed
+        self._committed()
+        return job
+
+    def _new_job(self, request: StoredRequest, options: DeferredOptions) -> Job:
+        if self._queue_is_full():
+            raise QueueFull
+        return Job(
+            id=new_job_id(),
+            status=Status.QUEUED,
+            created_at=self.clock(),
+            request=request,
+            options=options,
+        )
+
+    def _queue_check_due(self) -> bool:
+        return (
+            self.config.max_queued is not None
+            and time.monotonic() - self._queued_checked >= QUEUE_CHECK_EVERY
+        )
+
+    def _count_queued(self) -> None:
+        self._queued_seen = self.store.count(Status.QUEUED)
+        self._queued_checked = time.monotonic()
+
+    def _queue_is_full(self) -> bool:
+        """The count is read from the table at most twice a second and raised
+        by this process's own accepts in between, so a burst cannot overshoot
+        by much nor cost a query each."""
+        bound = self.config.max_queued
+        if bound is None:
+            return False
+        if self._queued_seen >= bound:
+            return True
+        self._queued_seen += 1
+        return False
+
+    def _committed(self) -> None:
+        if self.executor is not None:
+            self.executor.wake()
+
+    def accepted(self, job: Job, root_path: str) -> protocol.Reply:
+        return protocol.accepted(job, self.urls(root_path), self.config.retry_after)
+
+    def refused(self, error: QueueFull | StoreUnavailable) -> protocol.Reply:
+        if isinstance(error, QueueFull):
+            return protocol.unavailable(self.config.retry_after, protocol.QUEUE_FULL)
+        logger.warning("could not store a job: the store is unavailable")
+        return protocol.unavailable(self.config.retry_after)
+
+    def urls(self, root_path: str) -> protocol.JobURLs:
+        config = self.config
+        return protocol.JobURLs.for_request(config.prefix, root_path, config.public_url)
+
+    # -- the job routes ----------------------------------------------------
+
+    def job_route_tail(self, path: str) -> str | None:
+        """The path after the prefix when ``path`` is one of the job routes."""
+        prefix = self.config.prefix
+        if path == prefix or path.startswith(prefix + "/"):
+            return path[len(prefix) :]
+        return None
+
+    def answer(self, tail: str, method: str, query: bytes, root_path: str) -> protocol.Reply:
+        route = protocol.parse_job_route(tail, query, self.config.max_wait)
+        if route is None:
+            return protocol.not_found()
+        try:
+            self.prepare()
+            if route.wait and method in ("GET", "HEAD"):
+                self.wait(route.job_id, route.wait)
+            return self._reply(route, method, self.urls(root_path))
+        except StoreUnavailable:
+            return protocol.unavailable(self.config.retry_after)
+
+    async def answer_async(
+        self, tail: str, method: str, query: bytes, root_path: str
+    ) -> protocol.Reply:
+        route = protocol.parse_job_route(tail, query, self.config.max_wait)
+        if route is None:
+            return protocol.not_found()
+        try:
+            if not self.ready:
+                await self.offload(self.prepare)
+            reading = method in ("GET", "HEAD")
+            if route.wait and reading:
+                await self.wait_async(route.job_id, route.wait)
+            run = self._read if reading else self.offload
+            return await run(self._reply, route, method, self.urls(root_path))
+        except StoreUnavailable:
+            return protocol.unavailable(self.config.retry_after)
+
+    def _reply(
+        self, route: protocol.JobRoute, method: str, urls: protocol.JobURLs
+    ) -> protocol.Reply:
+        if method not in protocol.ALLOWED[route.action]:
+            return protocol.method_not_allowed(route.action)
+        retry_after = self.config.retry_after
+        if route.action == "cancel":
+            job = self.cancel(route.job_id)
+            if job is None:
+                return protocol.not_found()
+            if job.status is not Status.CANCELED:
+                return protocol.problem(409, "Conflict", "The job has already finished.")
+            return protocol.status_reply(job, urls, retry_after)
+        if method == "DELETE":
+            self.cancel(route.job_id)
+            if not self.store.delete(route.job_id):
+                return protocol.not_found()
+            return protocol.Reply(204, [])
+        job = self.store.get(route.job_id, response=route.action == "result")
+        if job is None:
+            return protocol.not_found()
+        if route.action == "result":
+            reply = protocol.result_reply(job, urls, retry_after)
+        else:
+            reply = protocol.status_reply(job, urls, retry_after)
+        if method == "HEAD":
+            reply.body = b""
+        return reply
+
+    def cancel(self, job_id: str) -> Job | None:
+        job = self.store.cancel(job_id)
+        if job is not None and job.status is Status.CANCELED:
+            if self.executor is not None:
+                self.executor.cancel_local(job_id)
+            self.notifier.notify(job_id)
+        return job
+
+    # -- waiting -----------------------------------------------------------
+
+    def is_finished(self, job_id: str) -> bool:
+        """True when there is nothing more to wait for (finished or gone)."""
+        job = self.store.get(job_id)
+        return job is None or job.status.finished
+
+    def wait(self, job_id: str, timeout: float) -> None:
+        """Block until the job finishes or ``timeout`` passes: woken at once by
+        jobs run in this process, polling for jobs run elsewhere."""
+        deadline = time.monotonic() + timeout
+        changed = threading.Event()
+        self.notifier.subscribe(job_id, changed.set)
+        try:
+            while not self.is_finished(job_id):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return
+                changed.wait(min(remaining, self.config.poll_interval))
+                changed.clear()
+        finally:
+            self.notifier.unsubscribe(job_id, changed.set)
+
+    async def wait_async(self, job_id: str, timeout: float) -> None:
+        """As :meth:`wait`, without holding a thread."""
+        loop = asyncio.get_running_loop()
+        changed = asyncio.Event()
+
+        def wake() -> None:
+            loop.call_soon_threadsafe(changed.set)
+
+        deadline = loop.time() + timeout
+        self.notifier.subscribe(job_id, wake)
+        try:
+            while not await self._read(self.is_finished, job_id):
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    return
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(
+                        changed.wait(), min(remaining, self.config.poll_interval)
+                    )
+                changed.clear()
+        finally:
+            self.notifier.unsubscribe(job_id, wake)
+
+    # -- off the event loop ------------------------------------------------
+
+    async def offload(self, fn: Callable[..., T], *args: object) -> T:
+        """Blocking store work, in a thread."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(OFFLOAD_THREADS, thread_name_prefix="deferred-io")
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    async def _read(self, fn: Callable[..., T], *args: object) -> T:
+        """A read in place where reads are local and cheap, off the loop otherwise."""
+        if self.store.reads_are_local:
+            return fn(*args)
+        return await self.offload(fn, *args)

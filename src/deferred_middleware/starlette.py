@@ -1,0 +1,86 @@
+"""Finding ``@deferred`` endpoints through a Starlette app's own router.
+
+Beside :mod:`.flask`: each framework's way of telling which view a request
+goes to. :class:`DeferredMiddleware` uses it for any app it wraps that has
+Starlette routes (Starlette, FastAPI); plain ASGI apps name their routes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from starlette.routing import Host, Match
+
+from ._jobs import DeferredOptions
+from ._routes import options_of
+
+Scope = Any  # an HTTP scope, as the router reads it
+
+
+def marked_options(routes: Iterable[Any], scope: Scope) -> DeferredOptions | None:
+    """The ``@deferred`` options of the route that will serve this request,
+    found the way Starlette's router finds it (first full match)."""
+    for route in routes:
+        match, child_scope = route.matches(scope)
+        if match is not Match.FULL:
+            continue
+        sub_routes = getattr(route, "routes", None)  # Mount and Host
+        if sub_routes is not None:
+            return marked_options(sub_routes, {**scope, **child_scope})
+        return options_of(child_scope.get("endpoint"))
+    return None
+
+
+def has_host_routes(routes: Iterable[Any]) -> bool:
+    for route in routes:
+        if isinstance(route, Host):
+            return True
+        sub_routes = getattr(route, "routes", None)
+        if sub_routes and has_host_routes(sub_routes):
+            return True
+    return False
+
+
+class MarkedRoutes:
+    """Remembers which (method, path) pairs are deferred, so the routes are not
+    searched again on every request. Routing that looks at more than the
+    method and path (``Host`` routes) is never cached; the cache is forgotten
+    when the routes change or when it grows past its bound."""
+
+    LIMIT = 4096
+
+    def __init__(self) -> None:
+        self._answers: dict[tuple[str, str], DeferredOptions | None] = {}
+        self._routes_seen: tuple[int, int] = (0, 0)
+        self._cacheable = True
+
+    def lookup(self, routes: Any, scope: Scope, method: str, path: str) -> DeferredOptions | None:
+        fingerprint = (id(routes), len(routes))
+        if fingerprint != self._routes_seen:
+            self._answers.clear()
+            self._routes_seen = fingerprint
+            self._cacheable = not has_host_routes(routes)
+        if not self._cacheable:
+            return marked_options(routes, scope)
+        key = (method, path)
+        try:
+            return self._answers[key]
+        except KeyError:
+            pass
+        if len(self._answers) >= self.LIMIT:
+            self._answers.clear()
+        answer = self._answers[key] = marked_options(routes, scope)
+        return answer
+
+
+def find_routes(app: Any) -> Any:
+    """The routes of the router inside ``app``, following wrapping middleware."""
+    for _ in range(32):
+        routes = getattr(app, "routes", None)
+        if routes is not None:
+            return routes
+        app = getattr(app, "app", None)
+        if app is None:
+            break
+    return None

@@ -1,0 +1,84 @@
+"""What every job store does: the contract the core, the dispatcher and the
+writer rely on, implemented in SQL (:mod:`._sql`) and in memory (:mod:`._memory`).
+
+One contract test suite holds every implementation to the same behaviour.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from datetime import datetime
+from typing import Protocol
+
+from .._jobs import AttemptWrite, Job, Status
+
+Clock = Callable[[], datetime]
+
+
+class StoreUnavailable(Exception):
+    """The database could not be reached or stayed locked: answer 503, never 202."""
+
+
+class JobStore(Protocol):
+    """The job table. Thread-safe; every method is one short transaction."""
+
+    reads_are_local: bool
+    """Whether a read is cheaper done in place than handed to a thread
+    (SQLite in WAL mode, memory): the ASGI adapter then reads on the loop."""
+
+    pushes_wakeups: bool
+    """Whether :meth:`listen` tells idle executors about new jobs at once."""
+
+    def migrate(self, revision: str = "head") -> None:
+        """Create or upgrade the table in place; safe to race."""
+
+    def close(self) -> None: ...
+
+    def insert(self, jobs: Sequence[Job]) -> None:
+        """Store accepted jobs in one transaction: one commit for a burst."""
+
+    def get(self, job_id: str, *, request: bool = False, response: bool = False) -> Job | None:
+        """One job by id, with its stored request and response if asked."""
+
+    def list(
+        self,
+        statuses: Iterable[Status] = (),
+        *,
+        created_before: datetime | None = None,
+        limit: int = 100,
+    ) -> list[Job]:
+        """Jobs newest first, without their request and response."""
+
+    def count(self, status: Status) -> int: ...
+
+    def claim(self, worker: str, limit: int, lease_seconds: float) -> list[Job]:
+        """Take up to ``limit`` due queued jobs for ``worker``, atomically,
+        with their requests: each becomes running with a new attempt."""
+
+    def renew(self, worker: str, held: dict[str, int], lease_seconds: float) -> set[str]:
+        """Extend the leases ``worker`` holds (job id -> attempt); answers which
+        are still its own (a job missing from the answer was canceled or taken back)."""
+
+    def write(self, writes: Sequence[AttemptWrite]) -> int:
+        """Apply attempt writes in order, in one transaction, each fenced by
+        its attempt; answers how many landed."""
+
+    def reap_expired(self, error: str) -> tuple[list[str], list[str]]:
+        """Take back running jobs whose lease ran out: re-queue those with
+        attempts left, fail the rest. Answers (re-queued ids, failed ids)."""
+
+    def cancel(self, job_id: str) -> Job | None:
+        """Cancel a queued or running job; a finished one is left as it is."""
+
+    def retry(self, job_id: str) -> bool:
+        """Queue a failed or canceled job again, with a fresh set of attempts."""
+
+    def delete(self, job_id: str) -> bool: ...
+
+    def prune(self, finished_before: datetime, batch: int = 500) -> int:
+        """Delete finished jobs older than the retention time, in bounded batches."""
+
+    def listen(self, wake: Callable[[], None], stopped: threading.Event) -> None:
+        """Call ``wake`` when jobs are inserted, until ``stopped`` is set.
+        Returns at once where the store cannot push (executors poll)."""

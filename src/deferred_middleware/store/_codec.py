@@ -1,0 +1,250 @@
+"""The row codec: the only place that knows what each column of the job
+table holds, both ways. Queries say which rows; this module says what goes
+into them and what comes out.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import sqlalchemy as sa
+
+from .._jobs import (
+    DeferredOptions,
+    Finish,
+    Job,
+    Progress,
+    Requeue,
+    RetryLater,
+    Status,
+    StoredRequest,
+    StoredResponse,
+    merge_credentials,
+    split_credentials,
+)
+from ._schema import jobs
+
+STATUS_COLUMNS = (
+    jobs.c.id,
+    jobs.c.status,
+    jobs.c.created_at,
+    jobs.c.started_at,
+    jobs.c.finished_at,
+    jobs.c.attempts,
+    jobs.c.max_attempts,
+    jobs.c.timeout,
+    jobs.c.progress,
+    jobs.c.message,
+    jobs.c.error,
+)
+REQUEST_COLUMNS = (
+    jobs.c.request_method,
+    jobs.c.request_path,
+    jobs.c.request_query,
+    jobs.c.request_headers,
+    jobs.c.request_credentials,
+    jobs.c.request_meta,
+    jobs.c.request_body,
+)
+RESPONSE_COLUMNS = (jobs.c.response_status, jobs.c.response_headers, jobs.c.response_body)
+INSERT_KEYS = (
+    "id",
+    "status",
+    "created_at",
+    "run_after",
+    "attempts",
+    "max_attempts",
+    "timeout",
+    "request_method",
+    "request_path",
+    "request_query",
+    "request_headers",
+    "request_credentials",
+    "request_meta",
+    "request_body",
+)
+FINISHED_VALUES = tuple(s.value for s in (Status.SUCCEEDED, Status.FAILED, Status.CANCELED))
+ACTIVE_VALUES = (Status.QUEUED.value, Status.RUNNING.value)
+
+
+# -- into the table --------------------------------------------------------
+
+
+def insert_values(job: Job, credential_names: frozenset[str], created: Any) -> dict[str, Any]:
+    """A new job's row, JSON encoded here once rather than by a bind processor
+    per row. ``created`` is the timestamp already in the driver's own type."""
+    assert job.request is not None
+    request = job.request
+    headers, credentials = split_credentials(request.headers, credential_names)
+    meta = {
+        "scheme": request.scheme,
+        "root_path": request.root_path,
+        "http_version": request.http_version,
+        "server": request.server,
+        "client": request.client,
+    }
+    return {
+        "id": job.id,
+        "status": job.status.value,
+        "created_at": created,
+        "run_after": created,
+        "attempts": 0,
+        "max_attempts": job.max_attempts,
+        "timeout": job.options.timeout,
+        "request_method": request.method,
+        "request_path": request.path,
+        "request_query": request.query_string.decode("latin-1"),
+        "request_headers": json.dumps(headers),
+        "request_credentials": json.dumps(credentials) if credentials else None,
+        "request_meta": json.dumps(meta),
+        "request_body": request.body,
+    }
+
+
+def finish_parameters(write: Finish, now: datetime) -> dict[str, Any]:
+    """Bind parameters of the prebuilt finishing statement (see ``_sql.FINISH``)."""
+    response = write.response
+    return {
+        "b_id": write.job_id,
+        "b_attempt": write.attempt,
+        "b_status": write.status.value,
+        "b_finished_at": now,
+        "b_error": write.error,
+        "b_response_status": response.status if response else None,
+        "b_response_headers": response.headers if response else None,
+        "b_response_body": response.body if response else None,
+    }
+
+
+def claim_values(worker: str, now: datetime, lease_seconds: float) -> dict[str, Any]:
+    return {
+        "status": Status.RUNNING.value,
+        "attempts": jobs.c.attempts + 1,
+        "worker": worker,
+        "started_at": now,
+        "lease_expires_at": now + timedelta(seconds=lease_seconds),
+    }
+
+
+def attempt_values(write: RetryLater | Requeue | Progress, now: datetime) -> dict[str, Any]:
+    """The columns a fenced write other than a finish changes."""
+    if isinstance(write, Progress):
+        return {"progress": write.progress, "message": write.message}
+    values: dict[str, Any] = {
+        "status": Status.QUEUED.value,
+        "lease_expires_at": None,
+        "worker": None,
+    }
+    if isinstance(write, RetryLater):
+        values.update(run_after=now + timedelta(seconds=write.delay), error=write.error)
+    else:
+        # An interrupted attempt does not count against the job's retries.
+        values.update(run_after=now, attempts=jobs.c.attempts - 1)
+    return values
+
+
+def requeue_lost_values(now: datetime, error: str) -> dict[str, Any]:
+    return {
+        "status": Status.QUEUED.value,
+        "run_after": now,
+        "worker": None,
+        "lease_expires_at": None,
+        "error": error,
+    }
+
+
+def final_values(status: Status, now: datetime, error: str | None = None) -> dict[str, Any]:
+    """A job ended outside an attempt (lost worker, cancel): credentials go."""
+    values: dict[str, Any] = {
+        "status": status.value,
+        "finished_at": now,
+        "lease_expires_at": None,
+        "request_credentials": None,
+    }
+    if error is not None:
+        values["error"] = error
+    return values
+
+
+def retry_values(now: datetime) -> dict[str, Any]:
+    return {
+        "status": Status.QUEUED.value,
+        "run_after": now,
+        "max_attempts": jobs.c.attempts + jobs.c.max_attempts,
+        "finished_at": None,
+        "error": None,
+        "response_status": None,
+        "response_headers": None,
+        "response_body": None,
+    }
+
+
+# -- out of the table ------------------------------------------------------
+
+
+def utc(value: Any) -> datetime | None:
+    """A timestamp as SQLAlchemy or the raw driver hands it over (SQLite's
+    text, or a naive datetime), made timezone-aware UTC."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    return value if value.tzinfo is not None else value.replace(tzinfo=timezone.utc)
+
+
+def _from_json(value: Any) -> Any:
+    """JSON columns arrive decoded from SQLAlchemy and psycopg, as text from
+    the raw SQLite and MySQL drivers; they never hold a bare JSON string."""
+    return json.loads(value) if isinstance(value, (str, bytes)) else value
+
+
+def _request_from_row(row: Mapping[str, Any]) -> StoredRequest:
+    meta = _from_json(row["request_meta"])
+    headers = [(name, value) for name, value in _from_json(row["request_headers"])]
+    credentials = _from_json(row["request_credentials"])
+    if credentials:
+        headers = merge_credentials(headers, [tuple(c) for c in credentials])
+    return StoredRequest(
+        method=row["request_method"],
+        path=row["request_path"],
+        query_string=row["request_query"].encode("latin-1"),
+        headers=headers,
+        body=bytes(row["request_body"]),
+        scheme=meta["scheme"],
+        root_path=meta["root_path"],
+        http_version=meta["http_version"],
+        server=tuple(meta["server"]) if meta.get("server") else None,
+        client=tuple(meta["client"]) if meta.get("client") else None,
+    )
+
+
+def job_from_row(row: Mapping[str, Any]) -> Job:
+    """One decoder for every read, whether SQLAlchemy or the driver ran it."""
+    job = Job(
+        id=row["id"],
+        status=Status(row["status"]),
+        created_at=utc(row["created_at"]),  # type: ignore[arg-type]
+        options=DeferredOptions(retries=row["max_attempts"] - 1, timeout=row["timeout"]),
+        started_at=utc(row["started_at"]),
+        finished_at=utc(row["finished_at"]),
+        attempts=row["attempts"],
+        progress=row["progress"],
+        message=row["message"],
+        error=row["error"],
+    )
+    if "request_method" in row:
+        job.request = _request_from_row(row)
+    if row.get("response_status") is not None:
+        job.response = StoredResponse(
+            status=row["response_status"],
+            headers=[(name, value) for name, value in _from_json(row["response_headers"])],
+            body=bytes(row["response_body"]),
+        )
+    return job
+
+
+def jobs_from_result(result: sa.CursorResult[Any]) -> list[Job]:
+    return [job_from_row(row._mapping) for row in result]

@@ -1,0 +1,238 @@
+"""What differs between SQLite, PostgreSQL and MariaDB/MySQL, written once each:
+connecting, bulk inserts, claiming, wake-ups and the migration lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.pool import StaticPool
+
+from ._schema import jobs
+
+logger = logging.getLogger("deferred_middleware")
+
+# Enough pooled connections for every thread that uses them (the request
+# thread pool, the writer, the dispatcher), so none is opened per request.
+POOL_SIZE = 24
+NOTIFY_CHANNEL = "deferred_jobs"
+MIGRATION_LOCK_ID = 7235012298
+
+
+class Dialect:
+    """The portable behaviour; each database overrides what it does better."""
+
+    reads_are_local = False
+    pushes_wakeups = False
+
+    def create_engine(self, url: sa.URL, lock_timeout: float) -> sa.Engine:
+        """Connections are checked before use: a restarted server must not
+        fail the next request."""
+        return sa.create_engine(
+            url, pool_pre_ping=True, pool_recycle=3600, **_pool(), **self.engine_options()
+        )
+
+    def engine_options(self) -> dict[str, Any]:
+        return {}
+
+    def datetime_param(self, naive_utc: datetime) -> Any:
+        """A timestamp in the type the raw driver binds."""
+        return naive_utc
+
+    def insert(
+        self,
+        connection: sa.Connection,
+        sql: str,
+        keys: tuple[str, ...],
+        named: bool,
+        rows: Sequence[tuple[Any, ...]],
+    ) -> None:
+        if named:
+            connection.exec_driver_sql(sql, [dict(zip(keys, r, strict=True)) for r in rows])
+        else:
+            connection.exec_driver_sql(sql, list(rows))
+
+    def claim(
+        self,
+        connection: sa.Connection,
+        due: sa.Select[Any],
+        values: dict[str, Any],
+        columns: Sequence[sa.Column[Any]],
+    ) -> sa.CursorResult[Any]:
+        """Mark the due rows running and read them back, in one statement."""
+        statement = jobs.update().where(jobs.c.id.in_(due.scalar_subquery()))
+        return connection.execute(statement.values(values).returning(*columns))
+
+    def lock_migrations(self, connection: sa.Connection) -> None:
+        """Serialise processes that migrate at the same moment."""
+
+    def unlock_migrations(self, connection: sa.Connection) -> None:
+        pass
+
+    def listen(self, url: sa.URL, wake: Callable[[], None], stopped: threading.Event) -> None:
+        return
+
+
+class SQLite(Dialect):
+    """One writer at a time: an immediate transaction is the claim's lock.
+    Reads are local file access in WAL mode, cheap enough to do in place."""
+
+    reads_are_local = True
+
+    def create_engine(self, url: sa.URL, lock_timeout: float) -> sa.Engine:
+        in_memory = url.database in (None, "", ":memory:")
+        engine = sa.create_engine(
+            url,
+            connect_args={"check_same_thread": False, "timeout": lock_timeout},
+            **({"poolclass": StaticPool} if in_memory else _pool()),
+        )
+
+        @sa.event.listens_for(engine, "connect")
+        def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+            # Let SQLAlchemy, not the sqlite3 module, decide where transactions begin.
+            dbapi_connection.isolation_level = None
+            cursor = dbapi_connection.cursor()
+            cursor.execute(f"PRAGMA busy_timeout={int(lock_timeout * 1000)}")
+            if not in_memory:
+                _enable_wal(cursor, lock_timeout)
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.close()
+
+        @sa.event.listens_for(engine, "begin")
+        def _on_begin(connection: sa.Connection) -> None:
+            # A write takes the lock at once, so it never has to upgrade a read
+            # lock midway (which fails under concurrency instead of waiting).
+            immediate = connection.get_execution_options().get("sqlite_immediate")
+            connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+        return engine
+
+    def datetime_param(self, naive_utc: datetime) -> Any:
+        # SQLAlchemy's own storage format for DateTime on SQLite.
+        return naive_utc.isoformat(" ", "microseconds")
+
+    def insert(
+        self,
+        connection: sa.Connection,
+        sql: str,
+        keys: tuple[str, ...],
+        named: bool,
+        rows: Sequence[tuple[Any, ...]],
+    ) -> None:
+        # One multi-row statement rather than executemany: sqlite3 lets go of
+        # the GIL around every statement it steps, and each hand-back waits on
+        # a busy event loop.
+        head, _, values = sql.partition("VALUES")
+        connection.exec_driver_sql(
+            f"{head}VALUES{', '.join([values] * len(rows))}", tuple(v for row in rows for v in row)
+        )
+
+
+class PostgreSQL(Dialect):
+    """Claims skip rows other workers hold; idle workers wake on NOTIFY."""
+
+    pushes_wakeups = True
+
+    def insert(
+        self,
+        connection: sa.Connection,
+        sql: str,
+        keys: tuple[str, ...],
+        named: bool,
+        rows: Sequence[tuple[Any, ...]],
+    ) -> None:
+        super().insert(connection, sql, keys, named, rows)
+        # Delivered on commit: idle workers wake now rather than at their next poll.
+        connection.exec_driver_sql(f"NOTIFY {NOTIFY_CHANNEL}")
+
+    def claim(
+        self,
+        connection: sa.Connection,
+        due: sa.Select[Any],
+        values: dict[str, Any],
+        columns: Sequence[sa.Column[Any]],
+    ) -> sa.CursorResult[Any]:
+        return super().claim(connection, due.with_for_update(skip_locked=True), values, columns)
+
+    def lock_migrations(self, connection: sa.Connection) -> None:
+        connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK_ID})")
+
+    def listen(self, url: sa.URL, wake: Callable[[], None], stopped: threading.Event) -> None:
+        """Reconnects after the server restarts, waking once on each
+        reconnection for anything inserted while nobody listened."""
+        import psycopg
+
+        conninfo = url.set(drivername="postgresql").render_as_string(hide_password=False)
+        while not stopped.is_set():
+            try:
+                with psycopg.connect(conninfo, autocommit=True) as connection:
+                    connection.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                    logger.info("listening for new jobs on %s", NOTIFY_CHANNEL)
+                    wake()
+                    while not stopped.is_set():
+                        for _ in connection.notifies(timeout=1.0):
+                            wake()
+            except psycopg.Error:
+                logger.warning("LISTEN connection lost; reconnecting")
+                stopped.wait(1.0)
+
+
+class MySQL(Dialect):
+    """No UPDATE ... RETURNING: lock the due ids (skipping locked ones), then
+    update and read them in the same transaction."""
+
+    def engine_options(self) -> dict[str, Any]:
+        return {"isolation_level": "READ COMMITTED"}
+
+    def claim(
+        self,
+        connection: sa.Connection,
+        due: sa.Select[Any],
+        values: dict[str, Any],
+        columns: Sequence[sa.Column[Any]],
+    ) -> sa.CursorResult[Any]:
+        ids = list(connection.scalars(due.with_for_update(skip_locked=True)))
+        connection.execute(jobs.update().where(jobs.c.id.in_(ids)).values(values))
+        return connection.execute(sa.select(*columns).where(jobs.c.id.in_(ids)))
+
+    def lock_migrations(self, connection: sa.Connection) -> None:
+        connection.exec_driver_sql("SELECT GET_LOCK('deferred_middleware_migrate', 60)")
+
+    def unlock_migrations(self, connection: sa.Connection) -> None:
+        connection.exec_driver_sql("SELECT RELEASE_LOCK('deferred_middleware_migrate')")
+
+
+def for_url(url: sa.URL) -> Dialect:
+    backend = url.get_backend_name()
+    if backend == "sqlite":
+        return SQLite()
+    if backend == "postgresql":
+        return PostgreSQL()
+    if backend in ("mysql", "mariadb"):
+        return MySQL()
+    return Dialect()
+
+
+def _pool() -> dict[str, Any]:
+    return {"pool_size": POOL_SIZE, "max_overflow": POOL_SIZE}
+
+
+def _enable_wal(cursor: Any, lock_timeout: float) -> None:
+    """Switching a new file to WAL needs an exclusive lock, and SQLite does
+    not always wait for it: processes starting together retry here."""
+    deadline = time.monotonic() + lock_timeout
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)

@@ -1,0 +1,256 @@
+"""The job store in memory: the same contract as the SQL table, for fast
+unit tests of the policy and for trying the middleware without a database
+(``database_url="memory://"``). Nothing survives the process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from datetime import datetime, timedelta
+
+from .._jobs import (
+    AttemptWrite,
+    Finish,
+    Job,
+    Progress,
+    Requeue,
+    RetryLater,
+    Status,
+    merge_credentials,
+    split_credentials,
+    utcnow,
+)
+from ._base import Clock
+
+ACTIVE = (Status.QUEUED, Status.RUNNING)
+
+
+@dataclasses.dataclass
+class _Row:
+    job: Job
+    run_after: datetime
+    credentials: list[tuple[int, str, str]]
+    worker: str | None = None
+    lease_expires_at: datetime | None = None
+
+
+class MemoryJobStore:
+    reads_are_local = True
+    pushes_wakeups = False
+
+    def __init__(
+        self, *, credential_headers: frozenset[str] = frozenset(), clock: Clock = utcnow
+    ) -> None:
+        self.credential_headers = credential_headers
+        self.clock = clock
+        self._rows: dict[str, _Row] = {}
+        self._lock = threading.Lock()
+
+    def migrate(self, revision: str = "head") -> None:
+        return
+
+    def close(self) -> None:
+        return
+
+    def insert(self, jobs: Sequence[Job]) -> None:
+        with self._lock:
+            for job in jobs:
+                if job.id in self._rows:
+                    raise ValueError(f"job {job.id} exists")
+            for job in jobs:
+                assert job.request is not None
+                headers, credentials = split_credentials(
+                    job.request.headers, self.credential_headers
+                )
+                request = dataclasses.replace(job.request, headers=headers)
+                stored = dataclasses.replace(job, request=request, attempts=0)
+                self._rows[job.id] = _Row(stored, job.created_at, credentials)
+
+    def get(self, job_id: str, *, request: bool = False, response: bool = False) -> Job | None:
+        with self._lock:
+            row = self._rows.get(job_id)
+            return None if row is None else _copy(row, request=request, response=response)
+
+    def list(
+        self,
+        statuses: Iterable[Status] = (),
+        *,
+        created_before: datetime | None = None,
+        limit: int = 100,
+    ) -> list[Job]:
+        wanted = set(statuses)
+        with self._lock:
+            rows = [
+                row
+                for row in self._rows.values()
+                if (not wanted or row.job.status in wanted)
+                and (created_before is None or row.job.created_at < created_before)
+            ]
+            rows.sort(key=lambda row: row.job.created_at, reverse=True)
+            return [_copy(row) for row in rows[:limit]]
+
+    def count(self, status: Status) -> int:
+        with self._lock:
+            return sum(1 for row in self._rows.values() if row.job.status is status)
+
+    def claim(self, worker: str, limit: int, lease_seconds: float) -> list[Job]:
+        now = self.clock()
+        with self._lock:
+            due = [
+                row
+                for row in self._rows.values()
+                if row.job.status is Status.QUEUED and row.run_after <= now
+            ]
+            due.sort(key=lambda row: row.run_after)
+            claimed = []
+            for row in due[:limit]:
+                job = row.job
+                job.status = Status.RUNNING
+                job.attempts += 1
+                job.started_at = now
+                row.worker = worker
+                row.lease_expires_at = now + timedelta(seconds=lease_seconds)
+                claimed.append(_copy(row, request=True))
+            return claimed
+
+    def renew(self, worker: str, held: dict[str, int], lease_seconds: float) -> set[str]:
+        expires = self.clock() + timedelta(seconds=lease_seconds)
+        owned = set()
+        with self._lock:
+            for job_id, attempt in held.items():
+                row = self._rows.get(job_id)
+                if row is None or row.job.status is not Status.RUNNING or row.worker != worker:
+                    continue
+                row.lease_expires_at = expires
+                if row.job.attempts == attempt:
+                    owned.add(job_id)
+        return owned
+
+    def write(self, writes: Sequence[AttemptWrite]) -> int:
+        now = self.clock()
+        landed = 0
+        with self._lock:
+            for write in writes:
+                row = self._rows.get(write.job_id)
+                if row is None or row.job.status is not Status.RUNNING:
+                    continue
+                if row.job.attempts != write.attempt:
+                    continue
+                _apply(row, write, now)
+                landed += 1
+        return landed
+
+    def reap_expired(self, error: str) -> tuple[list[str], list[str]]:
+        now = self.clock()
+        retried: list[str] = []
+        failed: list[str] = []
+        with self._lock:
+            for row in self._rows.values():
+                job = row.job
+                expires = row.lease_expires_at
+                if job.status is not Status.RUNNING or expires is None or expires >= now:
+                    continue
+                job.error = error
+                row.lease_expires_at = None
+                if job.attempts < job.max_attempts:
+                    job.status = Status.QUEUED
+                    row.run_after = now
+                    row.worker = None
+                    retried.append(job.id)
+                else:
+                    _end(row, Status.FAILED, now)
+                    failed.append(job.id)
+        return retried, failed
+
+    def cancel(self, job_id: str) -> Job | None:
+        now = self.clock()
+        with self._lock:
+            row = self._rows.get(job_id)
+            if row is None:
+                return None
+            if row.job.status in ACTIVE:
+                _end(row, Status.CANCELED, now)
+                row.lease_expires_at = None
+            return _copy(row)
+
+    def retry(self, job_id: str) -> bool:
+        with self._lock:
+            row = self._rows.get(job_id)
+            if row is None or row.job.status not in (Status.FAILED, Status.CANCELED):
+                return False
+            job = row.job
+            job.status = Status.QUEUED
+            job.options = dataclasses.replace(
+                job.options, retries=job.attempts + job.options.retries
+            )
+            job.finished_at = job.error = job.response = None
+            row.run_after = self.clock()
+            return True
+
+    def delete(self, job_id: str) -> bool:
+        with self._lock:
+            return self._rows.pop(job_id, None) is not None
+
+    def prune(self, finished_before: datetime, batch: int = 500) -> int:
+        with self._lock:
+            old = [
+                job_id
+                for job_id, row in self._rows.items()
+                if row.job.status.finished
+                and row.job.finished_at is not None
+                and row.job.finished_at < finished_before
+            ]
+            for job_id in old:
+                del self._rows[job_id]
+            return len(old)
+
+    def listen(self, wake: Callable[[], None], stopped: threading.Event) -> None:
+        return
+
+    def credentials_of(self, job_id: str) -> list[tuple[int, str, str]]:
+        """What is still kept of a job's credentials (for tests of erasure)."""
+        with self._lock:
+            row = self._rows.get(job_id)
+            return list(row.credentials) if row is not None else []
+
+
+def _apply(row: _Row, write: AttemptWrite, now: datetime) -> None:
+    job = row.job
+    if isinstance(write, Progress):
+        job.progress, job.message = write.progress, write.message
+    elif isinstance(write, Finish):
+        _end(row, write.status, now)
+        row.lease_expires_at = None
+        job.error = write.error
+        job.response = write.response
+    else:
+        job.status = Status.QUEUED
+        row.worker = row.lease_expires_at = None
+        if isinstance(write, RetryLater):
+            row.run_after = now + timedelta(seconds=write.delay)
+            job.error = write.error
+        elif isinstance(write, Requeue):
+            row.run_after = now
+            job.attempts -= 1
+
+
+def _end(row: _Row, status: Status, now: datetime) -> None:
+    row.job.status = status
+    row.job.finished_at = now
+    row.credentials = []
+
+
+def _copy(row: _Row, *, request: bool = False, response: bool = False) -> Job:
+    """A detached copy, shaped like a SQL read: only what was asked for."""
+    job = row.job
+    stored = job.request
+    if request and stored is not None:
+        headers = merge_credentials(stored.headers, row.credentials)
+        stored = dataclasses.replace(stored, headers=headers)
+    return dataclasses.replace(
+        job,
+        request=stored if request else None,
+        response=job.response if response else None,
+    )

@@ -1,0 +1,337 @@
+"""The job table in SQL: the queries, portable through SQLAlchemy Core, with
+what differs per database in :mod:`._dialects` and what each column holds
+in :mod:`._codec`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import sqlalchemy as sa
+
+from .._jobs import AttemptWrite, Finish, Job, Status, utcnow
+from . import _codec as codec
+from ._base import Clock, StoreUnavailable
+from ._dialects import Dialect, for_url
+from ._migrate import migrate
+from ._schema import jobs
+
+# Built once: an outcome is written for every job, and building the
+# statement anew each time cost more than executing it.
+FINISH = (
+    jobs.update()
+    .where(
+        jobs.c.id == sa.bindparam("b_id"),
+        jobs.c.attempts == sa.bindparam("b_attempt"),
+        jobs.c.status == Status.RUNNING.value,
+    )
+    .values(
+        status=sa.bindparam("b_status"),
+        finished_at=sa.bindparam("b_finished_at"),
+        lease_expires_at=None,
+        error=sa.bindparam("b_error"),
+        request_credentials=None,
+        response_status=sa.bindparam("b_response_status"),
+        response_headers=sa.bindparam("b_response_headers"),
+        response_body=sa.bindparam("b_response_body"),
+    )
+)
+
+
+def _fenced(job_id: str, attempt: int) -> Any:
+    return sa.and_(
+        jobs.c.id == job_id, jobs.c.attempts == attempt, jobs.c.status == Status.RUNNING.value
+    )
+
+
+class SQLJobStore:
+    """The job table in any database SQLAlchemy reaches."""
+
+    def __init__(
+        self,
+        database_url: str,
+        *,
+        lock_timeout: float = 5.0,
+        credential_headers: frozenset[str] = frozenset(),
+        clock: Clock = utcnow,
+    ) -> None:
+        self.database_url = database_url
+        self.url = sa.make_url(database_url)
+        self.dialect: Dialect = for_url(self.url)
+        self.reads_are_local = self.dialect.reads_are_local
+        self.pushes_wakeups = self.dialect.pushes_wakeups
+        self.lock_timeout = lock_timeout
+        self.credential_headers = credential_headers
+        self.clock = clock
+        self._engine: sa.Engine | None = None
+        self._pid = 0
+        self._insert: tuple[str, tuple[str, ...], bool] | None = None
+        self._selects: dict[tuple[bool, bool], tuple[str, list[str], bool]] = {}
+        self._readers = threading.local()
+
+    @property
+    def engine(self) -> sa.Engine:
+        """Created on first use in each process: a forked server worker must
+        never share the parent's connections."""
+        if self._engine is None or self._pid != os.getpid():
+            if self._engine is not None:
+                self._engine.dispose(close=False)
+            self._engine = self.dialect.create_engine(self.url, self.lock_timeout)
+            self._pid = os.getpid()
+            self._insert = None
+            self._selects = {}
+        return self._engine
+
+    def migrate(self, revision: str = "head") -> None:
+        with _translate_errors():
+            migrate(self.engine, self.dialect, revision)
+
+    def close(self) -> None:
+        if self._engine is not None:
+            self._engine.dispose()
+            self._engine = None
+
+    # -- accepting ---------------------------------------------------------
+
+    def insert(self, jobs_: Sequence[Job]) -> None:
+        sql, keys, named = self._insert_statement()
+        credentials = self.credential_headers
+        rows = []
+        for job in jobs_:
+            created = self.dialect.datetime_param(_naive_utc(job.created_at))
+            values = codec.insert_values(job, credentials, created)
+            rows.append(tuple(values[key] for key in keys))
+        with self._transaction() as connection:
+            self.dialect.insert(connection, sql, keys, named, rows)
+
+    def _insert_statement(self) -> tuple[str, tuple[str, ...], bool]:
+        """The INSERT compiled once per engine for the driver's parameter style
+        (and whether that style is named); a burst of accepts then costs one
+        statement, without SQLAlchemy's per-row parameter processing."""
+        if self._insert is None:
+            compiled = jobs.insert().compile(
+                dialect=self.engine.dialect, column_keys=codec.INSERT_KEYS
+            )
+            positions = compiled.positiontup
+            keys = tuple(positions) if positions is not None else codec.INSERT_KEYS
+            self._insert = (str(compiled), keys, positions is None)
+        return self._insert
+
+    # -- reading -----------------------------------------------------------
+
+    def get(self, job_id: str, *, request: bool = False, response: bool = False) -> Job | None:
+        """The hot read behind every status poll: a statement compiled once,
+        on a connection this thread keeps."""
+        sql, names, positional = self._select_statement(request, response)
+        dbapi = self.engine.dialect.loaded_dbapi
+        connection = self._reader()
+        try:
+            cursor = connection.cursor()
+            cursor.execute(sql, (job_id,) if positional else {"b_id": job_id})
+            row = cursor.fetchone()
+            cursor.close()
+            connection.rollback()  # end the read: the next one sees new commits
+        except (dbapi.OperationalError, dbapi.InterfaceError) as exc:
+            self._readers.held = None
+            connection.invalidate()
+            raise StoreUnavailable(exc.__class__.__name__) from exc
+        return None if row is None else codec.job_from_row(dict(zip(names, row, strict=True)))
+
+    def _select_statement(self, request: bool, response: bool) -> tuple[str, list[str], bool]:
+        key = (request, response)
+        if key not in self._selects:
+            columns = [
+                *codec.STATUS_COLUMNS,
+                *(codec.REQUEST_COLUMNS if request else ()),
+                *(codec.RESPONSE_COLUMNS if response else ()),
+            ]
+            query = sa.select(*columns).where(jobs.c.id == sa.bindparam("b_id"))
+            compiled = query.compile(dialect=self.engine.dialect)
+            names = [column.name for column in columns]
+            self._selects[key] = (str(compiled), names, compiled.positiontup is not None)
+        return self._selects[key]
+
+    def _reader(self) -> Any:
+        """This thread's own pooled connection for reads, kept between calls."""
+        engine = self.engine
+        held = getattr(self._readers, "held", None)
+        if held is None or held[0] is not engine:
+            dbapi = engine.dialect.loaded_dbapi
+            try:
+                with _translate_errors():
+                    connection = engine.raw_connection()
+            except (dbapi.OperationalError, dbapi.InterfaceError) as exc:
+                raise StoreUnavailable(exc.__class__.__name__) from exc
+            held = self._readers.held = (engine, connection)
+        return held[1]
+
+    def list(
+        self,
+        statuses: Iterable[Status] = (),
+        *,
+        created_before: datetime | None = None,
+        limit: int = 100,
+    ) -> list[Job]:
+        query = sa.select(*codec.STATUS_COLUMNS).order_by(jobs.c.created_at.desc()).limit(limit)
+        if statuses:
+            query = query.where(jobs.c.status.in_([s.value for s in statuses]))
+        if created_before is not None:
+            query = query.where(jobs.c.created_at < created_before)
+        with _translate_errors(), self.engine.connect() as connection:
+            return codec.jobs_from_result(connection.execute(query))
+
+    def count(self, status: Status) -> int:
+        query = sa.select(sa.func.count()).select_from(jobs).where(jobs.c.status == status.value)
+        with _translate_errors(), self.engine.connect() as connection:
+            return int(connection.execute(query).scalar_one())
+
+    # -- running -----------------------------------------------------------
+
+    def claim(self, worker: str, limit: int, lease_seconds: float) -> list[Job]:
+        now = self.clock()
+        due = (
+            sa.select(jobs.c.id)
+            .where(jobs.c.status == Status.QUEUED.value, jobs.c.run_after <= now)
+            .order_by(jobs.c.run_after)
+            .limit(limit)
+        )
+        values = codec.claim_values(worker, now, lease_seconds)
+        columns = (*codec.STATUS_COLUMNS, *codec.REQUEST_COLUMNS)
+        with self._transaction() as connection:
+            return codec.jobs_from_result(self.dialect.claim(connection, due, values, columns))
+
+    def renew(self, worker: str, held: dict[str, int], lease_seconds: float) -> set[str]:
+        if not held:
+            return set()
+        expires = self.clock() + timedelta(seconds=lease_seconds)
+        owned = sa.and_(
+            jobs.c.id.in_(list(held)),
+            jobs.c.status == Status.RUNNING.value,
+            jobs.c.worker == worker,
+        )
+        with self._transaction() as connection:
+            connection.execute(jobs.update().where(owned).values(lease_expires_at=expires))
+            rows = connection.execute(sa.select(jobs.c.id, jobs.c.attempts).where(owned))
+            return {row.id for row in rows if held.get(row.id) == row.attempts}
+
+    def write(self, writes: Sequence[AttemptWrite]) -> int:
+        """Runs of finishes go in one statement each; order is kept, so a
+        handler's last progress lands before the outcome that ends its attempt."""
+        now = self.clock()
+        landed = 0
+        with self._transaction() as connection:
+            finishes: list[dict[str, Any]] = []
+            for write in writes:
+                if isinstance(write, Finish):
+                    finishes.append(codec.finish_parameters(write, now))
+                    continue
+                if finishes:
+                    landed += connection.execute(FINISH, finishes).rowcount
+                    finishes = []
+                statement = jobs.update().where(_fenced(write.job_id, write.attempt))
+                landed += connection.execute(
+                    statement.values(codec.attempt_values(write, now))
+                ).rowcount
+            if finishes:
+                landed += connection.execute(FINISH, finishes).rowcount
+        return landed
+
+    def reap_expired(self, error: str) -> tuple[list[str], list[str]]:
+        now = self.clock()
+        expired = sa.and_(jobs.c.status == Status.RUNNING.value, jobs.c.lease_expires_at < now)
+        with self._transaction() as connection:
+            rows = list(
+                connection.execute(
+                    sa.select(jobs.c.id, jobs.c.attempts, jobs.c.max_attempts).where(expired)
+                )
+            )
+            retry = [r.id for r in rows if r.attempts < r.max_attempts]
+            fail = [r.id for r in rows if r.attempts >= r.max_attempts]
+            if retry:
+                connection.execute(
+                    jobs.update()
+                    .where(expired, jobs.c.id.in_(retry))
+                    .values(codec.requeue_lost_values(now, error))
+                )
+            if fail:
+                connection.execute(
+                    jobs.update()
+                    .where(expired, jobs.c.id.in_(fail))
+                    .values(codec.final_values(Status.FAILED, now, error))
+                )
+        return retry, fail
+
+    # -- operator actions -------------------------------------------------
+
+    def cancel(self, job_id: str) -> Job | None:
+        active = sa.and_(jobs.c.id == job_id, jobs.c.status.in_(codec.ACTIVE_VALUES))
+        self._update(active, codec.final_values(Status.CANCELED, self.clock()))
+        return self.get(job_id)
+
+    def retry(self, job_id: str) -> bool:
+        finished = sa.and_(
+            jobs.c.id == job_id,
+            jobs.c.status.in_([Status.FAILED.value, Status.CANCELED.value]),
+        )
+        return self._update(finished, codec.retry_values(self.clock())) == 1
+
+    def delete(self, job_id: str) -> bool:
+        with self._transaction() as connection:
+            return connection.execute(jobs.delete().where(jobs.c.id == job_id)).rowcount == 1
+
+    def prune(self, finished_before: datetime, batch: int = 500) -> int:
+        finished = sa.and_(
+            jobs.c.status.in_(codec.FINISHED_VALUES), jobs.c.finished_at < finished_before
+        )
+        total = 0
+        while True:
+            with self._transaction() as connection:
+                ids = list(connection.scalars(sa.select(jobs.c.id).where(finished).limit(batch)))
+                if ids:
+                    connection.execute(jobs.delete().where(jobs.c.id.in_(ids), finished))
+            total += len(ids)
+            if len(ids) < batch:
+                return total
+
+    def listen(self, wake: Callable[[], None], stopped: threading.Event) -> None:
+        self.dialect.listen(self.engine.url, wake, stopped)
+
+    # -- helpers -----------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sa.Connection]:
+        """A write transaction (on SQLite, one that takes the lock at once)."""
+        with _translate_errors():
+            connection = self.engine.connect().execution_options(sqlite_immediate=True)
+            try:
+                with connection.begin():
+                    yield connection
+            finally:
+                connection.close()
+
+    def _update(self, where: Any, values: dict[str, Any]) -> int:
+        with self._transaction() as connection:
+            return connection.execute(jobs.update().where(where).values(values)).rowcount
+
+
+def _naive_utc(value: datetime) -> datetime:
+    return value.astimezone(timezone.utc).replace(tzinfo=None)
+
+
+@contextlib.contextmanager
+def _translate_errors() -> Iterator[None]:
+    """Database trouble (down, locked, unreachable) becomes StoreUnavailable,
+    which the adapters answer with 503; programming errors stay loud."""
+    try:
+        yield
+    except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
+        raise StoreUnavailable(exc.__class__.__name__) from exc
+    except sa.exc.DBAPIError as exc:
+        if exc.connection_invalidated:
+            raise StoreUnavailable(exc.__class__.__name__) from exc
+        raise

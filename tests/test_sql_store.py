@@ -1,0 +1,127 @@
+"""What only the SQL store does: schema versions, concurrent migration, and
+databases that are down, locked or from another release."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+
+from deferred_middleware import migrations
+from deferred_middleware._jobs import new_job_id
+from deferred_middleware.store import SQLJobStore, StoreUnavailable, metadata
+
+from .support import make_job
+
+HEAD = ScriptDirectory(str(Path(migrations.__file__).parent)).get_current_head()
+MIGRATIONS = Path(migrations.__file__).parent / "versions"
+
+
+def version_of(store: SQLJobStore) -> str:
+    with store.engine.connect() as connection:
+        return connection.exec_driver_sql(
+            "SELECT version_num FROM deferred_middleware_version"
+        ).scalar_one()
+
+
+def test_migrating_is_idempotent_and_safe_to_race(database_url):
+    stores = [SQLJobStore(database_url) for _ in range(4)]
+    errors: list[BaseException] = []
+
+    def migrate(store: SQLJobStore) -> None:
+        try:
+            store.migrate()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=migrate, args=(s,)) for s in stores]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    stores[0].migrate()
+    assert version_of(stores[0]) == HEAD
+    for store in stores:
+        store.close()
+
+
+def test_the_migrations_build_exactly_the_live_schema(database_url):
+    """The Alembic head and the table the code queries never drift apart."""
+    store = SQLJobStore(database_url)
+    store.migrate()
+    with store.engine.connect() as connection:
+        context = MigrationContext.configure(
+            connection, opts={"compare_type": True, "version_table": "deferred_middleware_version"}
+        )
+        differences = compare_metadata(context, metadata)
+    store.close()
+    assert differences == []
+
+
+def test_migrations_are_frozen_and_import_nothing_live():
+    for script in MIGRATIONS.glob("[0-9]*.py"):
+        assert "deferred_middleware" not in script.read_text(), script.name
+
+
+def test_an_unreachable_database_is_reported_as_unavailable():
+    store = SQLJobStore("postgresql+psycopg://postgres@127.0.0.1:1/test", lock_timeout=1)
+    with pytest.raises(StoreUnavailable):
+        store.migrate()
+    with pytest.raises(StoreUnavailable):
+        store.get(new_job_id())
+
+
+def test_a_locked_sqlite_database_is_reported_as_unavailable(sqlite_url):
+    store = SQLJobStore(sqlite_url, lock_timeout=0.2)
+    store.migrate()
+    lock = sa.create_engine(sqlite_url).raw_connection()
+    lock.isolation_level = None
+    lock.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(StoreUnavailable):
+            store.insert([make_job()])
+    finally:
+        lock.execute("ROLLBACK")
+        lock.close()
+    store.insert([make_job()])
+
+
+def test_a_database_from_an_earlier_release_upgrades_in_place(database_url):
+    old = SQLJobStore(database_url)
+    old.migrate("0001")
+    job = make_job()
+    old.insert([job])
+    indexes = {ix["name"] for ix in sa.inspect(old.engine).get_indexes("deferred_jobs")}
+    assert "ix_deferred_jobs_created" not in indexes
+    old.close()
+
+    new = SQLJobStore(database_url)
+    new.migrate()
+    indexes = {ix["name"] for ix in sa.inspect(new.engine).get_indexes("deferred_jobs")}
+    assert "ix_deferred_jobs_created" in indexes
+    assert version_of(new) == HEAD
+    assert new.get(job.id, request=True).request == job.request
+    new.close()
+
+
+def test_an_older_release_runs_against_a_newer_schema(database_url):
+    """A rolling deploy: a newer release upgraded the table first."""
+    store = SQLJobStore(database_url)
+    store.migrate()
+    with store.engine.begin() as connection:
+        connection.exec_driver_sql(
+            "UPDATE deferred_middleware_version SET version_num = '9999_from_the_future'"
+        )
+    store.close()
+    older = SQLJobStore(database_url)
+    older.migrate()
+    job = make_job()
+    older.insert([job])
+    assert older.get(job.id) is not None
+    older.close()
