@@ -116,7 +116,13 @@ class Harness:
             monotonic=lambda: self.now,
         )
         self.core = JobCore(
-            self.config, self.store, self.writer, self.notifier, self.dispatcher, clock=self.clock
+            self.config,
+            self.store,
+            self.writer,
+            self.notifier,
+            self.dispatcher,
+            clock=self.clock,
+            monotonic=lambda: self.now,
         )
 
     def submit(

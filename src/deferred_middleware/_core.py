@@ -53,9 +53,11 @@ class JobCore:
         executor: Executor | None = None,
         *,
         clock: Clock = utcnow,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
         self.clock = clock
+        self.monotonic = monotonic
         self.store = store
         self.writer = writer
         self.notifier = notifier
@@ -125,12 +127,12 @@ class JobCore:
     def _queue_check_due(self) -> bool:
         return (
             self.config.max_queued is not None
-            and time.monotonic() - self._queued_checked >= QUEUE_CHECK_EVERY
+            and self.monotonic() - self._queued_checked >= QUEUE_CHECK_EVERY
         )
 
     def _count_queued(self) -> None:
         self._queued_seen = self.store.count(Status.QUEUED)
-        self._queued_checked = time.monotonic()
+        self._queued_checked = self.monotonic()
 
     def _queue_is_full(self) -> bool:
         """The count is read from the table at most twice a second and raised

@@ -178,11 +178,7 @@ class Dispatcher:
             self.store.write([Requeue(attempt.job.id, attempt.number)])
             logger.warning("job %s: returned to the queue at shutdown", attempt.job.id)
         except StoreUnavailable:
-            logger.error(
-                "job %s: could not be returned to the queue; its lease "
-                "will expire and it will be taken back",
-                attempt.job.id,
-            )
+            logger.error("job %s: not returned to the queue; its lease will expire", attempt.job.id)
 
     def wake(self) -> None:
         self._wake.set()
@@ -306,12 +302,11 @@ class Dispatcher:
 
     def _reap(self) -> None:
         retried, failed = self.store.reap_expired(LOST_WORKER)
+        for job_id in retried:
+            logger.warning("job %s: its worker was lost; re-queued", job_id)
+        for job_id in failed:
+            logger.warning("job %s: its worker was lost; failed", job_id)
         for job_id in (*retried, *failed):
-            logger.warning(
-                "job %s: its worker was lost; %s",
-                job_id,
-                "re-queued" if job_id in retried else "failed",
-            )
             self.notifier.notify(job_id)
 
     def _prune(self) -> int:
@@ -346,7 +341,7 @@ class Dispatcher:
             logger.warning("could not renew leases: the job store is unavailable")
             return
         for job_id in held.keys() - owned:
-            logger.warning("job %s: no longer ours (canceled or taken back); abandoning", job_id)
+            logger.warning("job %s: canceled or taken back; abandoning it here", job_id)
             self.cancel_local(job_id)
 
     def _write_again(self) -> None:

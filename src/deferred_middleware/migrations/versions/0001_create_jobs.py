@@ -17,6 +17,7 @@ LongText = sa.Text().with_variant(mysql.LONGTEXT(), "mysql", "mariadb")
 def UTCDateTime() -> sa.types.TypeEngine:  # named as the type it stands for
     return sa.DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
 
+
 revision = "0001"
 down_revision = None
 branch_labels = None

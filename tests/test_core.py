@@ -1,0 +1,496 @@
+"""The mechanics around the rules: the core's two faces (blocking and async),
+long-polls that see jobs finished elsewhere, the queue bound's sampling, the
+executor's threads, and how ``@deferred`` markers are found."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import re
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from deferred_middleware import deferred
+from deferred_middleware._core import QueueFull
+from deferred_middleware._jobs import (
+    DeferredOptions,
+    Finish,
+    Status,
+    StoredRequest,
+    StoredResponse,
+)
+from deferred_middleware._routes import RoutePatterns, options_of
+from deferred_middleware.runner._dispatch import worker_name
+from deferred_middleware.store import StoreUnavailable
+
+from .policy_harness import Harness
+from .support import eventually
+
+
+class Calls:
+    """Counts calls to a wrapped function, passing them through."""
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+        self.count = 0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.count += 1
+        return self.fn(*args, **kwargs)
+
+
+def finish_elsewhere(h: Harness, job_id: str) -> None:
+    """As another process would: straight into the store, no notification here."""
+    [claimed] = h.store.claim("elsewhere", 1, 30)
+    h.store.write(
+        [Finish(job_id, claimed.attempts, Status.SUCCEEDED, StoredResponse(200, [], b""))]
+    )
+
+
+# -- preparing ---------------------------------------------------------------
+
+
+def test_the_table_is_prepared_once_and_again_after_a_failure(monkeypatch):
+    h = Harness()
+    migrate = Calls(h.store.migrate)
+    monkeypatch.setattr(h.store, "migrate", migrate)
+    h.submit()
+    h.submit()
+    h.route("/jobs/" + "a" * 32)
+    assert (migrate.count, h.core.ready) == (1, True)
+
+    down = Harness()
+
+    def unavailable(revision: str = "head") -> None:
+        raise StoreUnavailable("down")
+
+    monkeypatch.setattr(down.store, "migrate", unavailable)
+    with pytest.raises(StoreUnavailable):
+        down.submit()
+    assert not down.core.ready
+    assert down.route("/jobs/" + "a" * 32).status == 503
+
+
+def test_the_executor_migrates_once_before_its_first_claim(monkeypatch):
+    h = Harness()
+    migrate = Calls(h.store.migrate)
+    monkeypatch.setattr(h.store, "migrate", migrate)
+    for _ in range(3):
+        h.claim()
+    assert migrate.count == 1
+
+
+# -- the async face ----------------------------------------------------------
+
+
+def test_the_async_face_accepts_and_answers_like_the_blocking_one():
+    h = Harness(retry_after=5, public_url="https://api.example")
+    woken = Calls(h.dispatcher.wake)
+    h.dispatcher.wake = woken  # type: ignore[method-assign]
+
+    async def scenario() -> tuple[Any, ...]:
+        job = await h.core.accept_async(StoredRequest("POST", "/r"), DeferredOptions())
+        accepted = h.core.accepted(job, "/root")
+        status = await h.core.answer_async(f"/{job.id}", "GET", b"", "")
+        head = await h.core.answer_async(f"/{job.id}", "HEAD", b"", "")
+        cancel = await h.core.answer_async(f"/{job.id}/cancel", "POST", b"wait=30", "")
+        gone = await h.core.answer_async("/nope", "GET", b"", "")
+        return job, accepted, status, head, cancel, gone
+
+    job, accepted, status, head, cancel, gone = asyncio.run(scenario())
+    assert woken.count == 1
+    assert ("retry-after", "5") in accepted.headers
+    assert ("location", f"https://api.example/root/jobs/{job.id}/result") in accepted.headers
+    assert json.loads(status.body)["status"] == "queued"
+    assert ("retry-after", "5") in status.headers
+    assert (head.status, head.headers, head.body) == (200, status.headers, b"")
+    assert json.loads(cancel.body)["status"] == "canceled"
+    assert ("retry-after", "5") not in cancel.headers
+    assert gone.status == 404
+    h.core.close()
+
+
+@pytest.mark.parametrize("local", [True, False])
+def test_the_async_face_reads_in_place_only_where_reads_are_local(monkeypatch, local):
+    h = Harness()
+    job_id = h.submit()
+    h.store.reads_are_local = local
+    offload = Calls(h.core.offload)
+    monkeypatch.setattr(h.core, "offload", offload)
+
+    async def poll() -> None:
+        await h.core.answer_async(f"/{job_id}", "GET", b"", "")
+        await h.core.answer_async(f"/{job_id}", "HEAD", b"", "")
+
+    asyncio.run(poll())
+    assert offload.count == (0 if local else 2)
+    asyncio.run(h.core.answer_async(f"/{job_id}/cancel", "POST", b"", ""))
+    assert offload.count == (1 if local else 3)  # writes never run on the loop
+    h.core.close()
+
+
+def test_the_async_face_prepares_the_table_off_the_loop(monkeypatch):
+    h = Harness()
+    offload = Calls(h.core.offload)
+    monkeypatch.setattr(h.core, "offload", offload)
+    asyncio.run(h.core.answer_async("/" + "a" * 32, "GET", b"", ""))
+    assert (offload.count, h.core.ready) == (1, True)
+    asyncio.run(h.core.answer_async("/" + "a" * 32, "GET", b"", ""))
+    assert offload.count == 1
+    h.core.close()
+
+
+def test_the_async_face_answers_503_while_the_store_is_down(monkeypatch):
+    h = Harness(retry_after=6)
+    job_id = h.submit()
+
+    def down(*_: Any, **__: Any) -> None:
+        raise StoreUnavailable("down")
+
+    monkeypatch.setattr(h.store, "get", down)
+    reply = asyncio.run(h.core.answer_async(f"/{job_id}", "GET", b"", ""))
+    assert (reply.status, dict(reply.headers)["retry-after"]) == (503, "6")
+
+
+def test_offloading_threads_come_back_after_close():
+    h = Harness()
+    assert asyncio.run(h.core.offload(threading.current_thread)) is not threading.current_thread()
+    h.core.close()
+    name = asyncio.run(h.core.offload(lambda: threading.current_thread().name))
+    assert name.startswith("deferred-io")
+    h.core.close()
+
+
+# -- long-polls --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("face", ["blocking", "async"])
+def test_a_long_poll_sees_a_job_finished_by_another_process(face):
+    h = Harness(poll_interval=0.01)
+    job_id = h.submit()
+    timer = threading.Timer(0.05, finish_elsewhere, (h, job_id))
+    timer.start()
+    if face == "blocking":
+        reply = h.route(f"/jobs/{job_id}", query=b"wait=0.8")
+    else:
+        reply = asyncio.run(h.core.answer_async(f"/{job_id}", "GET", b"wait=0.8", ""))
+    timer.join()
+    assert json.loads(reply.body)["status"] == "succeeded"
+    assert h.notifier._waiters == {}  # the poll unsubscribed
+
+
+@pytest.mark.parametrize("face", ["blocking", "async"])
+def test_an_async_long_poll_is_woken_by_this_process(face):
+    h = Harness(poll_interval=60)  # only a wake-up can end it in time
+    job_id, replay = h.submit(), None
+    h.claim()
+    replay = h.launcher.last(job_id)
+    threading.Timer(0.05, replay.respond).start()
+    if face == "blocking":
+        reply = h.route(f"/jobs/{job_id}/result", query=b"wait=30")
+    else:
+        reply = asyncio.run(h.core.answer_async(f"/{job_id}/result", "GET", b"wait=30", ""))
+    assert reply.status == 200
+    assert h.notifier._waiters == {}
+
+
+def test_an_async_long_poll_ends_at_its_deadline():
+    h = Harness(poll_interval=0.01)
+    job_id = h.submit()
+    reply = asyncio.run(h.core.answer_async(f"/{job_id}", "GET", b"wait=0.05", ""))
+    assert json.loads(reply.body)["status"] == "queued"
+    assert h.notifier._waiters == {}
+
+
+@pytest.mark.parametrize("method", ["HEAD", "GET"])
+def test_reads_wait_and_writes_do_not(h_wait_spy, method):
+    h, waited = h_wait_spy
+    job_id = h.submit()
+    h.route(f"/jobs/{job_id}", method, b"wait=0.01")
+    h.route(f"/jobs/{job_id}/cancel", "POST", b"wait=5")
+    assert waited == [(job_id, 0.01)]
+
+
+@pytest.fixture
+def h_wait_spy(monkeypatch):
+    h = Harness()
+    waited: list[tuple[str, float]] = []
+    monkeypatch.setattr(h.core, "wait", lambda job_id, timeout: waited.append((job_id, timeout)))
+    return h, waited
+
+
+def test_nothing_is_left_to_wait_for_once_a_job_ends_or_is_gone():
+    h = Harness()
+    job_id = h.submit()
+    assert not h.core.is_finished(job_id)
+    h.core.cancel(job_id)
+    assert h.core.is_finished(job_id)
+    assert h.core.is_finished("b" * 32)
+
+
+def test_cancel_wakes_long_polls_and_stops_a_local_attempt():
+    h = Harness()
+    job_id = h.submit()
+    h.claim()
+    woken: list[str] = []
+    h.notifier.subscribe(job_id, lambda: woken.append(job_id))
+    h.core.cancel(job_id)
+    assert woken == [job_id]
+    assert h.launcher.last(job_id).cancel_calls == 1
+
+
+def test_progress_and_outcomes_wake_long_polls():
+    h = Harness()
+    job_id = h.submit()
+    h.claim()
+    woken: list[str] = []
+    h.notifier.subscribe(job_id, lambda: woken.append(job_id))
+    h.launcher.last(job_id).progress(0.5)
+    assert woken == [job_id]
+    h.launcher.last(job_id).respond()
+    assert woken == [job_id, job_id]
+
+
+def test_a_reaped_job_wakes_its_long_polls():
+    h = Harness()
+    job_id = h.submit()
+    h.store.claim("dead", 1, h.config.lease_seconds)
+    woken: list[str] = []
+    h.notifier.subscribe(job_id, lambda: woken.append(job_id))
+    h.advance(h.config.lease_seconds + 1)
+    h.claim()
+    assert woken == [job_id]
+
+
+# -- the queue bound ---------------------------------------------------------
+
+
+def test_the_queue_is_counted_at_most_twice_a_second(monkeypatch):
+    h = Harness(max_queued=100)
+    count = Calls(h.store.count)
+    monkeypatch.setattr(h.store, "count", count)
+    h.submit()
+    h.submit()
+    assert count.count == 1
+    h.advance(0.49)
+    h.submit()
+    assert count.count == 1
+    h.advance(0.01)
+    h.submit()
+    assert count.count == 2
+
+
+def test_without_a_bound_the_queue_is_never_counted(monkeypatch):
+    h = Harness()
+    count = Calls(h.store.count)
+    monkeypatch.setattr(h.store, "count", count)
+    for _ in range(3):
+        h.submit()
+        h.advance(1)
+    assert count.count == 0
+
+
+def test_accepts_between_counts_are_counted_too():
+    h = Harness(max_queued=3)
+    for _ in range(3):
+        h.submit()
+    with pytest.raises(QueueFull):
+        h.submit()
+    h.advance(1)
+    h.core.cancel(h.store.list()[0].id)  # one place frees up, seen at the next count
+    h.submit()
+    with pytest.raises(QueueFull):
+        h.submit()
+
+
+def test_queue_full_is_a_503_with_retry_after_from_the_config():
+    h = Harness(retry_after=9)
+    assert dict(h.core.refused(QueueFull()).headers)["retry-after"] == "9"
+    assert dict(h.core.refused(StoreUnavailable("x")).headers)["retry-after"] == "9"
+
+
+# -- the executor ------------------------------------------------------------
+
+
+def test_claiming_waits_for_a_useful_batch_while_busy():
+    h = Harness(concurrency=8)  # a batch is at least 2
+    ids = [h.submit() for _ in range(10)]
+    assert h.claim() == 8
+    h.launcher.last(ids[0]).respond()
+    assert h.claim() == 0  # one free slot while busy: wait for more
+    h.launcher.last(ids[1]).respond()
+    assert h.claim() == 2
+
+
+def test_housekeeping_runs_on_its_own_schedule(monkeypatch):
+    h = Harness(lease_seconds=30)
+    reap, prune = Calls(h.store.reap_expired), Calls(h.store.prune)
+    monkeypatch.setattr(h.store, "reap_expired", reap)
+    monkeypatch.setattr(h.store, "prune", prune)
+    h.claim()
+    assert (reap.count, prune.count) == (1, 1)
+    h.advance(14.9)
+    h.claim()
+    assert (reap.count, prune.count) == (1, 1)
+    h.advance(0.1)  # half a lease
+    h.claim()
+    assert (reap.count, prune.count) == (2, 1)
+    h.advance(45)  # a minute since the first prune
+    h.claim()
+    assert (reap.count, prune.count) == (3, 2)
+
+
+def test_leases_are_renewed_every_third_of_their_time(monkeypatch):
+    h = Harness(lease_seconds=30)
+    h.submit()
+    h.claim()
+    renew = Calls(h.store.renew)
+    monkeypatch.setattr(h.store, "renew", renew)
+    h.advance(9.9)
+    h.tend()
+    assert renew.count == 0
+    h.advance(0.1)
+    h.tend()
+    assert renew.count == 1
+    h.advance(9.9)
+    h.tend()
+    assert renew.count == 1
+    h.advance(0.1)
+    h.tend()
+    assert renew.count == 2
+
+
+def test_a_store_that_is_down_does_not_stop_the_executor(monkeypatch):
+    h = Harness()
+    job_id = h.submit()
+    h.claim()
+
+    def down(*_: Any, **__: Any) -> Any:
+        raise StoreUnavailable("down")
+
+    for name in ("claim", "renew", "reap_expired"):
+        monkeypatch.setattr(h.store, name, down)
+    h.advance(h.config.lease_seconds)
+    assert h.claim() == 0
+    h.tend()  # renewing fails, and the attempt is kept
+    assert job_id in h.dispatcher.running
+
+
+def test_a_failing_claim_is_logged_and_survived(monkeypatch, caplog):
+    h = Harness()
+
+    def broken(*_: Any, **__: Any) -> Any:
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(h.store, "claim", broken)
+    assert h.claim() == 0
+    assert "claiming jobs failed" in caplog.text
+
+
+def test_a_replay_cancelled_from_outside_frees_its_slot():
+    h = Harness()
+    job_id = h.submit()
+    h.claim()
+    h.launcher.last(job_id).end(None)  # e.g. its event loop shut down
+    assert not h.dispatcher.running
+    assert h.job(job_id).status is Status.RUNNING  # its lease will expire
+
+
+def test_shutdown_waits_no_longer_than_its_grace():
+    h = Harness()
+    job_id = h.submit()
+    h.claim()
+    h.dispatcher.stop(grace=0.05)  # the replay never ends by itself
+    assert h.job(job_id).status is Status.QUEUED
+
+
+def test_shutdown_survives_a_store_that_is_down(monkeypatch, caplog):
+    h = Harness()
+    job_id = h.submit()
+    h.claim()
+
+    def down(*_: Any, **__: Any) -> Any:
+        raise StoreUnavailable("down")
+
+    monkeypatch.setattr(h.store, "write", down)
+    h.dispatcher.stop(grace=0)
+    assert h.job(job_id).status is Status.RUNNING  # its lease will expire
+    assert "not returned to the queue" in caplog.text
+
+
+def test_the_executor_threads_run_jobs_and_stop():
+    h = Harness(poll_interval=0.01)
+    h.dispatcher.monotonic = time.monotonic  # real time for real threads
+    h.dispatcher._next_renew = 0
+    h.dispatcher.start()
+    names = {t.name for t in h.dispatcher._threads}
+    assert names == {"deferred-claim", "deferred-lease"}
+    assert all(t.daemon for t in h.dispatcher._threads)
+    job_id = h.submit()
+    eventually(lambda: h.launcher.count(job_id) == 1, timeout=10)
+    h.launcher.last(job_id).respond()
+    h.dispatcher.stop(grace=5)
+    assert h.job(job_id).status is Status.SUCCEEDED
+    assert not any(t.is_alive() for t in threading.enumerate() if t.name.startswith("deferred-c"))
+
+
+def test_a_store_that_pushes_wake_ups_gets_a_listener(monkeypatch):
+    h = Harness(poll_interval=60)
+    listened = threading.Event()
+
+    def listen(wake: Any, stopped: threading.Event) -> None:
+        listened.set()
+        stopped.wait()
+
+    monkeypatch.setattr(h.store, "pushes_wakeups", True)
+    monkeypatch.setattr(h.store, "listen", listen)
+    h.dispatcher.start()
+    assert "deferred-listen" in {t.name for t in h.dispatcher._threads}
+    assert listened.wait(10)
+    h.dispatcher.stop(grace=0)
+    assert h.dispatcher._threads == []
+
+
+def test_workers_have_distinct_names_with_their_host():
+    first, second = worker_name(), worker_name()
+    assert first != second
+    assert re.fullmatch(r"[^:]+:[0-9a-f]{12}", first)
+
+
+# -- finding @deferred markers ------------------------------------------------
+
+
+def test_markers_are_found_through_bound_methods_and_wrappers():
+    class Views:
+        @deferred(retries=3)
+        def report(self) -> None: ...
+
+    def logged(view: Any) -> Any:
+        @functools.wraps(view)
+        def wrapper(*args: Any) -> Any:
+            return view(*args)
+
+        return wrapper
+
+    assert options_of(Views().report) == DeferredOptions(retries=3)
+    wrapped = logged(deferred(timeout=5)(lambda: None))
+    assert options_of(wrapped) == DeferredOptions(timeout=5)
+    assert options_of(logged(logged(deferred(lambda: None)))) == DeferredOptions()
+    outer = deferred(retries=1)(logged(deferred(retries=2)(lambda: None)))
+    assert options_of(outer) == DeferredOptions(retries=1)  # the outermost marker wins
+
+    def selfish() -> None: ...
+
+    selfish.__wrapped__ = selfish  # type: ignore[attr-defined]
+    assert options_of(selfish) is None
+    assert options_of(None) is None
+    assert options_of(Views().report.__func__) == DeferredOptions(retries=3)
+
+
+def test_a_bad_pattern_names_itself():
+    with pytest.raises(ValueError, match="'POST reports'"):
+        RoutePatterns(["POST reports"])

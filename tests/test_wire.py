@@ -1,0 +1,209 @@
+"""Every reply of the wire protocol, exactly: status, headers in order, body
+bytes. Clients parse these, so a changed title, a lost header or a wrong
+Content-Length is a break, not a detail."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+
+import pytest
+
+from deferred_middleware import _protocol as protocol
+from deferred_middleware._jobs import Job, Status, StoredResponse
+
+JOB_ID = "a" * 32
+CREATED = datetime(2026, 11, 24, 6, 0, 0, 123456, tzinfo=timezone.utc)
+STARTED = datetime(2026, 11, 24, 6, 0, 1, tzinfo=timezone.utc)
+FINISHED = datetime(2026, 11, 24, 6, 0, 2, 500000, tzinfo=timezone.utc)
+URLS = protocol.JobURLs.for_request("/jobs", "/api/", None)
+
+
+def job(status: Status, **fields) -> Job:
+    return Job(id=JOB_ID, status=status, created_at=CREATED, **fields)
+
+
+def compact(data) -> bytes:
+    return json.dumps(data, separators=(",", ":")).encode()
+
+
+def problem_reply(status: int, title: str, detail: str | None, *extra) -> protocol.Reply:
+    document = {"type": "about:blank", "title": title, "status": status}
+    if detail is not None:
+        document["detail"] = detail
+    body = compact(document)
+    headers = [
+        ("content-type", "application/problem+json"),
+        ("content-length", str(len(body))),
+        *extra,
+    ]
+    return protocol.Reply(status, headers, body)
+
+
+@pytest.mark.parametrize(
+    ("reply", "expected"),
+    [
+        (protocol.not_found(), problem_reply(404, "Not Found", "No job with this id.")),
+        (
+            protocol.too_large(1024),
+            problem_reply(413, "Content Too Large", "The request body exceeds 1024 bytes."),
+        ),
+        (
+            protocol.unavailable(7),
+            problem_reply(
+                503, "Service Unavailable", "The job store is unavailable.", ("retry-after", "7")
+            ),
+        ),
+        (
+            protocol.unavailable(2, protocol.QUEUE_FULL),
+            problem_reply(
+                503,
+                "Service Unavailable",
+                "Too many jobs are waiting; try again later.",
+                ("retry-after", "2"),
+            ),
+        ),
+        (
+            protocol.method_not_allowed(""),
+            problem_reply(405, "Method Not Allowed", None, ("allow", "GET, HEAD, DELETE")),
+        ),
+        (
+            protocol.method_not_allowed("result"),
+            problem_reply(405, "Method Not Allowed", None, ("allow", "GET, HEAD")),
+        ),
+        (
+            protocol.method_not_allowed("cancel"),
+            problem_reply(405, "Method Not Allowed", None, ("allow", "POST")),
+        ),
+        (
+            protocol.problem(409, "Conflict", "The job has already finished."),
+            problem_reply(409, "Conflict", "The job has already finished."),
+        ),
+    ],
+)
+def test_problems_are_rfc_9457_documents(reply, expected):
+    assert reply == expected
+    assert int(dict(reply.headers)["content-length"]) == len(reply.body)
+
+
+def test_the_202_carries_both_urls_and_the_poll_interval():
+    reply = protocol.accepted(job(Status.QUEUED), URLS, 3)
+    body = compact(
+        {
+            "id": JOB_ID,
+            "status": "queued",
+            "status_url": f"/api/jobs/{JOB_ID}",
+            "result_url": f"/api/jobs/{JOB_ID}/result",
+            "created_at": "2026-11-24T06:00:00.123456Z",
+        }
+    )
+    assert reply == protocol.Reply(
+        202,
+        [
+            ("content-type", "application/json"),
+            ("content-length", str(len(body))),
+            ("location", f"/api/jobs/{JOB_ID}/result"),
+            ("operation-location", f"/api/jobs/{JOB_ID}"),
+            ("retry-after", "3"),
+        ],
+        body,
+    )
+
+
+def status_body(status: str, **fields) -> bytes:
+    document = {
+        "id": JOB_ID,
+        "status": status,
+        "created_at": "2026-11-24T06:00:00.123456Z",
+        "started_at": None,
+        "finished_at": None,
+        "attempts": 0,
+        "progress": None,
+        "message": None,
+        "status_url": f"/api/jobs/{JOB_ID}",
+        "result_url": f"/api/jobs/{JOB_ID}/result",
+    }
+    document.update(fields)
+    return compact(document)
+
+
+def json_reply(status: int, body: bytes, *extra) -> protocol.Reply:
+    headers = [("content-type", "application/json"), ("content-length", str(len(body))), *extra]
+    return protocol.Reply(status, headers, body)
+
+
+def test_a_running_job_s_status_tells_when_to_poll_again():
+    running = job(Status.RUNNING, started_at=STARTED, attempts=1, progress=0.5, message="half")
+    body = status_body(
+        "running",
+        started_at="2026-11-24T06:00:01.000000Z",
+        attempts=1,
+        progress=0.5,
+        message="half",
+    )
+    expected = json_reply(200, body, ("retry-after", "4"))
+    assert protocol.status_reply(running, URLS, 4) == expected
+    assert protocol.result_reply(running, URLS, 4) == json_reply(202, body, ("retry-after", "4"))
+
+
+def test_a_finished_job_s_status_has_its_times_and_no_retry_after():
+    done = job(Status.SUCCEEDED, started_at=STARTED, finished_at=FINISHED, attempts=2)
+    body = status_body(
+        "succeeded",
+        started_at="2026-11-24T06:00:01.000000Z",
+        finished_at="2026-11-24T06:00:02.500000Z",
+        attempts=2,
+    )
+    assert protocol.status_reply(done, URLS, 4) == json_reply(200, body)
+
+
+def test_only_a_failed_job_s_status_has_an_error():
+    failed = job(Status.FAILED, finished_at=FINISHED, attempts=1, error="It broke.")
+    document = json.loads(protocol.status_reply(failed, URLS, 1).body)
+    assert document["error"] == "It broke."
+    for status in (Status.QUEUED, Status.RUNNING, Status.SUCCEEDED, Status.CANCELED):
+        assert "error" not in json.loads(
+            protocol.status_reply(job(status, error="x"), URLS, 1).body
+        )
+
+
+def test_a_finished_result_replays_the_handler_s_response_exactly():
+    headers = [("set-cookie", "a=1"), ("set-cookie", "b=2"), ("content-type", "x/y")]
+    done = job(Status.SUCCEEDED, response=StoredResponse(201, headers, b"\x00body"))
+    reply = protocol.result_reply(done, URLS, 1)
+    assert reply == protocol.Reply(201, headers, b"\x00body")
+    reply.headers.append(("x", "y"))
+    assert done.response.headers == headers  # the reply is a copy
+
+
+def test_a_failed_job_with_a_response_replays_it():
+    failed = job(Status.FAILED, response=StoredResponse(502, [], b"bad"), error="x")
+    assert protocol.result_reply(failed, URLS, 1) == protocol.Reply(502, [], b"bad")
+
+
+def test_a_failed_job_without_a_response_is_a_500_problem():
+    failed = job(Status.FAILED, error="The handler raised an exception.")
+    expected = problem_reply(500, "Internal Server Error", "The handler raised an exception.")
+    assert protocol.result_reply(failed, URLS, 1) == expected
+    unexplained = protocol.result_reply(job(Status.FAILED), URLS, 1)
+    assert json.loads(unexplained.body)["detail"] == "The job failed without a response."
+
+
+def test_a_canceled_job_s_result_is_a_409_problem():
+    expected = problem_reply(409, "Conflict", "The job was canceled; it has no result.")
+    assert protocol.result_reply(job(Status.CANCELED), URLS, 1) == expected
+
+
+@pytest.mark.parametrize(
+    ("prefix", "root_path", "public_url", "status_url"),
+    [
+        ("/jobs", "", None, f"/jobs/{JOB_ID}"),
+        ("/jobs", "/api", None, f"/api/jobs/{JOB_ID}"),
+        ("/jobs", "/api//", None, f"/api/jobs/{JOB_ID}"),
+        ("/tasks", "/", "https://x.example", f"https://x.example/tasks/{JOB_ID}"),
+    ],
+)
+def test_job_urls_are_absolute_paths_under_the_root_path(prefix, root_path, public_url, status_url):
+    urls = protocol.JobURLs.for_request(prefix, root_path, public_url)
+    assert urls.status(JOB_ID) == status_url
+    assert urls.result(JOB_ID) == status_url + "/result"
