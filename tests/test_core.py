@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from deferred_middleware import deferred
-from deferred_middleware._core import QueueFull
+from deferred_middleware._core import HeadersTooLarge, NotStorable, QueueFull
 from deferred_middleware._jobs import (
     DeferredOptions,
     Finish,
@@ -427,15 +427,15 @@ def test_the_executor_threads_run_jobs_and_stop():
     h.dispatcher.monotonic = time.monotonic  # real time for real threads
     h.dispatcher._next_renew = 0
     h.dispatcher.start()
-    names = {t.name for t in h.dispatcher._threads}
-    assert names == {"deferred-claim", "deferred-lease"}
-    assert all(t.daemon for t in h.dispatcher._threads)
+    threads = list(h.dispatcher._threads)
+    assert {t.name for t in threads} == {"deferred-claim", "deferred-lease"}
+    assert all(t.daemon for t in threads)
     job_id = h.submit()
     eventually(lambda: h.launcher.count(job_id) == 1, timeout=10)
     h.launcher.last(job_id).respond()
     h.dispatcher.stop(grace=5)
     assert h.job(job_id).status is Status.SUCCEEDED
-    assert not any(t.is_alive() for t in threading.enumerate() if t.name.startswith("deferred-c"))
+    assert not any(t.is_alive() for t in threads)
 
 
 def test_a_store_that_pushes_wake_ups_gets_a_listener(monkeypatch):
@@ -494,3 +494,160 @@ def test_markers_are_found_through_bound_methods_and_wrappers():
 def test_a_bad_pattern_names_itself():
     with pytest.raises(ValueError, match="'POST reports'"):
         RoutePatterns(["POST reports"])
+
+
+# -- requests that get no job ------------------------------------------------
+
+
+def accept(h: Harness, **request: Any) -> Any:
+    return h.core.accept(StoredRequest(**{"method": "POST", "path": "/r", **request}), OPTIONS)
+
+
+OPTIONS = DeferredOptions()
+
+
+def test_headers_over_the_limit_get_431_and_no_job():
+    h = Harness(max_header_size=100)
+    accept(h, headers=[("x", "v" * 99)])  # 100 bytes: at the limit
+    with pytest.raises(HeadersTooLarge) as refused:
+        accept(h, headers=[("x", "v" * 50), ("y", "v" * 49)])
+    assert h.core.refused(refused.value).status == 431
+    assert h.store.count(Status.QUEUED) == 1
+
+
+@pytest.mark.parametrize(
+    ("request_fields", "detail"),
+    [
+        ({"method": "X" * 17}, "The request method cannot be stored."),
+        ({"method": "GET POST"}, "The request method cannot be stored."),
+        ({"method": ""}, "The request method cannot be stored."),
+        ({"path": "/r\x00"}, "The request contains a NUL character."),
+        ({"root_path": "/a\x00"}, "The request contains a NUL character."),
+        ({"headers": [("x", "a\x00b")]}, "The request contains a NUL character."),
+    ],
+)
+def test_a_request_the_table_cannot_keep_gets_400_and_no_job(request_fields, detail):
+    h = Harness()
+    with pytest.raises(NotStorable) as refused:
+        accept(h, **request_fields)
+    reply = h.core.refused(refused.value)
+    assert (reply.status, json.loads(reply.body)["detail"]) == (400, detail)
+    assert h.store.count(Status.QUEUED) == 0
+    accept(h, method="X" * 16)  # the longest method that fits
+    assert h.store.count(Status.QUEUED) == 1
+
+
+def test_a_chunked_request_is_replayed_with_its_length():
+    h = Harness()
+    job = accept(
+        h,
+        headers=[("transfer-encoding", "chunked"), ("content-length", "99"), ("x", "1")],
+        body=b"hello",
+    )
+    stored = h.store.get(job.id, request=True).request
+    assert stored.headers == [("x", "1"), ("content-length", "5")]
+    assert stored.body == b"hello"
+
+
+@pytest.mark.parametrize(
+    ("path", "raw", "tail"),
+    [
+        (f"/jobs/{'a' * 32}/result", f"/jobs/{'a' * 32}/result", f"/{'a' * 32}/result"),
+        (f"/jobs/{'a' * 32}/result", f"/jobs/{'a' * 32}%2Fresult", "/"),
+        (f"/jobs/{'a' * 32}", f"/root/jobs/{'a' * 32}", f"/{'a' * 32}"),
+        (f"/jobs/{'a' * 32}", None, f"/{'a' * 32}"),
+        ("/jobsx", "/jobsx", None),
+        ("/other", "/other", None),
+    ],
+)
+def test_job_routes_are_routed_on_the_path_as_sent(path, raw, tail):
+    h = Harness()
+    assert h.core.job_route_tail(path, raw) == tail
+    if tail == "/":
+        assert h.core.answer(tail, "GET", b"", "").status == 404
+
+
+# -- outages -----------------------------------------------------------------
+
+
+class Outage:
+    """Makes some store methods fail as a database that is down would."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, store: Any, *names: str) -> None:
+        self.down = False
+        for name in names:
+            real = getattr(store, name)
+            monkeypatch.setattr(store, name, self._guard(real))
+
+    def _guard(self, real: Any) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if self.down:
+                raise StoreUnavailable("down")
+            return real(*args, **kwargs)
+
+        return call
+
+
+def test_an_outage_longer_than_a_lease_does_not_make_a_worker_reap_its_own_jobs(monkeypatch):
+    h = Harness(lease_seconds=30)
+    job_id = h.submit(retries=1)
+    h.claim()
+    outage = Outage(monkeypatch, h.store, "claim", "renew", "reap_expired", "write", "prune")
+    outage.down = True
+    for _ in range(10):  # 100 s without the database
+        h.advance(10)
+        h.tend()
+        h.claim()
+    outage.down = False
+    h.claim()  # the first thing it does with the database back
+    assert h.job(job_id).status is Status.RUNNING
+    assert h.job(job_id).attempts == 1
+    h.launcher.last(job_id).respond(200)
+    assert h.job(job_id).status is Status.SUCCEEDED
+    assert h.launcher.count(job_id) == 1
+
+
+def test_while_the_store_is_away_leases_are_retried_every_second(monkeypatch):
+    h = Harness(lease_seconds=30)
+    h.submit()
+    h.claim()
+    outage = Outage(monkeypatch, h.store, "renew")
+    renew = Calls(h.store.renew)
+    monkeypatch.setattr(h.store, "renew", renew)
+    outage.down = True
+    h.advance(10)
+    h.tend()
+    assert renew.count == 1
+    h.advance(0.5)
+    h.tend()
+    assert renew.count == 1
+    h.advance(0.5)
+    h.tend()
+    assert renew.count == 2
+
+
+# -- the writer ---------------------------------------------------------------
+
+
+def test_the_writer_outlives_a_waiter_that_gave_up():
+    from concurrent.futures import Future
+
+    from deferred_middleware.store import MemoryJobStore
+    from deferred_middleware.store._writer import BatchWriter
+
+    store = MemoryJobStore()
+    writer = BatchWriter(store)
+    abandoned: Future[None] = Future()
+    abandoned.cancel()
+    first = Harness().core._new_job(StoredRequest("POST", "/a"), OPTIONS)
+    writer.insert(first, abandoned)
+    later: Future[None] = Future()
+    second = Harness().core._new_job(StoredRequest("POST", "/b"), OPTIONS)
+    writer.insert(second, later)
+    assert later.result(timeout=10) is None
+    assert store.count(Status.QUEUED) == 2
+    writer.stop()
+    third: Future[None] = Future()
+    writer.insert(Harness().core._new_job(StoredRequest("POST", "/c"), OPTIONS), third)
+    assert third.result(timeout=10) is None  # a stopped writer starts again
+    writer.stop()

@@ -26,7 +26,7 @@ from deferred_middleware._jobs import (
     StoredResponse,
     utcnow,
 )
-from deferred_middleware.store import StoreUnavailable
+from deferred_middleware.store import StoreUnavailable, Unstorable
 
 from .policy_harness import Harness
 
@@ -397,7 +397,8 @@ def test_credentials_are_kept_only_while_the_job_needs_them(h, end):
     assert h.store.credentials_of(job_id) != []
     assert h.claim() == 1
     replay = h.launcher.last(job_id)
-    assert replay.request.headers == CREDENTIALS  # the replay gets them, in order
+    # The replay gets them, in order, and the length of the body as stored.
+    assert replay.request.headers == [*CREDENTIALS, ("content-length", "2")]
     if end == "respond":
         replay.respond(200)
     elif end == "raise":
@@ -410,14 +411,14 @@ def test_credentials_are_kept_only_while_the_job_needs_them(h, end):
         h.claim()
     assert h.job(job_id).status.finished
     assert h.store.credentials_of(job_id) == []
-    assert h.job(job_id).request.headers == [("x-kept", "1")]
+    assert h.job(job_id).request.headers == [("x-kept", "1"), ("content-length", "2")]
 
 
 def test_extra_credential_headers_are_erased_too():
     h = Harness(credential_headers=["X-Api-Key"])
     job_id, replay = run(h, headers=[("x-api-key", "k"), ("x-other", "o")])
     replay.respond(200)
-    assert h.job(job_id).request.headers == [("x-other", "o")]
+    assert h.job(job_id).request.headers == [("x-other", "o"), ("content-length", "2")]
 
 
 # -- shutdown ----------------------------------------------------------------
@@ -585,5 +586,6 @@ def test_one_unstorable_job_does_not_fail_the_others_in_its_batch(h, monkeypatch
         items.append((True, job, future))
     h.writer._write(items)
     assert good.result() is None
-    assert isinstance(bad.exception(), StoreUnavailable)
+    assert isinstance(bad.exception(), Unstorable)
+    assert h.core.refused(bad.exception()).status == 400
     assert h.store.count(Status.QUEUED) == 1

@@ -125,3 +125,52 @@ def test_an_older_release_runs_against_a_newer_schema(database_url):
     older.insert([job])
     assert older.get(job.id) is not None
     older.close()
+
+
+def test_an_sqlite_file_removed_while_serving_is_noticed_then_made_anew(sqlite_url, tmp_path):
+    """Never a commit into a file nobody will open again."""
+    store = SQLJobStore(sqlite_url)
+    store.migrate()
+    kept = make_job()
+    store.insert([kept])
+    path = Path(sqlite_url.removeprefix("sqlite:///"))
+    for suffix in ("", "-wal", "-shm"):
+        Path(str(path) + suffix).unlink(missing_ok=True)
+    with pytest.raises(StoreUnavailable):
+        store.insert([make_job()])
+    fresh = make_job()
+    store.insert([fresh])  # the store opened and migrated a new file
+    assert path.exists()
+    assert store.get(fresh.id) is not None
+    assert store.get(kept.id) is None
+    store.close()
+
+
+def test_an_sqlite_file_replaced_while_serving_is_noticed(sqlite_url, tmp_path):
+    store = SQLJobStore(sqlite_url)
+    store.migrate()
+    path = Path(sqlite_url.removeprefix("sqlite:///"))
+    other = SQLJobStore(f"sqlite:///{tmp_path}/other.db")
+    other.migrate()
+    other.close()
+    (tmp_path / "other.db").replace(path)
+    with pytest.raises(StoreUnavailable):
+        store.insert([make_job()])
+    job = make_job()
+    store.insert([job])
+    assert SQLJobStore(sqlite_url).get(job.id) is not None
+    store.close()
+
+
+def test_a_connection_that_failed_is_not_used_again(sqlite_url):
+    """SQLite keeps a file's read-only state per connection: a pooled one
+    would keep failing after the file is writable again."""
+    store = SQLJobStore(sqlite_url)
+    store.migrate()
+    with store.engine.connect() as connection:
+        pooled = connection.connection.dbapi_connection
+    pooled.execute("PRAGMA query_only=ON")  # fails every write on this connection
+    with pytest.raises(StoreUnavailable):
+        store.insert([make_job()])
+    store.insert([make_job()])  # on a fresh connection
+    store.close()

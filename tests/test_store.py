@@ -312,3 +312,21 @@ def test_the_memory_store_erases_credentials_when_a_job_ends():
     assert store.credentials_of(job.id) == [(0, "authorization", "Bearer t")]
     store.cancel(job.id)
     assert store.credentials_of(job.id) == []
+
+
+@pytest.mark.parametrize("back", ["retry later", "requeue", "reaped"])
+def test_a_job_back_in_the_queue_shows_nothing_of_the_run_that_ended(any_store, new, clock, back):
+    job = new(retries=1)
+    any_store.insert([job])
+    attempt = claim_one(any_store)
+    any_store.write([Progress(job.id, attempt, 0.5, "half")])
+    if back == "retry later":
+        any_store.write([RetryLater(job.id, attempt, 0, "raised")])
+    elif back == "requeue":
+        any_store.write([Requeue(job.id, attempt)])
+    else:
+        clock.advance(31)
+        any_store.reap_expired("lost")
+    queued = any_store.get(job.id)
+    assert queued.status is Status.QUEUED
+    assert (queued.started_at, queued.progress, queued.message) == (None, None, None)

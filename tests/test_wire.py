@@ -207,3 +207,58 @@ def test_job_urls_are_absolute_paths_under_the_root_path(prefix, root_path, publ
     urls = protocol.JobURLs.for_request(prefix, root_path, public_url)
     assert urls.status(JOB_ID) == status_url
     assert urls.result(JOB_ID) == status_url + "/result"
+
+
+@pytest.mark.parametrize(
+    ("root_path", "base"),
+    [
+        ("//evil.example", "/jobs"),
+        ("//evil.example/x", "/jobs"),
+        ("/\\evil.example", "/jobs"),
+        ("evil.example", "/jobs"),
+        ("/a/../b", "/jobs"),
+        ("/a/./b", "/jobs"),
+        ("/a\r\nSet-Cookie: x=1", "/jobs"),
+        ("/a\x7f", "/jobs"),
+        ("/api/v1/", "/api/v1/jobs"),
+        ("/café au lait", "/caf%C3%A9%20au%20lait/jobs"),
+        ("/a;b=1/@me", "/a;b=1/@me/jobs"),
+    ],
+)
+def test_a_root_path_that_is_not_a_clean_absolute_path_is_ignored(root_path, base):
+    """Job URLs never point at another host, and always fit in a header."""
+    urls = protocol.JobURLs.for_request("/jobs", root_path, None)
+    assert urls.base == base
+    urls.status(JOB_ID).encode("ascii")
+
+
+def test_a_trailing_slash_is_no_job_route():
+    assert protocol.parse_job_route(f"/{JOB_ID}/", b"", 30) is None
+    assert protocol.parse_job_route(f"/{JOB_ID}/result/", b"", 30) is None
+    assert protocol.parse_job_route(f"/{JOB_ID}//", b"", 30) is None
+
+
+def test_a_final_result_never_looks_pending():
+    headers = [("retry-after", "30"), ("content-type", "text/plain")]
+    failed = job(Status.FAILED, response=StoredResponse(503, headers, b"busy"), error="x")
+    reply = protocol.result_reply(failed, URLS, 1)
+    assert reply == protocol.Reply(503, [("content-type", "text/plain")], b"busy")
+
+
+@pytest.mark.parametrize(
+    ("reply", "expected"),
+    [
+        (
+            protocol.headers_too_large(65536),
+            problem_reply(
+                431, "Request Header Fields Too Large", "The request headers exceed 65536 bytes."
+            ),
+        ),
+        (
+            protocol.unstorable("The request method cannot be stored."),
+            problem_reply(400, "Bad Request", "The request method cannot be stored."),
+        ),
+    ],
+)
+def test_refusals_of_one_request_are_4xx_problems(reply, expected):
+    assert reply == expected

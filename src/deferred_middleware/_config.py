@@ -28,6 +28,7 @@ class Config:
     prefix: str = "/jobs"
     public_url: str | None = None
     max_body_size: int = 10 * 1024 * 1024
+    max_header_size: int = 64 * 1024
     max_wait: float = 30.0
     max_queued: int | None = None
     retry_after: int = 1
@@ -79,6 +80,8 @@ class Options(TypedDict, total=False):
     """Absolute URLs in headers and bodies, e.g. ``https://api.example.com``."""
     max_body_size: int
     """Larger deferred requests get 413 and no job."""
+    max_header_size: int
+    """All header names and values together; larger deferred requests get 431."""
     max_wait: float
     """Cap of ``?wait=N``, seconds."""
     max_queued: int | None

@@ -19,7 +19,7 @@ from . import _protocol as protocol
 from ._config import Config
 from ._jobs import DeferredOptions, Job, Status, StoredRequest, new_job_id, utcnow
 from ._notify import Notifier
-from .store import Clock, JobStore, StoreUnavailable
+from .store import Clock, JobStore, StoreUnavailable, Unstorable
 from .store._writer import BatchWriter
 
 logger = logging.getLogger("deferred_middleware")
@@ -29,8 +29,24 @@ OFFLOAD_THREADS = 16
 T = TypeVar("T")
 
 
-class QueueFull(Exception):
-    """``max_queued`` jobs are waiting: answer 503, make no job."""
+class Refusal(Exception):
+    """A request that gets no job, for a reason of its own or of the queue's."""
+
+
+class QueueFull(Refusal):
+    """``max_queued`` jobs are waiting: 503, try again later."""
+
+
+class HeadersTooLarge(Refusal):
+    """The headers exceed ``max_header_size``: 431."""
+
+
+class NotStorable(Refusal):
+    """The job table cannot keep the request faithfully: 400."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
 
 
 class Executor(Protocol):
@@ -114,13 +130,19 @@ class JobCore:
         return job
 
     def _new_job(self, request: StoredRequest, options: DeferredOptions) -> Job:
+        """The queued job for an admissible request; raises a Refusal otherwise."""
+        if request.header_size() > self.config.max_header_size:
+            raise HeadersTooLarge
+        reason = request.unstorable()
+        if reason is not None:
+            raise NotStorable(reason)
         if self._queue_is_full():
             raise QueueFull
         return Job(
             id=new_job_id(),
             status=Status.QUEUED,
             created_at=self.clock(),
-            request=request,
+            request=request.with_whole_body(),
             options=options,
         )
 
@@ -153,9 +175,16 @@ class JobCore:
     def accepted(self, job: Job, root_path: str) -> protocol.Reply:
         return protocol.accepted(job, self.urls(root_path), self.config.retry_after)
 
-    def refused(self, error: QueueFull | StoreUnavailable) -> protocol.Reply:
+    def refused(self, error: Refusal | StoreUnavailable | Unstorable) -> protocol.Reply:
+        """The problem a request that got no job is answered with."""
         if isinstance(error, QueueFull):
             return protocol.unavailable(self.config.retry_after, protocol.QUEUE_FULL)
+        if isinstance(error, HeadersTooLarge):
+            return protocol.headers_too_large(self.config.max_header_size)
+        if isinstance(error, NotStorable):
+            return protocol.unstorable(error.detail)
+        if isinstance(error, Unstorable):
+            return protocol.unstorable("The request could not be stored.")
         logger.warning("could not store a job: the store is unavailable")
         return protocol.unavailable(self.config.retry_after)
 
@@ -165,12 +194,19 @@ class JobCore:
 
     # -- the job routes ----------------------------------------------------
 
-    def job_route_tail(self, path: str) -> str | None:
-        """The path after the prefix when ``path`` is one of the job routes."""
+    def job_route_tail(self, path: str, raw_path: str | None = None) -> str | None:
+        """The path after the prefix when ``path`` is one of the job routes.
+
+        Job routes are routed on the path as sent: a tail that only exists
+        after percent-decoding (``/jobs/{id}%2Fresult``) is not a route, so it
+        becomes ``"/"``, which no job route matches (404)."""
         prefix = self.config.prefix
-        if path == prefix or path.startswith(prefix + "/"):
-            return path[len(prefix) :]
-        return None
+        if not (path == prefix or path.startswith(prefix + "/")):
+            return None
+        tail = path[len(prefix) :]
+        if raw_path is not None and not raw_path.endswith(tail):
+            return "/"
+        return tail
 
     def answer(self, tail: str, method: str, query: bytes, root_path: str) -> protocol.Reply:
         route = protocol.parse_job_route(tail, query, self.config.max_wait)

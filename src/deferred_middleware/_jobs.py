@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import re
 import secrets
 from datetime import datetime, timezone
 
@@ -19,6 +20,9 @@ survive the trip through the job table.
 """
 
 DEFAULT_CREDENTIAL_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization"})
+FRAMING_HEADERS = frozenset({"content-length", "transfer-encoding"})
+MAX_METHOD_LENGTH = 16  # the width of the method column
+TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 §5.6.2
 
 
 class Status(str, enum.Enum):
@@ -91,6 +95,27 @@ class StoredRequest:
         for key, value in self.headers:
             if key == name:
                 return value
+        return None
+
+    def header_size(self) -> int:
+        return sum(len(name) + len(value) for name, value in self.headers)
+
+    def with_whole_body(self) -> StoredRequest:
+        """The request as it is replayed: its body whole, so framing headers
+        of the original transfer (chunked encoding) would only mislead."""
+        headers = [(k, v) for k, v in self.headers if k not in FRAMING_HEADERS]
+        headers.append(("content-length", str(len(self.body))))
+        return dataclasses.replace(self, headers=headers)
+
+    def unstorable(self) -> str | None:
+        """Why the job table cannot keep this request faithfully, if it cannot.
+        Such requests are refused before they are queued, so they never
+        share a failing batch with others."""
+        if len(self.method) > MAX_METHOD_LENGTH or not TOKEN.fullmatch(self.method):
+            return "The request method cannot be stored."
+        texts = [self.path, self.root_path, *(text for pair in self.headers for text in pair)]
+        if any("\x00" in text for text in texts):
+            return "The request contains a NUL character."
         return None
 
 

@@ -10,7 +10,7 @@ import dataclasses
 import json
 from datetime import datetime
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, quote
 
 from ._jobs import Headers, Job, Status, is_job_id
 
@@ -40,13 +40,31 @@ class JobURLs:
 
     @classmethod
     def for_request(cls, prefix: str, root_path: str, public_url: str | None) -> JobURLs:
-        return cls((public_url or "") + root_path.rstrip("/") + prefix)
+        return cls((public_url or "") + clean_root_path(root_path) + prefix)
 
     def status(self, job_id: str) -> str:
         return f"{self.base}/{job_id}"
 
     def result(self, job_id: str) -> str:
         return f"{self.base}/{job_id}/result"
+
+
+def clean_root_path(root_path: str) -> str:
+    """The root path as a same-origin path prefix, percent-encoded for a
+    header. Anything but a clean absolute path (``//host``, backslashes,
+    control characters, dot segments) is ignored: a client that can set
+    ``SCRIPT_NAME`` must not send other clients to another host."""
+    root_path = root_path.rstrip("/")
+    if not root_path:
+        return ""
+    segments = root_path.split("/")
+    if (
+        segments[0] != ""
+        or any(segment in ("", ".", "..") for segment in segments[1:])
+        or any(ord(c) < 0x20 or c in "\\\x7f" for c in root_path)
+    ):
+        return ""
+    return quote(root_path, safe="/:@!$&'()*+,;=-._~")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +117,16 @@ QUEUE_FULL = "Too many jobs are waiting; try again later."
 
 def unavailable(retry_after: int, detail: str = "The job store is unavailable.") -> Reply:
     return problem(503, "Service Unavailable", detail, [("retry-after", str(retry_after))])
+
+
+def headers_too_large(limit: int) -> Reply:
+    return problem(
+        431, "Request Header Fields Too Large", f"The request headers exceed {limit} bytes."
+    )
+
+
+def unstorable(detail: str) -> Reply:
+    return problem(400, "Bad Request", detail)
 
 
 def too_large(limit: int) -> Reply:
@@ -156,7 +184,10 @@ def result_reply(job: Job, urls: JobURLs, retry_after: int) -> Reply:
     if job.status is Status.CANCELED:
         return problem(409, "Conflict", "The job was canceled; it has no result.")
     if job.response is not None:
-        return Reply(job.response.status, list(job.response.headers), job.response.body)
+        # A finished result never looks pending: a handler's own Retry-After
+        # (say on a 503) would send generic clients polling a final answer.
+        headers = [(k, v) for k, v in job.response.headers if k != "retry-after"]
+        return Reply(job.response.status, headers, job.response.body)
     return problem(500, "Internal Server Error", job.error or "The job failed without a response.")
 
 
@@ -167,7 +198,7 @@ def parse_job_route(tail: str, query_string: bytes, max_wait: float) -> JobRoute
     if len(parts) not in (2, 3) or parts[0] != "" or not is_job_id(parts[1]):
         return None
     action = parts[2] if len(parts) == 3 else ""
-    if action not in ALLOWED:
+    if action not in ALLOWED or (len(parts) == 3 and not action):
         return None
     return JobRoute(parts[1], action, _wait_seconds(query_string, max_wait))
 

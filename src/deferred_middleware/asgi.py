@@ -17,11 +17,11 @@ from asgiref.typing import (
 
 from . import _protocol as protocol
 from ._assemble import assemble
-from ._core import QueueFull
+from ._core import Refusal
 from ._jobs import DeferredOptions, StoredRequest
 from ._routes import NEVER_DEFERRED
 from .runner.asgi import TaskLauncher
-from .store import StoreUnavailable
+from .store import StoreUnavailable, Unstorable
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -98,7 +98,8 @@ class DeferredMiddleware:
             await self.app(scope, receive, send)
             return
         path = route_path(scope)
-        tail = self.core.job_route_tail(path)
+        raw_path = scope.get("raw_path")
+        tail = self.core.job_route_tail(path, raw_path.decode("latin-1") if raw_path else None)
         if tail is not None:
             reply = await self.core.answer_async(
                 tail, scope["method"], scope.get("query_string", b""), scope.get("root_path", "")
@@ -195,7 +196,7 @@ class DeferringResponder:
             return
         try:
             job = await core.accept_async(stored_request(scope, body), self.options)
-        except (QueueFull, StoreUnavailable) as error:
+        except (Refusal, StoreUnavailable, Unstorable) as error:
             await send_reply(send, core.refused(error))
             return
         await send_reply(send, core.accepted(job, scope.get("root_path", "")))

@@ -11,11 +11,11 @@ from typing import TYPE_CHECKING, Any
 
 from . import _protocol as protocol
 from ._assemble import assemble
-from ._core import QueueFull
+from ._core import Refusal
 from ._jobs import DeferredOptions, StoredRequest
 from ._routes import NEVER_DEFERRED
 from .runner.wsgi import ThreadLauncher, WSGIApp
-from .store import StoreUnavailable
+from .store import StoreUnavailable, Unstorable
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -34,6 +34,15 @@ def from_wsgi_string(text: str) -> str:
     return text.encode("latin-1").decode("utf-8", "replace")
 
 
+def raw_path(environ: Environ) -> str | None:
+    """The path as the client sent it, where the server tells (gunicorn's
+    ``RAW_URI``, werkzeug's and most others' ``REQUEST_URI``)."""
+    uri = environ.get("RAW_URI") or environ.get("REQUEST_URI")
+    if not uri:
+        return None
+    return uri.partition("?")[0]
+
+
 def stored_request(environ: Environ, body: bytes) -> StoredRequest:
     headers: list[tuple[str, str]] = []
     for key, value in environ.items():
@@ -41,7 +50,6 @@ def stored_request(environ: Environ, body: bytes) -> StoredRequest:
             headers.append((key[5:].replace("_", "-").lower(), value))
     if environ.get("CONTENT_TYPE"):
         headers.append(("content-type", environ["CONTENT_TYPE"]))
-    headers.append(("content-length", str(len(body))))
     client = (
         (environ["REMOTE_ADDR"], int(environ.get("REMOTE_PORT") or 0))
         if environ.get("REMOTE_ADDR")
@@ -140,7 +148,7 @@ class DeferredWSGIMiddleware:
         if self.config.execute and self._pid != os.getpid():
             self.start_executor()
         path = from_wsgi_string(environ.get("PATH_INFO", ""))
-        tail = self.core.job_route_tail(path)
+        tail = self.core.job_route_tail(path, raw_path(environ))
         if tail is not None:
             reply = self.core.answer(
                 tail,
@@ -173,7 +181,7 @@ class DeferredWSGIMiddleware:
             return protocol.problem(400, "Bad Request", "The request body was incomplete.")
         try:
             job = self.core.accept(stored_request(environ, body), options)
-        except (QueueFull, StoreUnavailable) as error:
+        except (Refusal, StoreUnavailable, Unstorable) as error:
             return self.core.refused(error)
         return self.core.accepted(job, from_wsgi_string(environ.get("SCRIPT_NAME", "")))
 

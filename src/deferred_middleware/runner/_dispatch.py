@@ -45,6 +45,7 @@ logger = logging.getLogger("deferred_middleware")
 PRUNE_EVERY = 60.0
 TICK = 0.25
 MAX_WRITE_DELAY = 5.0
+RENEW_RETRY = 1.0  # seconds between renewals while the store is away
 
 
 class Running(Protocol):
@@ -283,7 +284,9 @@ class Dispatcher:
             if not self._migrated:
                 self.store.migrate()
                 self._migrated = True
-            if now >= self._next_reap:
+            # Our own leases first: after an outage longer than a lease, every
+            # running job looks lost, ours included, until we renew.
+            if now >= self._next_reap and self._renew():
                 self._reap()
                 self._next_reap = now + self.config.lease_seconds / 2
             if now >= self._next_prune:
@@ -326,23 +329,26 @@ class Dispatcher:
         self._write_again()
         now = self.monotonic()
         if now >= self._next_renew:
-            self._next_renew = now + self.config.lease_seconds / 3
-            self._renew()
+            renewed = self._renew()
+            self._next_renew = now + (self.config.lease_seconds / 3 if renewed else RENEW_RETRY)
 
     def _listen_loop(self) -> None:
         self.store.listen(self._wake.set, self._stopping)
 
-    def _renew(self) -> None:
+    def _renew(self) -> bool:
+        """Extend our leases; abandon attempts whose job is no longer ours.
+        False while the store is away."""
         with self._lock:
             held = {job_id: a.number for job_id, a in self.running.items()}
         try:
             owned = self.store.renew(self.worker, held, self.config.lease_seconds)
         except StoreUnavailable:
             logger.warning("could not renew leases: the job store is unavailable")
-            return
+            return False
         for job_id in held.keys() - owned:
             logger.warning("job %s: canceled or taken back; abandoning it here", job_id)
             self.cancel_local(job_id)
+        return True
 
     def _write_again(self) -> None:
         now = self.monotonic()

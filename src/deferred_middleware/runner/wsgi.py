@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .._context import current_job
-from .._jobs import RAISED, Outcome, StoredRequest, StoredResponse
+from .._jobs import FRAMING_HEADERS, RAISED, Outcome, StoredRequest, StoredResponse
 from ._dispatch import Ended
 
 logger = logging.getLogger("deferred_middleware")
@@ -48,8 +48,8 @@ def build_environ(request: StoredRequest) -> dict[str, Any]:
     for name, value in request.headers:
         if name == "content-type":
             environ["CONTENT_TYPE"] = value
-        elif name == "content-length":
-            continue
+        elif name in FRAMING_HEADERS:
+            continue  # the body is whole: CONTENT_LENGTH says how long
         else:
             key = "HTTP_" + name.upper().replace("-", "_")
             environ[key] = f"{environ[key]},{value}" if key in environ else value

@@ -4,7 +4,7 @@ that commits accepts and outcomes in groups."""
 
 from __future__ import annotations
 
-from ._base import Clock, JobStore, StoreUnavailable
+from ._base import Clock, JobStore, StoreUnavailable, Unstorable
 from ._memory import MemoryJobStore
 from ._schema import metadata
 from ._sql import SQLJobStore
@@ -15,6 +15,7 @@ __all__ = [
     "MemoryJobStore",
     "SQLJobStore",
     "StoreUnavailable",
+    "Unstorable",
     "metadata",
     "open_store",
 ]

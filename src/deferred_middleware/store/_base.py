@@ -20,6 +20,11 @@ class StoreUnavailable(Exception):
     """The database could not be reached or stayed locked: answer 503, never 202."""
 
 
+class Unstorable(Exception):
+    """The database refused this one request as it is (not the database
+    being away): answer 4xx for it alone, never fail the others."""
+
+
 class JobStore(Protocol):
     """The job table. Thread-safe; every method is one short transaction."""
 

@@ -133,11 +133,7 @@ def attempt_values(write: RetryLater | Requeue | Progress, now: datetime) -> dic
     """The columns a fenced write other than a finish changes."""
     if isinstance(write, Progress):
         return {"progress": write.progress, "message": write.message}
-    values: dict[str, Any] = {
-        "status": Status.QUEUED.value,
-        "lease_expires_at": None,
-        "worker": None,
-    }
+    values: dict[str, Any] = {"status": Status.QUEUED.value, **_BACK_IN_THE_QUEUE}
     if isinstance(write, RetryLater):
         values.update(run_after=now + timedelta(seconds=write.delay), error=write.error)
     else:
@@ -147,13 +143,17 @@ def attempt_values(write: RetryLater | Requeue | Progress, now: datetime) -> dic
 
 
 def requeue_lost_values(now: datetime, error: str) -> dict[str, Any]:
-    return {
-        "status": Status.QUEUED.value,
-        "run_after": now,
-        "worker": None,
-        "lease_expires_at": None,
-        "error": error,
-    }
+    return {"status": Status.QUEUED.value, "run_after": now, "error": error, **_BACK_IN_THE_QUEUE}
+
+
+# A job back in the queue shows nothing of the run that ended: it is waiting.
+_BACK_IN_THE_QUEUE = {
+    "lease_expires_at": None,
+    "worker": None,
+    "started_at": None,
+    "progress": None,
+    "message": None,
+}
 
 
 def final_values(status: Status, now: datetime, error: str | None = None) -> dict[str, Any]:

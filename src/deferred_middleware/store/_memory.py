@@ -155,9 +155,8 @@ class MemoryJobStore:
                 job.error = error
                 row.lease_expires_at = None
                 if job.attempts < job.max_attempts:
-                    job.status = Status.QUEUED
+                    _back_in_the_queue(row)
                     row.run_after = now
-                    row.worker = None
                     retried.append(job.id)
                 else:
                     _end(row, Status.FAILED, now)
@@ -226,14 +225,21 @@ def _apply(row: _Row, write: AttemptWrite, now: datetime) -> None:
         job.error = write.error
         job.response = write.response
     else:
-        job.status = Status.QUEUED
-        row.worker = row.lease_expires_at = None
+        _back_in_the_queue(row)
         if isinstance(write, RetryLater):
             row.run_after = now + timedelta(seconds=write.delay)
             job.error = write.error
         elif isinstance(write, Requeue):
             row.run_after = now
             job.attempts -= 1
+
+
+def _back_in_the_queue(row: _Row) -> None:
+    """A job back in the queue shows nothing of the run that ended."""
+    job = row.job
+    job.status = Status.QUEUED
+    job.started_at = job.progress = job.message = None
+    row.worker = row.lease_expires_at = None
 
 
 def _end(row: _Row, status: Status, now: datetime) -> None:

@@ -73,6 +73,7 @@ class SQLJobStore:
         self._insert: tuple[str, tuple[str, ...], bool] | None = None
         self._selects: dict[tuple[bool, bool], tuple[str, list[str], bool]] = {}
         self._readers = threading.local()
+        self._file = DatabaseFile.of(self.url)
 
     @property
     def engine(self) -> sa.Engine:
@@ -90,6 +91,8 @@ class SQLJobStore:
     def migrate(self, revision: str = "head") -> None:
         with _translate_errors():
             migrate(self.engine, self.dialect, revision)
+        if self._file is not None:
+            self._file.remember()
 
     def close(self) -> None:
         if self._engine is not None:
@@ -305,18 +308,72 @@ class SQLJobStore:
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sa.Connection]:
-        """A write transaction (on SQLite, one that takes the lock at once)."""
+        """A write transaction (on SQLite, one that takes the lock at once).
+
+        A connection that failed is thrown away rather than pooled, so the
+        store recovers by itself once the cause is gone (a server back up, a
+        file writable again). On an SQLite file, nothing is committed into a
+        file that was removed or replaced since it was opened."""
+        if self._file is not None and self._file.lost:
+            self._reopen()
         with _translate_errors():
             connection = self.engine.connect().execution_options(sqlite_immediate=True)
             try:
                 with connection.begin():
                     yield connection
+                    if self._file is not None:
+                        self._file.check()
+            except sa.exc.DBAPIError:
+                connection.invalidate()
+                raise
             finally:
                 connection.close()
+
+    def _reopen(self) -> None:
+        """Open the file anew (creating it again if it is gone) and migrate it."""
+        if self._engine is not None:
+            self._engine.dispose()
+            self._engine = None
+        self.migrate()
 
     def _update(self, where: Any, values: dict[str, Any]) -> int:
         with self._transaction() as connection:
             return connection.execute(jobs.update().where(where).values(values)).rowcount
+
+
+class DatabaseFile:
+    """Which file an SQLite database is, so that a file removed or replaced
+    under a running process is noticed before a 202 promises a row in it."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.identity: tuple[int, int] | None = None
+        self.lost = False
+
+    @classmethod
+    def of(cls, url: sa.URL) -> DatabaseFile | None:
+        if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
+            return None
+        return cls(os.path.abspath(url.database))  # type: ignore[arg-type]
+
+    def _stat(self) -> tuple[int, int] | None:
+        try:
+            stat = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        return (stat.st_dev, stat.st_ino)
+
+    def remember(self) -> None:
+        self.identity = self._stat()
+        self.lost = False
+
+    def check(self) -> None:
+        """Raise StoreUnavailable (rolling back) if the file is not the one opened."""
+        if self.identity is None:
+            self.identity = self._stat()
+        elif self._stat() != self.identity:
+            self.lost = True
+            raise StoreUnavailable("the database file was removed or replaced")
 
 
 def _naive_utc(value: datetime) -> datetime:

@@ -20,7 +20,7 @@ from concurrent.futures import Future, InvalidStateError
 from typing import Any, TypeVar
 
 from .._jobs import AttemptWrite, Job
-from ._base import JobStore, StoreUnavailable
+from ._base import JobStore, StoreUnavailable, Unstorable
 
 MAX_BATCH = 512
 _STOP = object()
@@ -113,7 +113,7 @@ class BatchWriter:
         except Exception:
             if len(items) == 1:
                 logger.exception("the job store refused a write")
-                _resolve([(items[0][1], None)], StoreUnavailable("refused"))
+                _resolve([(items[0][1], None)], Unstorable())
                 return
             for item in items:
                 self._together(store, [item])
