@@ -18,7 +18,7 @@ from pathlib import Path
 import psycopg
 
 from deferred_middleware._jobs import Job, Status, StoredRequest, new_job_id, utcnow
-from deferred_middleware.store import JobStore
+from deferred_middleware.store import SQLJobStore
 
 from ._servers import ROOT
 
@@ -43,10 +43,10 @@ def _wait_until(check, timeout: float) -> float:
 
 
 @contextlib.contextmanager
-def running_worker(database_url: str, concurrency: int = 32) -> Iterator[tuple[JobStore, int]]:
+def running_worker(database_url: str, concurrency: int = 32) -> Iterator[tuple[SQLJobStore, int]]:
     """An empty job table and a ``deferred-middleware worker`` on the bench app,
     stopped (SIGTERM) after the block. Gives the store and the worker's pid."""
-    store = JobStore(database_url)
+    store = SQLJobStore(database_url)
     store.migrate()
     with store.engine.begin() as connection:
         connection.exec_driver_sql("DELETE FROM deferred_jobs")
@@ -83,27 +83,25 @@ def ours(database_url: str, jobs: int, concurrency: int = 32) -> dict[str, float
     return {"jobs_per_s": jobs / (finished - started)}
 
 
-def _insert(store: JobStore, count: int) -> None:
+def _insert(store: SQLJobStore, count: int) -> None:
     body = b'{"report": "q3"}'
-    rows = [
-        store.new_row(
-            Job(
-                id=new_job_id(),
-                status=Status.QUEUED,
-                created_at=utcnow(),
-                request=StoredRequest(
-                    method="POST",
-                    path="/deferred",
-                    body=body,
-                    headers=[("content-type", "application/json")],
-                    server=("bench", 80),
-                ),
-            )
+    jobs = [
+        Job(
+            id=new_job_id(),
+            status=Status.QUEUED,
+            created_at=utcnow(),
+            request=StoredRequest(
+                method="POST",
+                path="/deferred",
+                body=body,
+                headers=[("content-type", "application/json"), ("content-length", "16")],
+                server=("bench", 80),
+            ),
         )
         for _ in range(count)
     ]
     for start in range(0, count, 500):
-        store.insert_rows(rows[start : start + 500])
+        store.insert(jobs[start : start + 500])
 
 
 def huey_sqlite(jobs: int, workers: int = 8) -> dict[str, float]:

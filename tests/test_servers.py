@@ -131,6 +131,18 @@ def test_result_replays_binary_streamed_and_client_error_responses(
     assert status_of(server, job_id)["status"] == "succeeded"
 
 
+def test_a_chunked_body_reaches_the_handler_on_replay(server):
+    def chunks():
+        yield b'{"part": '
+        yield b'"one and two"}'
+
+    accepted = httpx.post(server.base + "/report", content=chunks())
+    assert accepted.status_code == 202
+    assert "content-length" not in accepted.request.headers  # it went chunked
+    result = result_of(server, accepted.json()["id"])
+    assert result.json()["echo"] == '{"part": "one and two"}'
+
+
 def test_a_raising_handler_fails_with_a_safe_error(server):
     job_id = httpx.post(server.base + "/boom").json()["id"]
     result = result_of(server, job_id)

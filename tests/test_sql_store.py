@@ -4,6 +4,7 @@ databases that are down, locked or from another release."""
 from __future__ import annotations
 
 import threading
+from datetime import timezone
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from alembic.script import ScriptDirectory
 from deferred_middleware import migrations
 from deferred_middleware._jobs import new_job_id
 from deferred_middleware.store import SQLJobStore, StoreUnavailable, metadata
+from deferred_middleware.store import _codec as codec
 
 from .support import make_job
 
@@ -96,7 +98,7 @@ def test_a_database_from_an_earlier_release_upgrades_in_place(database_url):
     old = SQLJobStore(database_url)
     old.migrate("0001")
     job = make_job()
-    old.insert([job])
+    insert_as_before_queues(old, job)
     indexes = {ix["name"] for ix in sa.inspect(old.engine).get_indexes("deferred_jobs")}
     assert "ix_deferred_jobs_created" not in indexes
     old.close()
@@ -106,8 +108,32 @@ def test_a_database_from_an_earlier_release_upgrades_in_place(database_url):
     indexes = {ix["name"] for ix in sa.inspect(new.engine).get_indexes("deferred_jobs")}
     assert "ix_deferred_jobs_created" in indexes
     assert version_of(new) == HEAD
-    assert new.get(job.id, request=True).request == job.request
+    upgraded = new.get(job.id, request=True)
+    assert upgraded.request == job.request
+    assert upgraded.queue == "default"
+    assert [j.id for j in new.claim("w", 10, 30, ["default"])] == [job.id]
     new.close()
+
+
+def insert_as_before_queues(store: SQLJobStore, job) -> None:
+    """A row as a release from before queues wrote it: no queue column."""
+    naive = job.created_at.astimezone(timezone.utc).replace(tzinfo=None)
+    values = codec.insert_values(job, frozenset(), store.dialect.datetime_param(naive))
+    del values["queue"]
+    columns = ", ".join(values)
+    placeholders = ", ".join(f":{name}" for name in values)
+    insert = sa.text(f"INSERT INTO deferred_jobs ({columns}) VALUES ({placeholders})")
+    with store.engine.begin() as connection:
+        connection.execute(insert, values)
+
+
+def test_a_release_from_before_queues_keeps_inserting_during_a_rolling_deploy(database_url):
+    store = SQLJobStore(database_url)
+    store.migrate()
+    job = make_job()
+    insert_as_before_queues(store, job)
+    assert store.get(job.id).queue == "default"
+    store.close()
 
 
 def test_an_older_release_runs_against_a_newer_schema(database_url):
@@ -173,4 +199,37 @@ def test_a_connection_that_failed_is_not_used_again(sqlite_url):
     with pytest.raises(StoreUnavailable):
         store.insert([make_job()])
     store.insert([make_job()])  # on a fresh connection
+    store.close()
+
+
+def files_of(sqlite_url: str) -> bytes:
+    path = sqlite_url.removeprefix("sqlite:///")
+    return b"".join(
+        Path(path + suffix).read_bytes() for suffix in ("", "-wal") if Path(path + suffix).exists()
+    )
+
+
+@pytest.mark.parametrize("end", ["finish", "cancel", "reap"])
+def test_erased_credentials_are_gone_from_the_sqlite_files(sqlite_url, end):
+    from deferred_middleware._jobs import DEFAULT_CREDENTIAL_HEADERS, Finish, Status, StoredResponse
+
+    from .support import FakeClock
+
+    clock = FakeClock()
+    store = SQLJobStore(sqlite_url, credential_headers=DEFAULT_CREDENTIAL_HEADERS, clock=clock)
+    store.migrate()
+    token = "Bearer secret-" + new_job_id()
+    job = make_job(headers=[("authorization", token)], created_at=clock())
+    store.insert([job])
+    assert token.encode() in files_of(sqlite_url)  # it is there while the job needs it
+    assert len(store.claim("w", 1, 30)) == 1
+    if end == "finish":
+        store.write([Finish(job.id, 1, Status.SUCCEEDED, StoredResponse(200, [], b""))])
+    elif end == "cancel":
+        store.cancel(job.id)
+    else:
+        clock.advance(31)
+        store.reap_expired("lost")
+    assert store.get(job.id).status.finished
+    assert token.encode() not in files_of(sqlite_url)
     store.close()

@@ -330,3 +330,13 @@ def test_a_job_back_in_the_queue_shows_nothing_of_the_run_that_ended(any_store, 
     queued = any_store.get(job.id)
     assert queued.status is Status.QUEUED
     assert (queued.started_at, queued.progress, queued.message) == (None, None, None)
+
+
+def test_claims_take_only_the_queues_asked_for(any_store, new):
+    mine, theirs = new(), new()
+    theirs.queue = "reports"
+    any_store.insert([mine, theirs])
+    assert any_store.get(theirs.id).queue == "reports"
+    assert [j.id for j in any_store.claim("w", 10, 30, ["nightly"])] == []
+    assert [j.id for j in any_store.claim("w", 10, 30)] == [mine.id]  # "default" unless told
+    assert [j.id for j in any_store.claim("w", 10, 30, ["reports", "x"])] == [theirs.id]

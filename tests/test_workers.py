@@ -12,7 +12,15 @@ import pytest
 
 from deferred_middleware._jobs import Status
 
-from .support import LOST, POSTGRES_URL, ThrowawayPostgres, enqueue, eventually, require
+from .support import (
+    LOST,
+    POSTGRES_URL,
+    ThrowawayPostgres,
+    enqueue,
+    eventually,
+    make_job,
+    require,
+)
 
 pytestmark = pytest.mark.servers
 
@@ -178,4 +186,34 @@ def test_a_worker_started_while_its_database_is_down_waits_for_it(
     worker = start_worker("starlette", DATABASE_URL=unreachable, POLL_INTERVAL="0.2")
     eventually(lambda: "store is unavailable" in worker.log(), timeout=30)
     assert worker.alive()
+    assert worker.stop() == 0
+
+
+@pytest.mark.parametrize("app", ["starlette", "flask"])
+def test_two_apps_on_one_database_never_run_each_other_s_jobs(
+    app, serve, start_worker, database_url, effects
+):
+    kind = "uvicorn" if app == "starlette" else "gunicorn-gthread"
+    web = serve(kind, DATABASE_URL=database_url, EXECUTE="0", QUEUE="billing")
+    theirs = start_worker(app, "--queue", "mail")  # another app's worker, on its own queue
+    reply = httpx.post(web.base + "/tiny")
+    job_id = reply.json()["id"]
+    nightly_id = httpx.post(web.base + "/nightly").json()["id"]
+    mine = start_worker(app, QUEUE="billing")  # runs billing and, by its routes, nightly
+    for one in (job_id, nightly_id):
+        result = httpx.get(f"{web.base}/jobs/{one}/result", params={"wait": 30}, timeout=40)
+        assert result.status_code == 200
+    pids = {line[0]: int(line[2]) for line in effects()}
+    assert pids == {job_id: mine.pid, nightly_id: mine.pid}
+    assert theirs.stop() == 0 and mine.stop() == 0
+
+
+def test_a_worker_runs_exactly_the_queues_it_is_given(start_worker, store, effects):
+    [default_job] = enqueue(store, "/tiny")
+    worker = start_worker("starlette", "--queue", "nightly")
+    job = make_job("/nightly", body=b"", headers=[])
+    job.queue = "nightly"
+    store.insert([job])
+    eventually(lambda: store.get(job.id).status is Status.SUCCEEDED, timeout=30)
+    assert store.get(default_job).status is Status.QUEUED
     assert worker.stop() == 0

@@ -7,7 +7,7 @@ import os
 from collections.abc import Iterable
 from typing import TypedDict
 
-from ._jobs import DEFAULT_CREDENTIAL_HEADERS
+from ._jobs import DEFAULT_CREDENTIAL_HEADERS, DEFAULT_QUEUE, check_queue_name
 
 DEFAULT_DATABASE_FILE = "deferred_jobs.db"
 
@@ -41,6 +41,7 @@ class Config:
     lock_timeout: float = 5.0
     credential_headers: frozenset[str] = DEFAULT_CREDENTIAL_HEADERS
     grace_seconds: float = 10.0
+    queue: str = DEFAULT_QUEUE
 
     def __post_init__(self) -> None:
         if not self.prefix.startswith("/") or self.prefix.endswith("/"):
@@ -51,6 +52,7 @@ class Config:
             raise ValueError("concurrency must be >= 1")
         if self.lease_seconds <= 0 or self.poll_interval <= 0:
             raise ValueError("lease_seconds and poll_interval must be > 0")
+        check_queue_name(self.queue)
 
     @classmethod
     def build(cls, credential_headers: Iterable[str] = (), **options: object) -> Config:
@@ -104,3 +106,6 @@ class Options(TypedDict, total=False):
     """How long to wait for a locked SQLite database before 503."""
     grace_seconds: float
     """On shutdown, how long running jobs may take to finish."""
+    queue: str
+    """The queue jobs go to (``@deferred(queue=...)`` picks another) and that
+    this process's executor runs, with the queues its marked routes name."""

@@ -144,6 +144,7 @@ class JobCore:
             created_at=self.clock(),
             request=request.with_whole_body(),
             options=options,
+            queue=options.queue or self.config.queue,
         )
 
     def _queue_check_due(self) -> bool:

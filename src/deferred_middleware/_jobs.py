@@ -64,12 +64,25 @@ class DeferredOptions:
 
     retries: int = 0
     timeout: float | None = None
+    queue: str | None = None  # None: the middleware's own queue
 
     def __post_init__(self) -> None:
         if self.retries < 0:
             raise ValueError("retries must be >= 0")
         if self.timeout is not None and self.timeout <= 0:
             raise ValueError("timeout must be > 0 seconds")
+        if self.queue is not None:
+            check_queue_name(self.queue)
+
+
+DEFAULT_QUEUE = "default"
+MAX_QUEUE_LENGTH = 64  # the width of the queue column
+
+
+def check_queue_name(name: str) -> str:
+    if not name or len(name) > MAX_QUEUE_LENGTH:
+        raise ValueError(f"a queue name has 1 to {MAX_QUEUE_LENGTH} characters: {name!r}")
+    return name
 
 
 @dataclasses.dataclass
@@ -144,6 +157,7 @@ class Job:
     message: str | None = None
     error: str | None = None
     response: StoredResponse | None = None
+    queue: str = DEFAULT_QUEUE
 
     @property
     def max_attempts(self) -> int:

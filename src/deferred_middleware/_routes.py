@@ -24,7 +24,9 @@ def deferred(func: F, /) -> F: ...
 
 
 @overload
-def deferred(*, retries: int = 0, timeout: float | None = None) -> Callable[[F], F]: ...
+def deferred(
+    *, retries: int = 0, timeout: float | None = None, queue: str | None = None
+) -> Callable[[F], F]: ...
 
 
 def deferred(
@@ -33,16 +35,19 @@ def deferred(
     *,
     retries: int = 0,
     timeout: float | None = None,
+    queue: str | None = None,
 ) -> Any:
     """Mark a view so that requests to it answer ``202`` and run in the background.
 
     ``retries``: how often a failed attempt (raised, timed out, worker lost) is
     run again. Default 0, because most deferred routes are POSTs that are not
-    safe to repeat. ``timeout``: seconds one attempt may take.
+    safe to repeat. ``timeout``: seconds one attempt may take. ``queue``: the
+    queue its jobs go to, instead of the middleware's own; only executors
+    that run that queue run them.
 
     Returns the same function, so it composes with route decorators.
     """
-    options = DeferredOptions(retries=retries, timeout=timeout)
+    options = DeferredOptions(retries=retries, timeout=timeout, queue=queue)
 
     def mark(view: F) -> F:
         setattr(view, MARKER, options)
@@ -60,6 +65,16 @@ def options_of(endpoint: Any) -> DeferredOptions | None:
         if wrapped is not None and wrapped is not endpoint:
             return options_of(wrapped)
     return options
+
+
+def queues_of(views: Iterable[Any]) -> set[str]:
+    """The queues named by ``@deferred(queue=...)`` on any of ``views``."""
+    found = set()
+    for view in views:
+        options = options_of(view)
+        if options is not None and options.queue is not None:
+            found.add(options.queue)
+    return found
 
 
 def _compile_pattern(pattern: str) -> tuple[frozenset[str] | None, re.Pattern[str]]:

@@ -19,7 +19,7 @@ from . import _protocol as protocol
 from ._assemble import assemble
 from ._core import Refusal
 from ._jobs import DeferredOptions, StoredRequest
-from ._routes import NEVER_DEFERRED
+from ._routes import NEVER_DEFERRED, queues_of
 from .runner.asgi import TaskLauncher
 from .store import StoreUnavailable, Unstorable
 
@@ -52,6 +52,18 @@ def stored_request(scope: HTTPScope, body: bytes) -> StoredRequest:
         server=(server[0], server[1] or 0) if server else None,
         client=(client[0], client[1]) if client else None,
     )
+
+
+def find_routes(app: Any) -> Any:
+    """The routes of the router inside ``app``, following wrapping middleware."""
+    for _ in range(32):
+        routes = getattr(app, "routes", None)
+        if routes is not None:
+            return routes
+        app = getattr(app, "app", None)
+        if app is None:
+            break
+    return None
 
 
 async def send_reply(send: ASGISendCallable, reply: protocol.Reply) -> None:
@@ -87,6 +99,8 @@ class DeferredMiddleware:
         self.dispatcher = parts.dispatcher
         self._executing = False
         self._marked: Any = None
+        self.run_queues: frozenset[str] = frozenset()
+        """Set by ``deferred-middleware worker --queue``: exactly these queues."""
 
     async def __call__(
         self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
@@ -124,7 +138,7 @@ class DeferredMiddleware:
         return options
 
     def _marked_options(self, scope: HTTPScope, method: str, path: str) -> DeferredOptions | None:
-        from .starlette import MarkedRoutes, find_routes
+        from .starlette import MarkedRoutes
 
         routes = find_routes(scope.get("app") or self.app)  # type: ignore[typeddict-item]
         if routes is None:
@@ -160,7 +174,17 @@ class DeferredMiddleware:
             return
         self._executing = True
         self.launcher.bind(asyncio.get_running_loop(), state)
-        self.dispatcher.start()
+        self.dispatcher.start(self.run_queues or self._queues_to_run())
+
+    def _queues_to_run(self) -> set[str]:
+        """Its own queue, and those its marked Starlette endpoints name."""
+        queues = {self.config.queue}
+        routes = find_routes(self.app)
+        if routes is not None:
+            from .starlette import endpoints
+
+            queues |= queues_of(endpoints(routes))
+        return queues
 
     async def shutdown(self) -> None:
         """Let running jobs finish within the grace period; return the rest to the queue."""

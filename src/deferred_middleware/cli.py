@@ -53,12 +53,21 @@ def main(log_level: str) -> None:
 @click.argument("target")
 @click.option("--concurrency", type=click.IntRange(min=1), help="Jobs run at once.")
 @click.option("--grace", type=float, help="Seconds running jobs get to finish on SIGTERM.")
-def worker(target: str, concurrency: int | None, grace: float | None) -> None:
+@click.option(
+    "--queue",
+    "queues",
+    multiple=True,
+    help="Run only this queue's jobs; repeat for several. "
+    "Default: the app's queue and those its @deferred routes name.",
+)
+def worker(
+    target: str, concurrency: int | None, grace: float | None, queues: tuple[str, ...]
+) -> None:
     """Run the deferred jobs of the app at TARGET (MODULE:ATTR), out of process."""
     from . import worker as worker_module
 
     try:
-        worker_module.run(target, concurrency=concurrency, grace=grace)
+        worker_module.run(target, concurrency=concurrency, grace=grace, queues=queues)
     except (ValueError, LookupError, ImportError) as exc:
         raise click.ClickException(str(exc)) from exc
     except StoreUnavailable as exc:

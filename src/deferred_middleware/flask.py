@@ -16,7 +16,7 @@ from werkzeug.routing import RequestRedirect
 
 from ._context import current_job
 from ._jobs import DeferredOptions
-from ._routes import options_of
+from ._routes import options_of, queues_of
 from .wsgi import DeferredWSGIMiddleware, Environ
 
 if TYPE_CHECKING:
@@ -47,6 +47,7 @@ class FlaskDeferred:
         middleware = DeferredWSGIMiddleware(
             app.wsgi_app,  # type: ignore[arg-type]
             find_options=_ViewOptions(app),
+            find_queues=lambda: queues_of(app.view_functions.values()),
             **{**self.options, **options},  # type: ignore[typeddict-item]
         )
         app.wsgi_app = middleware  # type: ignore[method-assign]

@@ -74,13 +74,11 @@ class MarkedRoutes:
         return answer
 
 
-def find_routes(app: Any) -> Any:
-    """The routes of the router inside ``app``, following wrapping middleware."""
-    for _ in range(32):
-        routes = getattr(app, "routes", None)
-        if routes is not None:
-            return routes
-        app = getattr(app, "app", None)
-        if app is None:
-            break
-    return None
+def endpoints(routes: Iterable[Any]) -> Iterable[Any]:
+    """Every endpoint below ``routes``, mounts included."""
+    for route in routes:
+        sub_routes = getattr(route, "routes", None)
+        if sub_routes:
+            yield from endpoints(sub_routes)
+        elif getattr(route, "endpoint", None) is not None:
+            yield route.endpoint

@@ -16,6 +16,7 @@ import sys
 import threading
 from typing import Any
 
+from ._jobs import check_queue_name
 from .asgi import DeferredMiddleware
 from .wsgi import DeferredWSGIMiddleware
 
@@ -56,9 +57,16 @@ def find_middleware(app: Any) -> Middleware:
     raise LookupError("no DeferredMiddleware, DeferredWSGIMiddleware or FlaskDeferred in this app")
 
 
-def run(target: str, *, concurrency: int | None = None, grace: float | None = None) -> None:
+def run(
+    target: str,
+    *,
+    concurrency: int | None = None,
+    grace: float | None = None,
+    queues: tuple[str, ...] = (),
+) -> None:
     """Run jobs until SIGTERM or SIGINT; then let running jobs finish within
-    the grace period and return the rest to the queue."""
+    the grace period and return the rest to the queue. ``queues``: exactly
+    these (default: the app's own queue and those its marked routes name)."""
     app = load_app(target)
     middleware = find_middleware(app)
     config = middleware.config
@@ -67,6 +75,7 @@ def run(target: str, *, concurrency: int | None = None, grace: float | None = No
         config.concurrency = concurrency
     if grace is not None:
         config.grace_seconds = grace
+    middleware.run_queues = frozenset(check_queue_name(name) for name in queues)
     # No database check here: a worker started while its database is down
     # waits for it, claiming (and creating the table) once it is back.
     logger.warning(

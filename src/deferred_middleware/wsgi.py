@@ -132,10 +132,16 @@ class DeferredWSGIMiddleware:
         app: WSGIApp,
         *,
         find_options: OptionsFinder | None = None,
+        find_queues: Callable[[], Iterable[str]] | None = None,
         **options: Unpack[Options],
     ) -> None:
+        """``find_options`` and ``find_queues`` let a framework tell which
+        views are marked (see :mod:`deferred_middleware.flask`)."""
         self.app = app
         self.find_options = find_options
+        self.find_queues = find_queues
+        self.run_queues: frozenset[str] = frozenset()
+        """Set by ``deferred-middleware worker --queue``: exactly these queues."""
         parts = assemble(ThreadLauncher(app), **options)
         self.config = parts.config
         self.patterns = parts.patterns
@@ -194,8 +200,13 @@ class DeferredWSGIMiddleware:
             if self._pid == os.getpid():
                 return
             self._pid = os.getpid()
-            self.dispatcher.start()
+            self.dispatcher.start(self.run_queues or self._queues_to_run())
             atexit.register(self.shutdown)
+
+    def _queues_to_run(self) -> set[str]:
+        """Its own queue, and those its marked views name."""
+        found = set(self.find_queues()) if self.find_queues is not None else set()
+        return {self.config.queue, *found}
 
     def shutdown(self) -> None:
         """Let running jobs finish within the grace period; return the rest to the queue."""

@@ -26,6 +26,7 @@ def middleware_options() -> dict:
         ("poll_interval", float),
         ("retry_backoff", float),
         ("max_wait", float),
+        ("max_header_size", int),
     ):
         if name.upper() in env:
             options[name] = kind(env[name.upper()])
@@ -33,6 +34,10 @@ def middleware_options() -> dict:
         options["execute"] = env["EXECUTE"] == "1"
     if "PUBLIC_URL" in env:
         options["public_url"] = env["PUBLIC_URL"]
+    if "QUEUE" in env:
+        options["queue"] = env["QUEUE"]
+    if "ROUTES" in env:
+        options["routes"] = env["ROUTES"].split(";")
     return options
 
 

@@ -60,6 +60,14 @@ def tiny():
     return "ok"
 
 
+@app.post("/nightly")
+@deferred(queue="nightly")
+def nightly():
+    job = current_job()
+    record_effect(job.id, job.attempt)
+    return "nightly"
+
+
 @app.post("/binary")
 @deferred
 def binary():

@@ -63,6 +63,13 @@ async def tiny(request: Request) -> Response:
     return Response(b"ok")
 
 
+@deferred(queue="nightly")
+async def nightly(request: Request) -> Response:
+    job = current_job()
+    record_effect(job.id, job.attempt)
+    return Response(b"nightly")
+
+
 @deferred
 async def binary(request: Request) -> Response:
     return Response(BINARY, media_type="application/octet-stream", headers={"x-kind": "binary"})
@@ -122,6 +129,7 @@ app = Starlette(
         Route("/report-retry", report_retry, methods=["POST"]),
         Route("/sync-report", sync_report, methods=["POST"]),
         Route("/tiny", tiny, methods=["POST"]),
+        Route("/nightly", nightly, methods=["POST"]),
         Route("/binary", binary, methods=["POST"]),
         Route("/stream", stream, methods=["POST"]),
         Route("/missing", missing, methods=["POST"]),

@@ -15,7 +15,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from datetime import timedelta
 from typing import Protocol
@@ -127,6 +127,7 @@ class Dispatcher:
         self.notifier = notifier
         self.launcher = launcher
         self.worker = worker_name()
+        self.queues: frozenset[str] = frozenset({config.queue})
         self.running: dict[str, Attempt] = {}
         self._lock = threading.Lock()
         self._released = threading.Condition(self._lock)
@@ -143,7 +144,9 @@ class Dispatcher:
 
     # -- lifecycle ---------------------------------------------------------
 
-    def start(self) -> None:
+    def start(self, queues: Iterable[str] = ()) -> None:
+        """Run the jobs of ``queues`` (default: the middleware's own queue)."""
+        self.queues = frozenset(queues) or frozenset({self.config.queue})
         self._stopping.clear()
         loops = [(self._claim_loop, "claim"), (self._lease_loop, "lease")]
         if self.store.pushes_wakeups:
@@ -294,7 +297,8 @@ class Dispatcher:
                 self._next_prune = now + PRUNE_EVERY
             free = self.config.concurrency - len(self.running)
             if free >= self._min_claim or (free > 0 and not self.running):
-                claimed = self.store.claim(self.worker, free, self.config.lease_seconds)
+                lease = self.config.lease_seconds
+                claimed = self.store.claim(self.worker, free, lease, self.queues)
         except StoreUnavailable:
             logger.warning("the job store is unavailable; claiming again shortly")
         except Exception:

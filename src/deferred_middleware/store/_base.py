@@ -7,11 +7,11 @@ One contract test suite holds every implementation to the same behaviour.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from datetime import datetime
 from typing import Protocol
 
-from .._jobs import AttemptWrite, Job, Status
+from .._jobs import DEFAULT_QUEUE, AttemptWrite, Job, Status
 
 Clock = Callable[[], datetime]
 
@@ -57,9 +57,15 @@ class JobStore(Protocol):
 
     def count(self, status: Status) -> int: ...
 
-    def claim(self, worker: str, limit: int, lease_seconds: float) -> list[Job]:
-        """Take up to ``limit`` due queued jobs for ``worker``, atomically,
-        with their requests: each becomes running with a new attempt."""
+    def claim(
+        self,
+        worker: str,
+        limit: int,
+        lease_seconds: float,
+        queues: Collection[str] = (DEFAULT_QUEUE,),
+    ) -> list[Job]:
+        """Take up to ``limit`` due queued jobs of ``queues`` for ``worker``,
+        atomically, with their requests: each becomes running with a new attempt."""
 
     def renew(self, worker: str, held: dict[str, int], lease_seconds: float) -> set[str]:
         """Extend the leases ``worker`` holds (job id -> attempt); answers which

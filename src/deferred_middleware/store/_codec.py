@@ -30,6 +30,7 @@ from ._schema import jobs
 STATUS_COLUMNS = (
     jobs.c.id,
     jobs.c.status,
+    jobs.c.queue,
     jobs.c.created_at,
     jobs.c.started_at,
     jobs.c.finished_at,
@@ -53,6 +54,7 @@ RESPONSE_COLUMNS = (jobs.c.response_status, jobs.c.response_headers, jobs.c.resp
 INSERT_KEYS = (
     "id",
     "status",
+    "queue",
     "created_at",
     "run_after",
     "attempts",
@@ -89,6 +91,7 @@ def insert_values(job: Job, credential_names: frozenset[str], created: Any) -> d
     return {
         "id": job.id,
         "status": job.status.value,
+        "queue": job.queue,
         "created_at": created,
         "run_after": created,
         "attempts": 0,
@@ -234,6 +237,7 @@ def job_from_row(row: Mapping[str, Any]) -> Job:
         progress=row["progress"],
         message=row["message"],
         error=row["error"],
+        queue=row["queue"],
     )
     if "request_method" in row:
         job.request = _request_from_row(row)

@@ -103,6 +103,9 @@ class SQLite(Dialect):
             if not in_memory:
                 _enable_wal(cursor, lock_timeout)
             cursor.execute("PRAGMA synchronous=NORMAL")
+            # Freed and overwritten content is zeroed, so erased credentials
+            # do not linger in the file's free space.
+            cursor.execute("PRAGMA secure_delete=ON")
             cursor.close()
 
         @sa.event.listens_for(engine, "begin")

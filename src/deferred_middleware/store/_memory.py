@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from datetime import datetime, timedelta
 
 from .._jobs import (
+    DEFAULT_QUEUE,
     AttemptWrite,
     Finish,
     Job,
@@ -95,13 +96,21 @@ class MemoryJobStore:
         with self._lock:
             return sum(1 for row in self._rows.values() if row.job.status is status)
 
-    def claim(self, worker: str, limit: int, lease_seconds: float) -> list[Job]:
+    def claim(
+        self,
+        worker: str,
+        limit: int,
+        lease_seconds: float,
+        queues: Collection[str] = (DEFAULT_QUEUE,),
+    ) -> list[Job]:
         now = self.clock()
         with self._lock:
             due = [
                 row
                 for row in self._rows.values()
-                if row.job.status is Status.QUEUED and row.run_after <= now
+                if row.job.status is Status.QUEUED
+                and row.job.queue in queues
+                and row.run_after <= now
             ]
             due.sort(key=lambda row: row.run_after)
             claimed = []

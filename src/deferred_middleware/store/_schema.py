@@ -43,6 +43,7 @@ jobs = sa.Table(
     metadata,
     sa.Column("id", sa.String(32), primary_key=True),
     sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("queue", sa.String(64), nullable=False, server_default="default"),
     sa.Column("created_at", UTCDateTime(), nullable=False),
     sa.Column("run_after", UTCDateTime(), nullable=False),
     sa.Column("started_at", UTCDateTime()),
@@ -69,4 +70,5 @@ jobs = sa.Table(
     sa.Index("ix_deferred_jobs_lease", "status", "lease_expires_at"),
     sa.Index("ix_deferred_jobs_finished", "status", "finished_at"),
     sa.Index("ix_deferred_jobs_created", "created_at"),
+    sa.Index("ix_deferred_jobs_queue_claim", "status", "queue", "run_after"),
 )

@@ -8,18 +8,19 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import sqlalchemy as sa
 
-from .._jobs import AttemptWrite, Finish, Job, Status, utcnow
+from .._jobs import DEFAULT_QUEUE, AttemptWrite, Finish, Job, Status, utcnow
 from . import _codec as codec
 from ._base import Clock, StoreUnavailable
 from ._dialects import Dialect, for_url
 from ._migrate import migrate
 from ._schema import jobs
+from ._sqlite_file import DatabaseFile, checkpoint
 
 # Built once: an outcome is written for every job, and building the
 # statement anew each time cost more than executing it.
@@ -195,11 +196,21 @@ class SQLJobStore:
 
     # -- running -----------------------------------------------------------
 
-    def claim(self, worker: str, limit: int, lease_seconds: float) -> list[Job]:
+    def claim(
+        self,
+        worker: str,
+        limit: int,
+        lease_seconds: float,
+        queues: Collection[str] = (DEFAULT_QUEUE,),
+    ) -> list[Job]:
         now = self.clock()
         due = (
             sa.select(jobs.c.id)
-            .where(jobs.c.status == Status.QUEUED.value, jobs.c.run_after <= now)
+            .where(
+                jobs.c.status == Status.QUEUED.value,
+                jobs.c.queue.in_(list(queues)),
+                jobs.c.run_after <= now,
+            )
             .order_by(jobs.c.run_after)
             .limit(limit)
         )
@@ -227,7 +238,8 @@ class SQLJobStore:
         handler's last progress lands before the outcome that ends its attempt."""
         now = self.clock()
         landed = 0
-        with self._transaction() as connection:
+        ending = [write.job_id for write in writes if isinstance(write, Finish)]
+        with self._transaction(erasing=ending) as connection:
             finishes: list[dict[str, Any]] = []
             for write in writes:
                 if isinstance(write, Finish):
@@ -255,6 +267,7 @@ class SQLJobStore:
             )
             retry = [r.id for r in rows if r.attempts < r.max_attempts]
             fail = [r.id for r in rows if r.attempts >= r.max_attempts]
+            erases = self._erases(connection, fail)
             if retry:
                 connection.execute(
                     jobs.update()
@@ -267,13 +280,17 @@ class SQLJobStore:
                     .where(expired, jobs.c.id.in_(fail))
                     .values(codec.final_values(Status.FAILED, now, error))
                 )
+        if erases:
+            self._scrub()
         return retry, fail
 
     # -- operator actions -------------------------------------------------
 
     def cancel(self, job_id: str) -> Job | None:
         active = sa.and_(jobs.c.id == job_id, jobs.c.status.in_(codec.ACTIVE_VALUES))
-        self._update(active, codec.final_values(Status.CANCELED, self.clock()))
+        with self._transaction(erasing=[job_id]) as connection:
+            values = codec.final_values(Status.CANCELED, self.clock())
+            connection.execute(jobs.update().where(active).values(values))
         return self.get(job_id)
 
     def retry(self, job_id: str) -> bool:
@@ -307,7 +324,7 @@ class SQLJobStore:
     # -- helpers -----------------------------------------------------------
 
     @contextlib.contextmanager
-    def _transaction(self) -> Iterator[sa.Connection]:
+    def _transaction(self, erasing: Sequence[str] = ()) -> Iterator[sa.Connection]:
         """A write transaction (on SQLite, one that takes the lock at once).
 
         A connection that failed is thrown away rather than pooled, so the
@@ -320,14 +337,31 @@ class SQLJobStore:
             connection = self.engine.connect().execution_options(sqlite_immediate=True)
             try:
                 with connection.begin():
+                    erases = self._erases(connection, erasing)
                     yield connection
                     if self._file is not None:
                         self._file.check()
+                if erases:
+                    checkpoint(connection)
             except sa.exc.DBAPIError:
                 connection.invalidate()
                 raise
             finally:
                 connection.close()
+
+    def _erases(self, connection: sa.Connection, job_ids: Sequence[str]) -> bool:
+        """On an SQLite file, whether erasing these jobs' stored credentials
+        erases any: their old copies must then leave the write-ahead log."""
+        if self._file is None or not job_ids:
+            return False
+        holding = sa.select(jobs.c.id).where(
+            jobs.c.id.in_(list(job_ids)), jobs.c.request_credentials.is_not(None)
+        )
+        return connection.execute(holding.limit(1)).first() is not None
+
+    def _scrub(self) -> None:
+        with _translate_errors(), self.engine.connect() as connection:
+            checkpoint(connection)
 
     def _reopen(self) -> None:
         """Open the file anew (creating it again if it is gone) and migrate it."""
@@ -339,41 +373,6 @@ class SQLJobStore:
     def _update(self, where: Any, values: dict[str, Any]) -> int:
         with self._transaction() as connection:
             return connection.execute(jobs.update().where(where).values(values)).rowcount
-
-
-class DatabaseFile:
-    """Which file an SQLite database is, so that a file removed or replaced
-    under a running process is noticed before a 202 promises a row in it."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.identity: tuple[int, int] | None = None
-        self.lost = False
-
-    @classmethod
-    def of(cls, url: sa.URL) -> DatabaseFile | None:
-        if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
-            return None
-        return cls(os.path.abspath(url.database))  # type: ignore[arg-type]
-
-    def _stat(self) -> tuple[int, int] | None:
-        try:
-            stat = os.stat(self.path)
-        except FileNotFoundError:
-            return None
-        return (stat.st_dev, stat.st_ino)
-
-    def remember(self) -> None:
-        self.identity = self._stat()
-        self.lost = False
-
-    def check(self) -> None:
-        """Raise StoreUnavailable (rolling back) if the file is not the one opened."""
-        if self.identity is None:
-            self.identity = self._stat()
-        elif self._stat() != self.identity:
-            self.lost = True
-            raise StoreUnavailable("the database file was removed or replaced")
 
 
 def _naive_utc(value: datetime) -> datetime:

@@ -1,0 +1,56 @@
+"""What an SQLite file needs beyond SQL: knowing it is still the file that
+was opened, and scrubbing its write-ahead log after credentials are erased."""
+
+from __future__ import annotations
+
+import os
+
+import sqlalchemy as sa
+
+from ._base import StoreUnavailable
+
+
+class DatabaseFile:
+    """Which file an SQLite database is, so that a file removed or replaced
+    under a running process is noticed before a 202 promises a row in it."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.identity: tuple[int, int] | None = None
+        self.lost = False
+
+    @classmethod
+    def of(cls, url: sa.URL) -> DatabaseFile | None:
+        if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
+            return None
+        return cls(os.path.abspath(url.database))  # type: ignore[arg-type]
+
+    def _stat(self) -> tuple[int, int] | None:
+        try:
+            stat = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        return (stat.st_dev, stat.st_ino)
+
+    def remember(self) -> None:
+        self.identity = self._stat()
+        self.lost = False
+
+    def check(self) -> None:
+        """Raise StoreUnavailable (rolling back) if the file is not the one opened."""
+        if self.identity is None:
+            self.identity = self._stat()
+        elif self._stat() != self.identity:
+            self.lost = True
+            raise StoreUnavailable("the database file was removed or replaced")
+
+
+def checkpoint(connection: sa.Connection) -> None:
+    """Erased means erased on disk: copy SQLite's write-ahead log into the
+    file (where secure_delete zeroes what was freed) and truncate it, so no
+    frame holding old credentials is left. If readers keep the log busy,
+    the next checkpoint does it."""
+    # On the driver's connection: outside any transaction, as SQLite requires.
+    connection.connection.dbapi_connection.execute(  # type: ignore[union-attr]
+        "PRAGMA wal_checkpoint(TRUNCATE)"
+    )
