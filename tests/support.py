@@ -383,3 +383,97 @@ class Worker(Process):
             *args,
         ]
         super().__init__(command, env, log)
+
+
+class ThrowawayMariaDB:
+    """A MariaDB server of the test's own, on a free port in a temporary folder."""
+
+    def __init__(self) -> None:
+        self.folder = Path(tempfile.mkdtemp(prefix="deferred-mariadb-"))
+        self.data = self.folder / "data"
+        self.port = free_port()
+        self.url = f"mysql+pymysql://root@127.0.0.1:{self.port}/test"
+        self.process: subprocess.Popen[bytes] | None = None
+        install = shutil.which("mariadb-install-db") or shutil.which("mysql_install_db")
+        if install is None:
+            pytest.fail("mariadb-install-db is not installed: the MariaDB server package is needed")
+        subprocess.run(
+            [
+                install,
+                "--no-defaults",
+                f"--datadir={self.data}",
+                "--user=root",
+                "--auth-root-authentication-method=normal",
+                "--skip-test-db",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=180,
+        )
+
+    def start(self) -> None:
+        server = shutil.which("mariadbd", path="/usr/sbin:/usr/bin") or "/usr/sbin/mysqld"
+        with open(self.folder / "log", "ab") as log:
+            self.process = subprocess.Popen(
+                [
+                    server,
+                    "--no-defaults",
+                    f"--datadir={self.data}",
+                    f"--port={self.port}",
+                    "--bind-address=127.0.0.1",
+                    f"--socket={self.folder}/sock",
+                    "--user=root",
+                    "--skip-log-bin",
+                    "--innodb-buffer-pool-size=16M",
+                    "--skip-name-resolve",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        eventually(self._up, timeout=60, interval=0.1)
+
+    def _up(self) -> bool:
+        import pymysql
+
+        try:
+            connection = pymysql.connect(host="127.0.0.1", port=self.port, user="root")
+        except pymysql.err.OperationalError:
+            return False
+        with connection.cursor() as cursor:
+            cursor.execute("CREATE DATABASE IF NOT EXISTS test")
+        connection.close()
+        return True
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(timeout=60)
+            self.process = None
+
+    def destroy(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class Tmpfs:
+    """A small filesystem of the test's own, to fill up or make read-only.
+    Skips the test (with the reason) where mounting is not allowed."""
+
+    def __init__(self, folder: Path, size: str) -> None:
+        self.path = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+            capture_output=True,
+            text=True,
+        )
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip() or done.returncode}")
+
+    def remount(self, mode: str) -> None:
+        subprocess.run(["mount", "-o", f"remount,{mode}", str(self.path)], check=True)
+
+    def unmount(self) -> None:
+        subprocess.run(["umount", "-l", str(self.path)], capture_output=True)

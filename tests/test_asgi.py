@@ -232,3 +232,24 @@ async def test_the_last_progress_before_returning_is_kept(sqlite_url):
             assert (await finished(client, accepted)).text == "done"
             document = (await client.get(accepted.headers["operation-location"])).json()
             assert (document["progress"], document["message"]) == (1.0, "step 4 of 4")
+
+
+@pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
+def test_one_app_serves_jobs_across_two_test_client_sessions(sqlite_url):
+    """Each session runs the lifespan on a loop of its own: the executor and
+    the writer follow the app from one to the next."""
+    from starlette.testclient import TestClient
+
+    @deferred
+    async def work(request):
+        return PlainTextResponse(f"done {current_job().attempt}")
+
+    app = Starlette(
+        routes=[Route("/work", work, methods=["POST"])],
+        middleware=[Middleware(DeferredMiddleware, database_url=sqlite_url, poll_interval=0.05)],
+    )
+    for _ in range(2):
+        with TestClient(app) as client:
+            job_id = client.post("/work").json()["id"]
+            result = client.get(f"/jobs/{job_id}/result", params={"wait": 10})
+            assert (result.status_code, result.text) == (200, "done 1")

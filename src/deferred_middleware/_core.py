@@ -17,7 +17,15 @@ from typing import Protocol, TypeVar
 
 from . import _protocol as protocol
 from ._config import Config
-from ._jobs import DeferredOptions, Job, Status, StoredRequest, new_job_id, utcnow
+from ._jobs import (
+    HEADERS_TOO_LARGE,
+    DeferredOptions,
+    Job,
+    Status,
+    StoredRequest,
+    new_job_id,
+    utcnow,
+)
 from ._notify import Notifier
 from .store import Clock, JobStore, StoreUnavailable, Unstorable
 from .store._writer import BatchWriter
@@ -130,10 +138,11 @@ class JobCore:
         return job
 
     def _new_job(self, request: StoredRequest, options: DeferredOptions) -> Job:
-        """The queued job for an admissible request; raises a Refusal otherwise."""
-        if request.header_size() > self.config.max_header_size:
+        """The queued job for an admissible request (which it takes over and
+        readies for storing); raises a Refusal otherwise."""
+        reason = request.admit(self.config.max_header_size)
+        if reason == HEADERS_TOO_LARGE:
             raise HeadersTooLarge
-        reason = request.unstorable()
         if reason is not None:
             raise NotStorable(reason)
         if self._queue_is_full():
@@ -142,7 +151,7 @@ class JobCore:
             id=new_job_id(),
             status=Status.QUEUED,
             created_at=self.clock(),
-            request=request.with_whole_body(),
+            request=request,
             options=options,
             queue=options.queue or self.config.queue,
         )
@@ -195,7 +204,7 @@ class JobCore:
 
     # -- the job routes ----------------------------------------------------
 
-    def job_route_tail(self, path: str, raw_path: str | None = None) -> str | None:
+    def job_route_tail(self, path: str, raw_path: str | bytes | None = None) -> str | None:
         """The path after the prefix when ``path`` is one of the job routes.
 
         Job routes are routed on the path as sent: a tail that only exists
@@ -205,6 +214,8 @@ class JobCore:
         if not (path == prefix or path.startswith(prefix + "/")):
             return None
         tail = path[len(prefix) :]
+        if isinstance(raw_path, bytes):
+            raw_path = raw_path.decode("latin-1")
         if raw_path is not None and not raw_path.endswith(tail):
             return "/"
         return tail

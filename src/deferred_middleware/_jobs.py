@@ -23,6 +23,8 @@ DEFAULT_CREDENTIAL_HEADERS = frozenset({"authorization", "cookie", "proxy-author
 FRAMING_HEADERS = frozenset({"content-length", "transfer-encoding"})
 MAX_METHOD_LENGTH = 16  # the width of the method column
 TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 §5.6.2
+COMMON_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE"})
+HEADERS_TOO_LARGE = "The request headers are too large."
 
 
 class Status(str, enum.Enum):
@@ -110,25 +112,33 @@ class StoredRequest:
                 return value
         return None
 
-    def header_size(self) -> int:
-        return sum(len(name) + len(value) for name, value in self.headers)
+    def admit(self, max_header_size: int) -> str | None:
+        """Make the request ready to store, or say why it cannot be: in one
+        pass over the headers (this runs for every accepted request).
 
-    def with_whole_body(self) -> StoredRequest:
-        """The request as it is replayed: its body whole, so framing headers
-        of the original transfer (chunked encoding) would only mislead."""
-        headers = [(k, v) for k, v in self.headers if k not in FRAMING_HEADERS]
-        headers.append(("content-length", str(len(self.body))))
-        return dataclasses.replace(self, headers=headers)
-
-    def unstorable(self) -> str | None:
-        """Why the job table cannot keep this request faithfully, if it cannot.
-        Such requests are refused before they are queued, so they never
-        share a failing batch with others."""
-        if len(self.method) > MAX_METHOD_LENGTH or not TOKEN.fullmatch(self.method):
+        Its body is stored whole, so framing headers of the original transfer
+        (chunked encoding) would only mislead a replay: they are replaced by
+        the body's length. A request the table cannot keep faithfully (a
+        method that is not a short token, a NUL character) is refused here,
+        so it never shares a failing batch with others."""
+        size = 0
+        kept: Headers = []
+        nul = "\x00" in self.path or "\x00" in self.root_path
+        for name, value in self.headers:
+            size += len(name) + len(value)
+            nul = nul or "\x00" in value or "\x00" in name
+            if name not in FRAMING_HEADERS:
+                kept.append((name, value))
+        if size > max_header_size:
+            return HEADERS_TOO_LARGE
+        if self.method not in COMMON_METHODS and (
+            len(self.method) > MAX_METHOD_LENGTH or not TOKEN.fullmatch(self.method)
+        ):
             return "The request method cannot be stored."
-        texts = [self.path, self.root_path, *(text for pair in self.headers for text in pair)]
-        if any("\x00" in text for text in texts):
+        if nul:
             return "The request contains a NUL character."
+        kept.append(("content-length", str(len(self.body))))
+        self.headers = kept
         return None
 
 

@@ -112,8 +112,7 @@ class DeferredMiddleware:
             await self.app(scope, receive, send)
             return
         path = route_path(scope)
-        raw_path = scope.get("raw_path")
-        tail = self.core.job_route_tail(path, raw_path.decode("latin-1") if raw_path else None)
+        tail = self.core.job_route_tail(path, scope.get("raw_path"))
         if tail is not None:
             reply = await self.core.answer_async(
                 tail, scope["method"], scope.get("query_string", b""), scope.get("root_path", "")
@@ -138,12 +137,12 @@ class DeferredMiddleware:
         return options
 
     def _marked_options(self, scope: HTTPScope, method: str, path: str) -> DeferredOptions | None:
-        from .starlette import MarkedRoutes
-
         routes = find_routes(scope.get("app") or self.app)  # type: ignore[typeddict-item]
         if routes is None:
             return None
         if self._marked is None:
+            from .starlette import MarkedRoutes
+
             self._marked = MarkedRoutes()
         return self._marked.lookup(routes, scope, method, path)  # type: ignore[no-any-return]
 

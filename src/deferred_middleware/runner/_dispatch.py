@@ -185,7 +185,8 @@ class Dispatcher:
             logger.error("job %s: not returned to the queue; its lease will expire", attempt.job.id)
 
     def wake(self) -> None:
-        self._wake.set()
+        if self._threads:  # an executor that was never started has nothing to wake
+            self._wake.set()
 
     def cancel_local(self, job_id: str) -> None:
         """The job was canceled in the table; stop it here if it runs here."""
@@ -383,6 +384,4 @@ class Dispatcher:
             logger.warning("job %s: attempt %d timed out", attempt.job.id, attempt.number)
             interrupted = attempt.handle is not None and attempt.handle.cancel()
             if not interrupted and attempt.last:
-                with self._lock:
-                    attempt.state = State.RUNNING
                 self._settle(attempt, timed_out(attempt.job))

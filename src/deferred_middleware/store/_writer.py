@@ -35,6 +35,7 @@ class BatchWriter:
         self.store = store
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        self._running = False
         self._pid = 0
         self._lock = threading.Lock()
 
@@ -57,22 +58,28 @@ class BatchWriter:
         self._thread = None
 
     def _put(self, item: tuple[bool, Any, Waiter]) -> None:
-        thread = self._thread
-        if thread is None or self._pid != os.getpid() or not thread.is_alive():
+        if not self._running or self._pid != os.getpid():
             self._start()
         self._queue.put(item)
 
     def _start(self) -> None:
+        """A writer per process, started again if its thread is gone."""
         with self._lock:
-            thread = self._thread
-            if thread is None or self._pid != os.getpid() or not thread.is_alive():
+            if not self._running or self._pid != os.getpid():
                 self._pid = os.getpid()
+                self._running = True
                 self._thread = threading.Thread(
                     target=self._run, name="deferred-writer", daemon=True
                 )
                 self._thread.start()
 
     def _run(self) -> None:
+        try:
+            self._serve()
+        finally:
+            self._running = False
+
+    def _serve(self) -> None:
         while True:
             batch = [self._queue.get()]
             while len(batch) < MAX_BATCH:
