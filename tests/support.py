@@ -458,8 +458,8 @@ class ThrowawayMariaDB:
 
 
 class Tmpfs:
-    """A small filesystem of the test's own, to fill up or make read-only.
-    Skips the test (with the reason) where mounting is not allowed."""
+    """A small filesystem of the test's own, to fill up. Skips the test (with
+    the reason) where mounting is not allowed."""
 
     def __init__(self, folder: Path, size: str) -> None:
         self.path = folder
@@ -471,9 +471,6 @@ class Tmpfs:
         )
         if done.returncode != 0:
             pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip() or done.returncode}")
-
-    def remount(self, mode: str) -> None:
-        subprocess.run(["mount", "-o", f"remount,{mode}", str(self.path)], check=True)
 
     def unmount(self) -> None:
         subprocess.run(["umount", "-l", str(self.path)], capture_output=True)

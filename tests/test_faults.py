@@ -1,6 +1,10 @@
 """Faults against real servers and databases: a database down for less and
-for more than a lease, a full disk, a database file deleted or made
-read-only, a web process killed mid-burst. Each time: no 202 without a row,
+for more than a lease, a full disk, a database file deleted while serving,
+a web process killed mid-burst. (A file made read-only under a running
+server cannot be staged: Linux refuses a read-only remount while SQLite
+holds the file open for writing, and chmod does not reach open files; the
+per-connection read-only state SQLite then keeps is reproduced in
+tests/test_sql_store.py.) Each time: no 202 without a row,
 every promised job ends, each side effect once per attempt.
 
 Outages are of throwaway servers and filesystems the tests make themselves;
@@ -53,6 +57,10 @@ def throwaway(request: pytest.FixtureRequest) -> Iterator[ThrowawayPostgres | Th
     server.destroy()
 
 
+OWN_DATABASE = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+
+
+@OWN_DATABASE  # the test brings its own server: the usual database parameter is not used
 @pytest.mark.parametrize("outage", [0.5 * LEASE, 3 * LEASE], ids=["shorter", "longer"])
 def test_an_outage_reruns_nothing_and_fails_nothing(
     throwaway, serve, start_worker, gates, effects, outage
@@ -160,20 +168,6 @@ def test_a_full_disk_gives_503_never_an_unkept_promise_and_recovers(serve, small
     all_exist(server, first + promised_ids(answers))
 
 
-def test_a_read_only_database_gives_503_and_recovers_by_itself(serve, small_disk):
-    url = f"sqlite:///{small_disk.path}/jobs.db"
-    server = serve("uvicorn", DATABASE_URL=url, EXECUTE="0")
-    answers = post_until(server.base, 202)
-    small_disk.remount("ro")
-    try:
-        answers += post_until(server.base, 503)
-        answers += post_until(server.base, 503)
-    finally:
-        small_disk.remount("rw")
-    answers += post_until(server.base, 202, tries=50)  # no restart needed
-    all_exist(server, promised_ids(answers))
-
-
 def test_a_database_file_deleted_while_serving_is_never_promised_into(serve, sqlite_url):
     server = serve("uvicorn", EXECUTE="0")
     before = promised_ids(post_until(server.base, 202))
@@ -186,6 +180,7 @@ def test_a_database_file_deleted_while_serving_is_never_promised_into(serve, sql
     assert before  # promised into the file that was deleted: gone with it, by the operator
 
 
+@OWN_DATABASE
 @pytest.mark.load
 @pytest.mark.postgres
 def test_a_killed_worker_s_jobs_end_once_per_attempt_under_load(
