@@ -43,6 +43,13 @@ class Calls:
         return self.fn(*args, **kwargs)
 
 
+def spy(monkeypatch: pytest.MonkeyPatch, owner: Any, name: str) -> Calls:
+    """Count the calls to ``owner.name`` for the rest of the test."""
+    calls = Calls(getattr(owner, name))
+    monkeypatch.setattr(owner, name, calls)
+    return calls
+
+
 def finish_elsewhere(h: Harness, job_id: str) -> None:
     """As another process would: straight into the store, no notification here."""
     [claimed] = h.store.claim("elsewhere", 1, 30)
@@ -56,8 +63,7 @@ def finish_elsewhere(h: Harness, job_id: str) -> None:
 
 def test_the_table_is_prepared_once_and_again_after_a_failure(monkeypatch):
     h = Harness()
-    migrate = Calls(h.store.migrate)
-    monkeypatch.setattr(h.store, "migrate", migrate)
+    migrate = spy(monkeypatch, h.store, "migrate")
     h.submit()
     h.submit()
     h.route("/jobs/" + "a" * 32)
@@ -77,8 +83,7 @@ def test_the_table_is_prepared_once_and_again_after_a_failure(monkeypatch):
 
 def test_the_executor_migrates_once_before_its_first_claim(monkeypatch):
     h = Harness()
-    migrate = Calls(h.store.migrate)
-    monkeypatch.setattr(h.store, "migrate", migrate)
+    migrate = spy(monkeypatch, h.store, "migrate")
     for _ in range(3):
         h.claim()
     assert migrate.count == 1
@@ -119,8 +124,7 @@ def test_the_async_face_reads_in_place_only_where_reads_are_local(monkeypatch, l
     h = Harness()
     job_id = h.submit()
     h.store.reads_are_local = local
-    offload = Calls(h.core.offload)
-    monkeypatch.setattr(h.core, "offload", offload)
+    offload = spy(monkeypatch, h.core, "offload")
 
     async def poll() -> None:
         await h.core.answer_async(f"/{job_id}", "GET", b"", "")
@@ -135,8 +139,7 @@ def test_the_async_face_reads_in_place_only_where_reads_are_local(monkeypatch, l
 
 def test_the_async_face_prepares_the_table_off_the_loop(monkeypatch):
     h = Harness()
-    offload = Calls(h.core.offload)
-    monkeypatch.setattr(h.core, "offload", offload)
+    offload = spy(monkeypatch, h.core, "offload")
     asyncio.run(h.core.answer_async("/" + "a" * 32, "GET", b"", ""))
     assert (offload.count, h.core.ready) == (1, True)
     asyncio.run(h.core.answer_async("/" + "a" * 32, "GET", b"", ""))
@@ -271,8 +274,7 @@ def test_a_reaped_job_wakes_its_long_polls():
 
 def test_the_queue_is_counted_at_most_twice_a_second(monkeypatch):
     h = Harness(max_queued=100)
-    count = Calls(h.store.count)
-    monkeypatch.setattr(h.store, "count", count)
+    count = spy(monkeypatch, h.store, "count")
     h.submit()
     h.submit()
     assert count.count == 1
@@ -286,8 +288,7 @@ def test_the_queue_is_counted_at_most_twice_a_second(monkeypatch):
 
 def test_without_a_bound_the_queue_is_never_counted(monkeypatch):
     h = Harness()
-    count = Calls(h.store.count)
-    monkeypatch.setattr(h.store, "count", count)
+    count = spy(monkeypatch, h.store, "count")
     for _ in range(3):
         h.submit()
         h.advance(1)
@@ -348,8 +349,7 @@ def test_leases_are_renewed_every_third_of_their_time(monkeypatch):
     h = Harness(lease_seconds=30)
     h.submit()
     h.claim()
-    renew = Calls(h.store.renew)
-    monkeypatch.setattr(h.store, "renew", renew)
+    renew = spy(monkeypatch, h.store, "renew")
     h.advance(9.9)
     h.tend()
     assert renew.count == 0
@@ -612,8 +612,7 @@ def test_while_the_store_is_away_leases_are_retried_every_second(monkeypatch):
     h.submit()
     h.claim()
     outage = Outage(monkeypatch, h.store, "renew")
-    renew = Calls(h.store.renew)
-    monkeypatch.setattr(h.store, "renew", renew)
+    renew = spy(monkeypatch, h.store, "renew")
     outage.down = True
     h.advance(10)
     h.tend()
@@ -651,3 +650,31 @@ def test_the_writer_outlives_a_waiter_that_gave_up():
     writer.insert(Harness().core._new_job(StoredRequest("POST", "/c"), OPTIONS), third)
     assert third.result(timeout=10) is None  # a stopped writer starts again
     writer.stop()
+
+
+def test_a_renewal_that_races_a_written_outcome_abandons_nothing(monkeypatch, caplog):
+    h = Harness()
+    job_id = h.submit()
+    h.claim()
+    attempt = h.dispatcher.running[job_id]
+    real_write = h.writer.write
+    held_back: list[Any] = []
+
+    def write_without_callbacks_yet(write: Any) -> Any:
+        h.store.write([write])  # committed, but the dispatcher has not heard yet
+        from concurrent.futures import Future
+
+        future: Future[None] = Future()
+        held_back.append(future)
+        return future
+
+    monkeypatch.setattr(h.writer, "write", write_without_callbacks_yet)
+    h.launcher.last(job_id).respond()
+    h.advance(h.config.lease_seconds / 3)
+    h.tend()  # the store no longer calls the job ours: it finished
+    assert "abandoning" not in caplog.text
+    assert h.launcher.last(job_id).cancel_calls == 0
+    held_back[0].set_result(None)
+    assert not h.dispatcher.running
+    assert attempt.state.value == "done"
+    monkeypatch.setattr(h.writer, "write", real_write)

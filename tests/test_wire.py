@@ -43,19 +43,19 @@ def problem_reply(status: int, title: str, detail: str | None, *extra) -> protoc
 @pytest.mark.parametrize(
     ("reply", "expected"),
     [
-        (protocol.not_found(), problem_reply(404, "Not Found", "No job with this id.")),
+        (lambda: protocol.not_found(), problem_reply(404, "Not Found", "No job with this id.")),
         (
-            protocol.too_large(1024),
+            lambda: protocol.too_large(1024),
             problem_reply(413, "Content Too Large", "The request body exceeds 1024 bytes."),
         ),
         (
-            protocol.unavailable(7),
+            lambda: protocol.unavailable(7),
             problem_reply(
                 503, "Service Unavailable", "The job store is unavailable.", ("retry-after", "7")
             ),
         ),
         (
-            protocol.unavailable(2, protocol.QUEUE_FULL),
+            lambda: protocol.unavailable(2, protocol.QUEUE_FULL),
             problem_reply(
                 503,
                 "Service Unavailable",
@@ -64,24 +64,25 @@ def problem_reply(status: int, title: str, detail: str | None, *extra) -> protoc
             ),
         ),
         (
-            protocol.method_not_allowed(""),
+            lambda: protocol.method_not_allowed(""),
             problem_reply(405, "Method Not Allowed", None, ("allow", "GET, HEAD, DELETE")),
         ),
         (
-            protocol.method_not_allowed("result"),
+            lambda: protocol.method_not_allowed("result"),
             problem_reply(405, "Method Not Allowed", None, ("allow", "GET, HEAD")),
         ),
         (
-            protocol.method_not_allowed("cancel"),
+            lambda: protocol.method_not_allowed("cancel"),
             problem_reply(405, "Method Not Allowed", None, ("allow", "POST")),
         ),
         (
-            protocol.problem(409, "Conflict", "The job has already finished."),
+            lambda: protocol.problem(409, "Conflict", "The job has already finished."),
             problem_reply(409, "Conflict", "The job has already finished."),
         ),
     ],
 )
 def test_problems_are_rfc_9457_documents(reply, expected):
+    reply = reply()  # built here, inside the test, so mutation testing sees who checks it
     assert reply == expected
     assert int(dict(reply.headers)["content-length"]) == len(reply.body)
 
@@ -249,16 +250,16 @@ def test_a_final_result_never_looks_pending():
     ("reply", "expected"),
     [
         (
-            protocol.headers_too_large(65536),
+            lambda: protocol.headers_too_large(65536),
             problem_reply(
                 431, "Request Header Fields Too Large", "The request headers exceed 65536 bytes."
             ),
         ),
         (
-            protocol.unstorable("The request method cannot be stored."),
+            lambda: protocol.unstorable("The request method cannot be stored."),
             problem_reply(400, "Bad Request", "The request method cannot be stored."),
         ),
     ],
 )
 def test_refusals_of_one_request_are_4xx_problems(reply, expected):
-    assert reply == expected
+    assert reply() == expected

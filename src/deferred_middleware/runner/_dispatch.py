@@ -351,6 +351,9 @@ class Dispatcher:
             logger.warning("could not renew leases: the job store is unavailable")
             return False
         for job_id in held.keys() - owned:
+            attempt = self.running.get(job_id)
+            if attempt is None or attempt.state is State.SETTLING:
+                continue  # its outcome was just written: it is not running any more
             logger.warning("job %s: canceled or taken back; abandoning it here", job_id)
             self.cancel_local(job_id)
         return True
