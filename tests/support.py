@@ -94,6 +94,7 @@ def make_job(
         client=("10.0.0.1", 5555),
         scheme="https",
         root_path="/api",
+        http_version="2",
     )
     return Job(
         id=new_job_id(),

@@ -23,9 +23,9 @@ from deferred_middleware._jobs import (
     StoredRequest,
     StoredResponse,
 )
-from deferred_middleware._routes import RoutePatterns, options_of
+from deferred_middleware._routes import RoutePatterns, options_of, queues_of
 from deferred_middleware.runner._dispatch import worker_name
-from deferred_middleware.store import StoreUnavailable
+from deferred_middleware.store import StoreUnavailable, Unstorable
 
 from .policy_harness import Harness
 from .support import eventually
@@ -678,3 +678,122 @@ def test_a_renewal_that_races_a_written_outcome_abandons_nothing(monkeypatch, ca
     assert not h.dispatcher.running
     assert attempt.state.value == "done"
     monkeypatch.setattr(h.writer, "write", real_write)
+
+
+# -- what the mutation run showed unchecked ----------------------------------
+
+
+def test_a_view_marked_after_it_was_wrapped_is_found_through_the_wrapper():
+    def view() -> None: ...
+
+    @functools.wraps(view)
+    def wrapper() -> None: ...
+
+    deferred(queue="late")(view)  # marked after wraps() copied its attributes
+    assert options_of(wrapper) == DeferredOptions(queue="late")
+    assert options_of(functools.wraps(wrapper)(lambda: None)) == DeferredOptions(queue="late")
+
+
+def test_queues_named_by_marked_views_are_found():
+    views = [
+        deferred(queue="nightly")(lambda: None),
+        deferred(lambda: None),
+        lambda: None,
+        deferred(queue="mail")(lambda: None),
+    ]
+    assert queues_of(views) == {"nightly", "mail"}
+    assert queues_of([]) == set()
+
+
+def test_a_job_goes_to_its_route_s_queue_or_else_the_middleware_s():
+    h = Harness(queue="billing")
+    plain = h.submit()
+    routed = h.core.accept(StoredRequest("POST", "/r"), DeferredOptions(queue="nightly")).id
+    assert (h.store.get(plain).queue, h.store.get(routed).queue) == ("billing", "nightly")
+    assert h.claim() == 1  # the executor runs its own queue
+    assert h.launcher.count(plain) == 1
+    h.dispatcher.queues = frozenset({"nightly"})
+    assert h.claim() == 1
+    assert h.launcher.count(routed) == 1
+
+
+def test_refusals_say_exactly_why():
+    h = Harness(max_header_size=100)
+    too_large = h.core.refused(HeadersTooLarge())
+    assert json.loads(too_large.body)["detail"] == "The request headers exceed 100 bytes."
+    refused = h.core.refused(Unstorable())
+    assert (refused.status, json.loads(refused.body)["detail"]) == (
+        400,
+        "The request could not be stored.",
+    )
+
+
+def test_cancel_and_delete_answer_exactly():
+    h = Harness()
+    job_id = h.submit()
+    h.claim()
+    h.launcher.last(job_id).respond()
+    conflict = h.route(f"/jobs/{job_id}/cancel", "POST")
+    assert conflict.status == 409
+    assert json.loads(conflict.body) == {
+        "type": "about:blank",
+        "title": "Conflict",
+        "status": 409,
+        "detail": "The job has already finished.",
+    }
+    deleted = h.route(f"/jobs/{job_id}", "DELETE")
+    assert (deleted.status, deleted.headers, deleted.body) == (204, [], b"")
+
+
+def test_the_raw_path_may_come_as_bytes():
+    h = Harness()
+    path = f"/jobs/{'a' * 32}/result"
+    assert h.core.job_route_tail(path, f"/jobs/{'a' * 32}%2Fresult".encode()) == "/"
+    assert h.core.job_route_tail(path, path.encode()) == f"/{'a' * 32}/result"
+
+
+def test_shutdown_waits_within_a_short_grace():
+    h = Harness()
+    job_id = h.submit()
+    h.claim()
+    timer = threading.Timer(0.05, h.launcher.last(job_id).respond)
+    timer.start()
+    h.dispatcher.stop(grace=0.5)
+    timer.join()
+    assert h.job(job_id).status is Status.SUCCEEDED
+
+
+def test_the_executor_threads_enforce_timeouts_and_see_jobs_from_elsewhere():
+    """The loops themselves: the lease loop times out a thread that runs on,
+    the claim loop finds a job it was not told about at its poll."""
+    h = Harness(interruptible=False, poll_interval=0.01)
+    h.dispatcher.monotonic = time.monotonic
+    h.dispatcher._next_renew = 0
+    h.dispatcher.start()
+    job = h.core._new_job(StoredRequest("POST", "/r"), DeferredOptions(timeout=0.2))
+    h.store.insert([job])  # straight into the table: nobody wakes the executor
+    failed = eventually(lambda: (j := h.job(job.id)).status.finished and j, timeout=10)
+    assert failed.error == "The job timed out after 0.2 seconds."
+    h.dispatcher.stop(grace=0)
+
+
+def test_a_store_that_pushes_wakes_the_executor_at_once(monkeypatch):
+    h = Harness(poll_interval=60)  # only a push can start the job in time
+    pushed = threading.Event()
+
+    def listen(wake: Any, stopped: threading.Event) -> None:
+        while not stopped.is_set():
+            if pushed.wait(0.01):
+                pushed.clear()
+                wake()
+
+    monkeypatch.setattr(h.store, "pushes_wakeups", True)
+    monkeypatch.setattr(h.store, "listen", listen)
+    h.dispatcher.start()
+    eventually(lambda: h.dispatcher._wake.is_set() is False, timeout=10)  # idle, waiting
+    job = h.core._new_job(StoredRequest("POST", "/r"), DeferredOptions())
+    h.store.insert([job])
+    pushed.set()
+    eventually(lambda: h.launcher.count(job.id) == 1, timeout=10)
+    h.launcher.last(job.id).respond()
+    h.dispatcher.stop(grace=5)

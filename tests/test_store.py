@@ -64,6 +64,13 @@ def test_a_job_round_trips_exactly(any_store, new):
     assert done.request.headers == [("x-twice", "1"), ("x-twice", "2")]
 
 
+def test_a_request_without_server_or_client_round_trips(any_store, new):
+    job = new()
+    job.request.server = job.request.client = None
+    any_store.insert([job])
+    assert any_store.get(job.id, request=True).request == job.request
+
+
 def test_claims_take_due_jobs_oldest_first_up_to_the_limit(any_store, new, clock):
     jobs = []
     for _ in range(3):

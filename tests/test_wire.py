@@ -224,6 +224,7 @@ def test_job_urls_are_absolute_paths_under_the_root_path(prefix, root_path, publ
         ("/api/v1/", "/api/v1/jobs"),
         ("/café au lait", "/caf%C3%A9%20au%20lait/jobs"),
         ("/a;b=1/@me", "/a;b=1/@me/jobs"),
+        ("/MAX/", "/MAX/jobs"),
     ],
 )
 def test_a_root_path_that_is_not_a_clean_absolute_path_is_ignored(root_path, base):

@@ -58,10 +58,10 @@ def deferred(
 
 def options_of(endpoint: Any) -> DeferredOptions | None:
     """The options a view was marked with, or None for an ordinary view."""
-    options = getattr(endpoint, MARKER, None)
+    options = getattr(endpoint, MARKER, None)  # bound methods read it from their function
     if options is None:
-        # Bound methods and functools.wraps chains keep the marker on the function.
-        wrapped = getattr(endpoint, "__func__", None) or getattr(endpoint, "__wrapped__", None)
+        # A wrapper made before the view was marked: look through it.
+        wrapped = getattr(endpoint, "__wrapped__", None)
         if wrapped is not None and wrapped is not endpoint:
             return options_of(wrapped)
     return options

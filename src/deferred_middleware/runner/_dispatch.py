@@ -297,7 +297,7 @@ class Dispatcher:
                 self._prune()
                 self._next_prune = now + PRUNE_EVERY
             free = self.config.concurrency - len(self.running)
-            if free >= self._min_claim or (free > 0 and not self.running):
+            if free >= self._min_claim:
                 lease = self.config.lease_seconds
                 claimed = self.store.claim(self.worker, free, lease, self.queues)
         except StoreUnavailable:
