@@ -652,6 +652,31 @@ def test_the_writer_outlives_a_waiter_that_gave_up():
     writer.stop()
 
 
+def test_a_renewal_abandons_every_job_taken_back_whatever_settles_beside_it(monkeypatch):
+    h = Harness(concurrency=16)
+    ids = [h.submit() for _ in range(9)]
+    h.claim()
+    pending: list[Any] = []
+
+    def written_but_not_yet_heard_of(write: Any) -> Any:
+        h.store.write([write])
+        from concurrent.futures import Future
+
+        pending.append(Future())
+        return pending[-1]
+
+    monkeypatch.setattr(h.writer, "write", written_but_not_yet_heard_of)
+    for job_id in ids[:8]:
+        h.launcher.last(job_id).respond()  # settling: finished in the table
+    taken = ids[8]
+    h.store.cancel(taken)  # from another process: the CLI, say
+    h.advance(h.config.lease_seconds / 3)
+    h.tend()
+    assert h.launcher.last(taken).cancel_calls == 1
+    assert taken not in h.dispatcher.running
+    assert all(h.launcher.last(job_id).cancel_calls == 0 for job_id in ids[:8])
+
+
 def test_a_renewal_that_races_a_written_outcome_abandons_nothing(monkeypatch, caplog):
     h = Harness()
     job_id = h.submit()
@@ -769,7 +794,9 @@ def test_the_executor_threads_enforce_timeouts_and_see_jobs_from_elsewhere():
     h = Harness(interruptible=False, poll_interval=0.01)
     h.dispatcher.monotonic = time.monotonic
     h.dispatcher._next_renew = 0
+    ticks = spy(pytest.MonkeyPatch(), h.dispatcher, "tend_step")
     h.dispatcher.start()
+    eventually(lambda: ticks.count >= 2, timeout=10)  # idle ticks: the loop keeps going
     job = h.core._new_job(StoredRequest("POST", "/r"), DeferredOptions(timeout=0.2))
     h.store.insert([job])  # straight into the table: nobody wakes the executor
     failed = eventually(lambda: (j := h.job(job.id)).status.finished and j, timeout=10)

@@ -224,6 +224,19 @@ def test_a_failed_finish_keeps_its_error_and_response(any_store, new, clock):
     assert failed.finished_at == clock()
 
 
+def test_a_failure_without_a_response_keeps_only_its_error(any_store, new):
+    job = new()
+    any_store.insert([job])
+    attempt = claim_one(any_store)
+    any_store.write([Finish(job.id, attempt, Status.FAILED, error="The handler raised.")])
+    failed = any_store.get(job.id, response=True)
+    assert (failed.status, failed.error, failed.response) == (
+        Status.FAILED,
+        "The handler raised.",
+        None,
+    )
+
+
 def test_cancel_touches_only_active_jobs(any_store, new):
     queued, running, finished = new(), new(), new()
     any_store.insert([finished])
