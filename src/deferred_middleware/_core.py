@@ -113,7 +113,9 @@ class JobCore:
 
     def accept(self, request: StoredRequest, options: DeferredOptions) -> Job:
         """Store the request as a queued job; returns once its row is
-        committed. Raises QueueFull or StoreUnavailable: then no job exists."""
+        committed. Raises a Refusal (queue full, headers too large, not
+        storable), StoreUnavailable or Unstorable: then no job exists, and
+        :meth:`refused` says what to answer."""
         self.prepare()
         if self._queue_check_due():
             self._count_queued()
