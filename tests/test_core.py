@@ -327,6 +327,21 @@ def test_claiming_waits_for_a_useful_batch_while_busy():
     assert h.claim() == 2
 
 
+def test_a_free_slot_is_filled_within_a_poll_interval_while_long_jobs_run():
+    """Seven long jobs and one free slot: the queued job must not wait for
+    a batch of two to fit."""
+    h = Harness(concurrency=8, poll_interval=1.0)
+    first = [h.submit() for _ in range(7)]
+    assert h.claim() == 7
+    waiting = h.submit()
+    h.advance(0.5)
+    assert h.claim() == 0  # soon after a claim: wait for a batch
+    h.advance(0.5)
+    assert h.claim() == 1  # a poll interval on: take what fits
+    assert h.launcher.count(waiting) == 1
+    assert len(first) + 1 == len(h.dispatcher.running)
+
+
 def test_housekeeping_runs_on_its_own_schedule(monkeypatch):
     h = Harness(lease_seconds=30)
     reap, prune = Calls(h.store.reap_expired), Calls(h.store.prune)

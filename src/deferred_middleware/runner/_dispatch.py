@@ -136,6 +136,7 @@ class Dispatcher:
         self._threads: list[threading.Thread] = []
         self._migrated = False
         self._next_reap = self._next_prune = 0.0
+        self._last_claim = float("-inf")
         self._next_renew = monotonic() + config.lease_seconds / 3
 
     @property
@@ -281,7 +282,8 @@ class Dispatcher:
     def claim_step(self) -> int:
         """Housekeeping when due, then claim what fits. While busy, wait
         until a useful batch fits rather than spending a write transaction
-        on each job that finishes. Answers how many jobs were launched."""
+        on each job that finishes, but no longer than a poll interval.
+        Answers how many jobs were launched."""
         now = self.monotonic()
         claimed: list[Job] = []
         try:
@@ -296,9 +298,13 @@ class Dispatcher:
             if now >= self._next_prune:
                 self._prune()
                 self._next_prune = now + PRUNE_EVERY
+            # A useful batch at once; any free slot at least once a poll interval
+            # (long jobs must not keep a queued one waiting for a batch to fit).
             free = self.config.concurrency - len(self.running)
-            if free >= self._min_claim:
+            polled = now - self._last_claim >= self.config.poll_interval
+            if free >= self._min_claim or (free > 0 and polled):
                 lease = self.config.lease_seconds
+                self._last_claim = now
                 claimed = self.store.claim(self.worker, free, lease, self.queues)
         except StoreUnavailable:
             logger.warning("the job store is unavailable; claiming again shortly")
