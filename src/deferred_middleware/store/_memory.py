@@ -162,7 +162,6 @@ class MemoryJobStore:
                 if job.status is not Status.RUNNING or expires is None or expires >= now:
                     continue
                 job.error = error
-                row.lease_expires_at = None
                 if job.attempts < job.max_attempts:
                     _back_in_the_queue(row)
                     row.run_after = now
@@ -180,7 +179,6 @@ class MemoryJobStore:
                 return None
             if row.job.status in ACTIVE:
                 _end(row, Status.CANCELED, now)
-                row.lease_expires_at = None
             return _copy(row)
 
     def retry(self, job_id: str) -> bool:
@@ -230,7 +228,6 @@ def _apply(row: _Row, write: AttemptWrite, now: datetime) -> None:
         job.progress, job.message = write.progress, write.message
     elif isinstance(write, Finish):
         _end(row, write.status, now)
-        row.lease_expires_at = None
         job.error = write.error
         job.response = write.response
     else:
@@ -252,8 +249,10 @@ def _back_in_the_queue(row: _Row) -> None:
 
 
 def _end(row: _Row, status: Status, now: datetime) -> None:
+    """A job ended: no lease to keep, no credentials to keep."""
     row.job.status = status
     row.job.finished_at = now
+    row.lease_expires_at = None
     row.credentials = []
 
 
