@@ -52,6 +52,30 @@ def test_migrating_is_idempotent_and_safe_to_race(database_url):
     for store in stores:
         store.close()
 
+def test_migrating_separate_databases_at_once_in_one_process(tmp_path):
+    """Alembic keeps its migration context in module globals: two job tables
+    migrated at the same moment from one process must not trample it."""
+    stores = [SQLJobStore(f"sqlite:///{tmp_path}/jobs{n}.db") for n in range(8)]
+    start = threading.Barrier(len(stores))
+    errors: list[BaseException] = []
+
+    def migrate(store: SQLJobStore) -> None:
+        start.wait()
+        try:
+            store.migrate()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=migrate, args=(s,)) for s in stores]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert [version_of(store) for store in stores] == [HEAD] * len(stores)
+    for store in stores:
+        store.close()
+
 
 def test_the_migrations_build_exactly_the_live_schema(database_url):
     """The Alembic head and the table the code queries never drift apart."""

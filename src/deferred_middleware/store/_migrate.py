@@ -4,6 +4,7 @@ own migrations never see ours."""
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any
 
 import sqlalchemy as sa
@@ -13,6 +14,12 @@ from ._dialects import Dialect
 VERSION_TABLE = "deferred_middleware_version"
 logger = logging.getLogger("deferred_middleware")
 
+# Alembic installs its migration context in module globals for the length of
+# a command, so two job tables migrated at once from one process (a server's
+# first request and its dispatcher, or two apps) would trample each other.
+# The database's own lock only orders processes, not threads of one.
+_alembic_in_use = threading.Lock()
+
 
 def migrate(engine: sa.Engine, dialect: Dialect, revision: str = "head") -> None:
     """Create or upgrade the job table in place, once, even with several
@@ -20,7 +27,7 @@ def migrate(engine: sa.Engine, dialect: Dialect, revision: str = "head") -> None
     from alembic import command
 
     config = alembic_config()
-    with engine.connect().execution_options(sqlite_immediate=True) as connection:
+    with _alembic_in_use, engine.connect().execution_options(sqlite_immediate=True) as connection:
         with connection.begin():
             dialect.lock_migrations(connection)
             config.attributes["connection"] = connection
