@@ -52,6 +52,7 @@ def test_migrating_is_idempotent_and_safe_to_race(database_url):
     for store in stores:
         store.close()
 
+
 def test_migrating_separate_databases_at_once_in_one_process(tmp_path):
     """Alembic keeps its migration context in module globals: two job tables
     migrated at the same moment from one process must not trample it."""
