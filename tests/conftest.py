@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 
 from deferred_middleware._jobs import DEFAULT_CREDENTIAL_HEADERS
+from deferred_middleware.runner._dispatch import Dispatcher
 from deferred_middleware.store import JobStore, MemoryJobStore, SQLJobStore
+from deferred_middleware.store._writer import BatchWriter
 
 from .support import (
     MYSQL_URL,
@@ -24,6 +26,30 @@ from .support import (
     require,
     reset_tables,
 )
+
+
+@pytest.fixture(autouse=True)
+def nothing_runs_on_after_its_test(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """An app driven without a lifespan (as test clients do) starts its
+    executor on its first deferred request and is never shut down: left
+    alone, its threads would go on claiming from a deleted file while later
+    tests run. Stop whatever a test started."""
+    started: list[Dispatcher | BatchWriter] = []
+    for cls, method in ((Dispatcher, "start"), (BatchWriter, "_start")):
+        original = getattr(cls, method)
+
+        def record(self, *args, _original=original, **kwargs):
+            started.append(self)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, method, record)
+    yield
+    for part in started:
+        if isinstance(part, Dispatcher):
+            part.stop(grace=0)
+    for part in started:
+        if isinstance(part, BatchWriter):
+            part.stop()
 
 
 @pytest.fixture
