@@ -23,6 +23,7 @@ from deferred_middleware._jobs import (
     StoredRequest,
     StoredResponse,
 )
+from deferred_middleware._prefer import Preferences
 from deferred_middleware._routes import RoutePatterns, options_of, queues_of
 from deferred_middleware.runner._dispatch import worker_name
 from deferred_middleware.store import StoreUnavailable, Unstorable
@@ -207,6 +208,70 @@ def test_an_async_long_poll_ends_at_its_deadline():
     reply = asyncio.run(h.core.answer_async(f"/{job_id}", "GET", b"wait=0.05", ""))
     assert json.loads(reply.body)["status"] == "queued"
     assert h.notifier._waiters == {}
+
+
+# -- Prefer: wait -------------------------------------------------------------
+
+
+def answer_preferring(h: Harness, face: str, preferences: Preferences):
+    job = h.job(h.submit())
+    if face == "blocking":
+        return job, h.core.accepted(job, "", preferences)
+    return job, asyncio.run(h.core.accepted_async(job, "", preferences))
+
+
+@pytest.mark.parametrize("face", ["blocking", "async"])
+def test_a_job_done_within_prefer_wait_is_answered_with_its_result(face, monkeypatch):
+    h = Harness(poll_interval=60, max_wait=8)  # only a wake-up can end it in time
+
+    def run_then_wait(job_id: str, timeout: float) -> None:
+        assert timeout == 8  # wait=30, capped
+        h.claim()
+        h.launcher.last(job_id).respond(201, b"made")
+
+    async def run_then_wait_async(job_id: str, timeout: float) -> None:
+        run_then_wait(job_id, timeout)
+
+    monkeypatch.setattr(h.core, "wait", run_then_wait)
+    monkeypatch.setattr(h.core, "wait_async", run_then_wait_async)
+    _, reply = answer_preferring(h, face, Preferences(wait=30))
+    assert (reply.status, reply.body) == (201, b"made")
+    assert reply.headers[-2:] == [("vary", "Prefer"), ("preference-applied", "wait=8")]
+
+
+@pytest.mark.parametrize("face", ["blocking", "async"])
+def test_a_job_not_done_within_prefer_wait_gets_the_202(face):
+    h = Harness(poll_interval=0.01, max_wait=1)
+    job, reply = answer_preferring(h, face, Preferences(respond_async=True, wait=1))
+    assert reply.status == 202
+    assert json.loads(reply.body)["id"] == job.id
+    assert reply.headers[-2:] == [("vary", "Prefer"), ("preference-applied", "respond-async")]
+    assert h.notifier._waiters == {}
+
+
+@pytest.mark.parametrize("face", ["blocking", "async"])
+def test_a_store_that_fails_during_prefer_wait_still_gets_the_202(face, monkeypatch):
+    """The row was committed before the wait began: the promise stands."""
+    h = Harness(poll_interval=0.01)
+    job = h.job(h.submit())
+
+    def down(*_: Any, **__: Any) -> None:
+        raise StoreUnavailable("down")
+
+    monkeypatch.setattr(h.store, "get", down)
+    if face == "blocking":
+        reply = h.core.accepted(job, "", Preferences(wait=5))
+    else:
+        reply = asyncio.run(h.core.accepted_async(job, "", Preferences(wait=5)))
+    assert reply.status == 202
+    assert ("preference-applied", "wait=5") not in reply.headers
+
+
+def test_without_prefer_wait_the_202_comes_at_once(monkeypatch):
+    h = Harness()
+    monkeypatch.setattr(h.core, "wait", lambda *_: pytest.fail("waited"))
+    _, reply = answer_preferring(h, "blocking", Preferences(respond_async=True))
+    assert reply.status == 202
 
 
 @pytest.mark.parametrize("method", ["HEAD", "GET"])

@@ -106,8 +106,27 @@ def test_the_202_carries_both_urls_and_the_poll_interval():
             ("location", f"/api/jobs/{JOB_ID}/result"),
             ("operation-location", f"/api/jobs/{JOB_ID}"),
             ("retry-after", "3"),
+            ("vary", "Prefer"),
         ],
         body,
+    )
+
+
+def test_a_202_names_the_preference_it_applied():
+    reply = protocol.accepted(job(Status.QUEUED), URLS, 3, "respond-async")
+    assert reply.headers[-2:] == [("vary", "Prefer"), ("preference-applied", "respond-async")]
+
+
+def test_a_result_within_the_wait_is_the_result_with_the_preference_applied():
+    done = job(Status.SUCCEEDED)
+    done.response = StoredResponse(
+        201, [("content-type", "text/plain"), ("retry-after", "9")], b"ok"
+    )
+    reply = protocol.answered_within_wait(done, URLS, 3, 5)
+    assert reply == protocol.Reply(
+        201,
+        [("content-type", "text/plain"), ("vary", "Prefer"), ("preference-applied", "wait=5")],
+        b"ok",
     )
 
 

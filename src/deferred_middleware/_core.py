@@ -27,6 +27,7 @@ from ._jobs import (
     utcnow,
 )
 from ._notify import Notifier
+from ._prefer import NONE, Preferences
 from .store import Clock, JobStore, StoreUnavailable, Unstorable
 from .store._writer import BatchWriter
 
@@ -184,8 +185,41 @@ class JobCore:
         if self.executor is not None:
             self.executor.wake()
 
-    def accepted(self, job: Job, root_path: str) -> protocol.Reply:
-        return protocol.accepted(job, self.urls(root_path), self.config.retry_after)
+    def accepted(self, job: Job, root_path: str, preferences: Preferences = NONE) -> protocol.Reply:
+        """The answer to a stored request: its result if the client asked to
+        wait (``Prefer: wait=N``) and the job ended in time, else the 202."""
+        wait = preferences.wait_within(self.config.max_wait)
+        if wait:
+            with contextlib.suppress(StoreUnavailable):  # the row is committed: 202
+                self.wait(job.id, wait)
+                return self._answer_within(job, root_path, preferences, self._finished(job.id))
+        return self._answer_within(job, root_path, preferences, None)
+
+    async def accepted_async(
+        self, job: Job, root_path: str, preferences: Preferences = NONE
+    ) -> protocol.Reply:
+        """As :meth:`accepted`, waiting without holding a thread."""
+        wait = preferences.wait_within(self.config.max_wait)
+        if wait:
+            with contextlib.suppress(StoreUnavailable):
+                await self.wait_async(job.id, wait)
+                done = await self._read(self._finished, job.id)
+                return self._answer_within(job, root_path, preferences, done)
+        return self._answer_within(job, root_path, preferences, None)
+
+    def _finished(self, job_id: str) -> Job | None:
+        job = self.store.get(job_id, response=True)
+        return job if job is not None and job.status.finished else None
+
+    def _answer_within(
+        self, job: Job, root_path: str, preferences: Preferences, done: Job | None
+    ) -> protocol.Reply:
+        urls, retry_after = self.urls(root_path), self.config.retry_after
+        if done is not None:
+            wait = preferences.wait_within(self.config.max_wait)
+            return protocol.answered_within_wait(done, urls, retry_after, wait)
+        applied = "respond-async" if preferences.respond_async else None
+        return protocol.accepted(job, urls, retry_after, applied)
 
     def refused(self, error: Refusal | StoreUnavailable | Unstorable) -> protocol.Reply:
         """The problem a request that got no job is answered with."""

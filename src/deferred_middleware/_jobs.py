@@ -60,6 +60,9 @@ def is_job_id(text: str) -> bool:
     return len(text) == 32 and all(c in "0123456789abcdef" for c in text)
 
 
+MODES = ("always", "prefer")
+
+
 @dataclasses.dataclass(frozen=True)
 class DeferredOptions:
     """How one deferred route's jobs are run; set with ``@deferred(...)``."""
@@ -67,8 +70,11 @@ class DeferredOptions:
     retries: int = 0
     timeout: float | None = None
     queue: str | None = None  # None: the middleware's own queue
+    mode: str = "always"  # "prefer": inline unless the client sends Prefer: respond-async
 
     def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode is one of {', '.join(MODES)}: {self.mode!r}")
         if self.retries < 0:
             raise ValueError("retries must be >= 0")
         if self.timeout is not None and self.timeout <= 0:

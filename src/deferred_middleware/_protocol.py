@@ -155,8 +155,13 @@ def _pending_headers(job: Job, retry_after: int) -> Headers:
     return [] if job.status.finished else [("retry-after", str(retry_after))]
 
 
-def accepted(job: Job, urls: JobURLs, retry_after: int) -> Reply:
-    """The 202 for a newly stored job."""
+# A deferred route's answer depends on the client's Prefer header (a 202, or
+# the result when it was ready within wait=N): caches must key on it.
+VARY_PREFER = ("vary", "Prefer")
+
+
+def accepted(job: Job, urls: JobURLs, retry_after: int, applied: str | None = None) -> Reply:
+    """The 202 for a newly stored job; ``applied`` is the preference it honours."""
     body = {
         "id": job.id,
         "status": job.status.value,
@@ -168,8 +173,19 @@ def accepted(job: Job, urls: JobURLs, retry_after: int) -> Reply:
         ("location", urls.result(job.id)),
         ("operation-location", urls.status(job.id)),
         ("retry-after", str(retry_after)),
+        VARY_PREFER,
     ]
+    if applied:
+        headers.append(("preference-applied", applied))
     return _json_reply(202, body, headers)
+
+
+def answered_within_wait(job: Job, urls: JobURLs, retry_after: int, wait: int) -> Reply:
+    """A finished job's result, sent in place of the 202 to a client that
+    asked ``Prefer: wait=N`` (RFC 7240 §4.3)."""
+    reply = result_reply(job, urls, retry_after)
+    reply.headers = [*reply.headers, VARY_PREFER, ("preference-applied", f"wait={wait}")]
+    return reply
 
 
 def status_reply(job: Job, urls: JobURLs, retry_after: int) -> Reply:

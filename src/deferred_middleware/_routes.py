@@ -25,7 +25,11 @@ def deferred(func: F, /) -> F: ...
 
 @overload
 def deferred(
-    *, retries: int = 0, timeout: float | None = None, queue: str | None = None
+    *,
+    retries: int = 0,
+    timeout: float | None = None,
+    queue: str | None = None,
+    mode: str = "always",
 ) -> Callable[[F], F]: ...
 
 
@@ -36,6 +40,7 @@ def deferred(
     retries: int = 0,
     timeout: float | None = None,
     queue: str | None = None,
+    mode: str = "always",
 ) -> Any:
     """Mark a view so that requests to it answer ``202`` and run in the background.
 
@@ -43,11 +48,13 @@ def deferred(
     run again. Default 0, because most deferred routes are POSTs that are not
     safe to repeat. ``timeout``: seconds one attempt may take. ``queue``: the
     queue its jobs go to, instead of the middleware's own; only executors
-    that run that queue run them.
+    that run that queue run them. ``mode="prefer"``: the view runs inline as
+    usual, and is deferred only for a client that sends ``Prefer:
+    respond-async``.
 
     Returns the same function, so it composes with route decorators.
     """
-    options = DeferredOptions(retries=retries, timeout=timeout, queue=queue)
+    options = DeferredOptions(retries=retries, timeout=timeout, queue=queue, mode=mode)
 
     def mark(view: F) -> F:
         setattr(view, MARKER, options)

@@ -19,6 +19,7 @@ from . import _protocol as protocol
 from ._assemble import assemble
 from ._core import Refusal
 from ._jobs import DeferredOptions, StoredRequest
+from ._prefer import Preferences, parse_prefer
 from ._routes import NEVER_DEFERRED, queues_of
 from .runner.asgi import TaskLauncher
 from .store import StoreUnavailable, Unstorable
@@ -52,6 +53,23 @@ def stored_request(scope: HTTPScope, body: bytes) -> StoredRequest:
         server=(server[0], server[1] or 0) if server else None,
         client=(client[0], client[1]) if client else None,
     )
+
+
+def preferences(scope: HTTPScope) -> Preferences:
+    return parse_prefer(v.decode("latin-1") for k, v in scope["headers"] if k.lower() == b"prefer")
+
+
+def varying_on_prefer(send: ASGISendCallable) -> ASGISendCallable:
+    """``send`` adding ``Vary: Prefer`` to the response: the answer of a
+    ``mode="prefer"`` route depends on that header."""
+
+    async def send_varying(message: ASGISendEvent) -> None:
+        if message["type"] == "http.response.start":
+            headers = [*message.get("headers", ()), (b"vary", b"Prefer")]
+            message = {**message, "headers": headers}  # type: ignore[assignment]
+        await send(message)
+
+    return send_varying
 
 
 def find_routes(app: Any) -> Any:
@@ -123,9 +141,13 @@ class DeferredMiddleware:
         if options is None:
             await self.app(scope, receive, send)
             return
+        wanted = preferences(scope)
+        if options.mode == "prefer" and not wanted.respond_async:
+            await self.app(scope, receive, varying_on_prefer(send))
+            return
         if self.config.execute and not self._executing:
             self._start_executor(scope.get("state"))  # type: ignore[arg-type]
-        await DeferringResponder(self, options)(scope, receive, send)
+        await DeferringResponder(self, options, wanted)(scope, receive, send)
 
     def _deferred_options(self, scope: HTTPScope, path: str) -> DeferredOptions | None:
         method = scope["method"]
@@ -201,9 +223,12 @@ class DeferringResponder:
     """One deferred request: read the body under the limit, store the job,
     answer 202 once the row is committed (a 202 is a promise)."""
 
-    def __init__(self, middleware: DeferredMiddleware, options: DeferredOptions) -> None:
+    def __init__(
+        self, middleware: DeferredMiddleware, options: DeferredOptions, wanted: Preferences
+    ) -> None:
         self.middleware = middleware
         self.options = options
+        self.wanted = wanted
 
     async def __call__(
         self, scope: HTTPScope, receive: ASGIReceiveCallable, send: ASGISendCallable
@@ -222,7 +247,8 @@ class DeferringResponder:
         except (Refusal, StoreUnavailable, Unstorable) as error:
             await send_reply(send, core.refused(error))
             return
-        await send_reply(send, core.accepted(job, scope.get("root_path", "")))
+        reply = await core.accepted_async(job, scope.get("root_path", ""), self.wanted)
+        await send_reply(send, reply)
 
     @staticmethod
     async def _read_body(

@@ -13,6 +13,7 @@ from . import _protocol as protocol
 from ._assemble import assemble
 from ._core import Refusal
 from ._jobs import DeferredOptions, StoredRequest
+from ._prefer import parse_prefer
 from ._routes import NEVER_DEFERRED
 from .runner.wsgi import ThreadLauncher, WSGIApp
 from .store import StoreUnavailable, Unstorable
@@ -115,6 +116,16 @@ def respond(start_response: StartResponse, reply: protocol.Reply) -> list[bytes]
     return [reply.body]
 
 
+def varying_on_prefer(start_response: StartResponse) -> StartResponse:
+    """``start_response`` adding ``Vary: Prefer``: the answer of a
+    ``mode="prefer"`` route depends on that header."""
+
+    def start_varying(status: str, headers: list[tuple[str, str]], *exc_info: Any) -> Any:
+        return start_response(status, [*headers, ("Vary", "Prefer")], *exc_info)
+
+    return start_varying
+
+
 class DeferredWSGIMiddleware:
     """Answer requests to deferred routes of a WSGI app with ``202 Accepted``
     and run them later, in a bounded set of threads of this process (or in
@@ -166,7 +177,13 @@ class DeferredWSGIMiddleware:
         options = self._deferred_options(environ, path)
         if options is None:
             return self.app(environ, start_response)
+        if options.mode == "prefer" and not self._wants_async(environ):
+            return self.app(environ, varying_on_prefer(start_response))
         return respond(start_response, self._accept(environ, options))
+
+    @staticmethod
+    def _wants_async(environ: Environ) -> bool:
+        return parse_prefer([environ.get("HTTP_PREFER", "")]).respond_async
 
     def _deferred_options(self, environ: Environ, path: str) -> DeferredOptions | None:
         method = environ["REQUEST_METHOD"]
@@ -189,7 +206,8 @@ class DeferredWSGIMiddleware:
             job = self.core.accept(stored_request(environ, body), options)
         except (Refusal, StoreUnavailable, Unstorable) as error:
             return self.core.refused(error)
-        return self.core.accepted(job, from_wsgi_string(environ.get("SCRIPT_NAME", "")))
+        root_path = from_wsgi_string(environ.get("SCRIPT_NAME", ""))
+        return self.core.accepted(job, root_path, parse_prefer([environ.get("HTTP_PREFER", "")]))
 
     # -- running jobs in this process -------------------------------------
 

@@ -60,6 +60,16 @@ def tiny():
     return "ok"
 
 
+@app.post("/maybe")
+@deferred(mode="prefer")
+def maybe():
+    try:
+        job_id = current_job().id
+    except LookupError:
+        job_id = None
+    return jsonify(job=job_id)
+
+
 @app.post("/nightly")
 @deferred(queue="nightly")
 def nightly():

@@ -100,6 +100,15 @@ async def too_slow(request: Request) -> Response:
     return Response("late")
 
 
+@deferred(mode="prefer")
+async def maybe(request: Request) -> Response:
+    try:
+        job_id = current_job().id
+    except LookupError:
+        job_id = None
+    return JSONResponse({"job": job_id})
+
+
 async def echo(request: Request) -> Response:
     return Response(await request.body(), media_type="application/octet-stream")
 
@@ -135,6 +144,7 @@ app = Starlette(
         Route("/missing", missing, methods=["POST"]),
         Route("/boom", boom, methods=["POST"]),
         Route("/too-slow", too_slow, methods=["POST"]),
+        Route("/maybe", maybe, methods=["POST"]),
         Route("/echo", echo, methods=["POST"]),
         Route("/stream-plain", stream_plain),
         Route("/health", health),
