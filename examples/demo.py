@@ -19,6 +19,8 @@ import time
 
 import httpx
 
+from deferred_middleware.client import follow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -76,6 +78,21 @@ def show(response: httpx.Response) -> None:
     print()
 
 
+def tour(client: httpx.Client, base: str) -> None:
+    print(f'$ curl -X POST {base}/reports -d \'{{"name": "q3"}}\'')
+    accepted = client.post("/reports", json={"name": "q3"})
+    show(accepted)
+
+    status_url = accepted.headers["operation-location"]
+    print(f"$ curl {base}{status_url}")
+    show(client.get(status_url))
+
+    print("... follow(client, accepted): long-polls the result until the job ends ...\n")
+    result = follow(client, accepted, timeout=60)
+    print(f"$ curl {base}{accepted.headers['location']}")
+    show(result)
+
+
 def main() -> None:
     flask = "--flask" in sys.argv
     port = free_port()
@@ -85,21 +102,8 @@ def main() -> None:
         server = subprocess.Popen(server_command(flask, port), cwd=ROOT, env=env)
         try:
             wait_until_up(base, server)
-            print(f'$ curl -X POST {base}/reports -d \'{{"name": "q3"}}\'')
-            accepted = httpx.post(f"{base}/reports", json={"name": "q3"})
-            show(accepted)
-
-            status_url = base + accepted.headers["operation-location"]
-            print(f"$ curl {status_url}")
-            show(httpx.get(status_url))
-
-            print("... long-poll: hold the request until the job finishes ...\n")
-            print(f"$ curl '{status_url}?wait=30'")
-            show(httpx.get(status_url, params={"wait": 30}, timeout=40))
-
-            result_url = base + accepted.headers["location"]
-            print(f"$ curl {result_url}")
-            show(httpx.get(result_url))
+            with httpx.Client(base_url=base) as client:
+                tour(client, base)
         finally:
             server.terminate()
             server.wait(timeout=30)
