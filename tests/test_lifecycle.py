@@ -62,6 +62,7 @@ class Lifecycle(RuleBasedStateMachine):
         self.store = self.make_store()
         self.model: dict[str, Model] = {}
         self.held: dict[str, dict[str, int]] = {w: {} for w in WORKERS}
+        self.seen: dict[str, tuple[int, tuple[object, ...]]] = {}
 
     def make_store(self) -> JobStore:
         return MemoryJobStore(credential_headers=DEFAULT_CREDENTIAL_HEADERS, clock=self.clock)
@@ -227,6 +228,29 @@ class Lifecycle(RuleBasedStateMachine):
             assert (job.status, job.attempts) == (model.status, model.attempts)
             if job.status.finished:
                 assert ("authorization", TOKEN) not in job.request.headers
+
+    @invariant()
+    def the_revision_rises_with_every_change_a_client_could_see(self) -> None:
+        """What numbers the events of /jobs/{id}/events: never back, and up
+        whenever the status document changed."""
+        for job_id in self.model:
+            job = self.store.get(job_id)
+            assert job is not None
+            shown = (
+                job.status,
+                job.attempts,
+                job.progress,
+                job.message,
+                job.error,
+                job.started_at,
+                job.finished_at,
+            )
+            if job_id in self.seen:
+                revision, before = self.seen[job_id]
+                assert job.revision >= revision
+                if shown != before:
+                    assert job.revision > revision, (before, shown)
+            self.seen[job_id] = (job.revision, shown)
 
     @invariant()
     def at_most_one_live_attempt_per_job(self) -> None:

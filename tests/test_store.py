@@ -360,3 +360,43 @@ def test_claims_take_only_the_queues_asked_for(any_store, new):
     assert [j.id for j in any_store.claim("w", 10, 30, ["nightly"])] == []
     assert [j.id for j in any_store.claim("w", 10, 30)] == [mine.id]  # "default" unless told
     assert [j.id for j in any_store.claim("w", 10, 30, ["reports", "x"])] == [theirs.id]
+
+
+def test_every_change_a_client_could_see_raises_the_revision(any_store, new, clock):
+    job = new(retries=2)
+    any_store.insert([job])
+
+    def revision() -> int:
+        return any_store.get(job.id).revision
+
+    seen = [revision()]
+
+    def changed() -> None:
+        seen.append(revision())
+        assert seen[-1] > seen[-2], seen
+
+    attempt = claim_one(any_store, lease=1)
+    changed()
+    any_store.write([Progress(job.id, attempt, 0.5, "half")])
+    changed()
+    any_store.renew("w", {job.id: attempt}, 30)  # not a change anyone sees
+    assert revision() == seen[-1]
+    any_store.write([RetryLater(job.id, attempt, 0.0, "once more")])
+    changed()
+    attempt = claim_one(any_store, lease=1)
+    changed()
+    any_store.write([Requeue(job.id, attempt)])
+    changed()
+    attempt = claim_one(any_store, lease=1)
+    clock.advance(2)
+    any_store.reap_expired("lost")
+    changed()
+    attempt = claim_one(any_store)
+    any_store.write([Finish(job.id, attempt, Status.FAILED, None, "it broke")])
+    changed()
+    assert any_store.retry(job.id)
+    changed()
+    any_store.cancel(job.id)
+    changed()
+    any_store.cancel(job.id)  # already final: nothing changes
+    assert revision() == seen[-1]

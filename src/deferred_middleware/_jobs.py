@@ -174,6 +174,8 @@ class Job:
     error: str | None = None
     response: StoredResponse | None = None
     queue: str = DEFAULT_QUEUE
+    revision: int = 0
+    """Raised by every write that changes what the status document shows."""
 
     @property
     def max_attempts(self) -> int:

@@ -37,6 +37,7 @@ STATUS_COLUMNS = (
     jobs.c.attempts,
     jobs.c.max_attempts,
     jobs.c.timeout,
+    jobs.c.revision,
     jobs.c.progress,
     jobs.c.message,
     jobs.c.error,
@@ -122,8 +123,13 @@ def finish_parameters(write: Finish, now: datetime) -> dict[str, Any]:
     }
 
 
+# Every write that changes what the status document shows raises the revision.
+NEXT_REVISION = jobs.c.revision + 1
+
+
 def claim_values(worker: str, now: datetime, lease_seconds: float) -> dict[str, Any]:
     return {
+        "revision": NEXT_REVISION,
         "status": Status.RUNNING.value,
         "attempts": jobs.c.attempts + 1,
         "worker": worker,
@@ -135,7 +141,7 @@ def claim_values(worker: str, now: datetime, lease_seconds: float) -> dict[str, 
 def attempt_values(write: RetryLater | Requeue | Progress, now: datetime) -> dict[str, Any]:
     """The columns a fenced write other than a finish changes."""
     if isinstance(write, Progress):
-        return {"progress": write.progress, "message": write.message}
+        return {"progress": write.progress, "message": write.message, "revision": NEXT_REVISION}
     values: dict[str, Any] = {"status": Status.QUEUED.value, **_BACK_IN_THE_QUEUE}
     if isinstance(write, RetryLater):
         values.update(run_after=now + timedelta(seconds=write.delay), error=write.error)
@@ -151,6 +157,7 @@ def requeue_lost_values(now: datetime, error: str) -> dict[str, Any]:
 
 # A job back in the queue shows nothing of the run that ended: it is waiting.
 _BACK_IN_THE_QUEUE = {
+    "revision": NEXT_REVISION,
     "lease_expires_at": None,
     "worker": None,
     "started_at": None,
@@ -162,6 +169,7 @@ _BACK_IN_THE_QUEUE = {
 def final_values(status: Status, now: datetime, error: str | None = None) -> dict[str, Any]:
     """A job ended outside an attempt (lost worker, cancel): credentials go."""
     values: dict[str, Any] = {
+        "revision": NEXT_REVISION,
         "status": status.value,
         "finished_at": now,
         "lease_expires_at": None,
@@ -174,6 +182,7 @@ def final_values(status: Status, now: datetime, error: str | None = None) -> dic
 
 def retry_values(now: datetime) -> dict[str, Any]:
     return {
+        "revision": NEXT_REVISION,
         "status": Status.QUEUED.value,
         "run_after": now,
         "max_attempts": jobs.c.attempts + jobs.c.max_attempts,
@@ -234,6 +243,7 @@ def job_from_row(row: Mapping[str, Any]) -> Job:
         started_at=utc(row["started_at"]),
         finished_at=utc(row["finished_at"]),
         attempts=row["attempts"],
+        revision=row["revision"],
         progress=row["progress"],
         message=row["message"],
         error=row["error"],

@@ -66,7 +66,7 @@ class MemoryJobStore:
                     job.request.headers, self.credential_headers
                 )
                 request = dataclasses.replace(job.request, headers=headers)
-                stored = dataclasses.replace(job, request=request, attempts=0)
+                stored = dataclasses.replace(job, request=request, attempts=0, revision=0)
                 self._rows[job.id] = _Row(stored, job.created_at, credentials)
 
     def get(self, job_id: str, *, request: bool = False, response: bool = False) -> Job | None:
@@ -118,6 +118,7 @@ class MemoryJobStore:
                 job = row.job
                 job.status = Status.RUNNING
                 job.attempts += 1
+                job.revision += 1
                 job.started_at = now
                 row.worker = worker
                 row.lease_expires_at = now + timedelta(seconds=lease_seconds)
@@ -188,6 +189,7 @@ class MemoryJobStore:
                 return False
             job = row.job
             job.status = Status.QUEUED
+            job.revision += 1
             job.options = dataclasses.replace(
                 job.options, retries=job.attempts + job.options.retries
             )
@@ -226,6 +228,7 @@ def _apply(row: _Row, write: AttemptWrite, now: datetime) -> None:
     job = row.job
     if isinstance(write, Progress):
         job.progress, job.message = write.progress, write.message
+        job.revision += 1
     elif isinstance(write, Finish):
         _end(row, write.status, now)
         job.error = write.error
@@ -244,6 +247,7 @@ def _back_in_the_queue(row: _Row) -> None:
     """A job back in the queue shows nothing of the run that ended."""
     job = row.job
     job.status = Status.QUEUED
+    job.revision += 1
     job.started_at = job.progress = job.message = None
     row.worker = row.lease_expires_at = None
 
@@ -251,6 +255,7 @@ def _back_in_the_queue(row: _Row) -> None:
 def _end(row: _Row, status: Status, now: datetime) -> None:
     """A job ended: no lease to keep, no credentials to keep."""
     row.job.status = status
+    row.job.revision += 1
     row.job.finished_at = now
     row.lease_expires_at = None
     row.credentials = []

@@ -53,6 +53,7 @@ jobs = sa.Table(
     sa.Column("timeout", sa.Float()),
     sa.Column("worker", sa.String(255)),
     sa.Column("lease_expires_at", UTCDateTime()),
+    sa.Column("revision", sa.Integer(), nullable=False, server_default="0"),
     sa.Column("progress", sa.Float()),
     sa.Column("message", sa.Text()),
     sa.Column("error", sa.Text()),

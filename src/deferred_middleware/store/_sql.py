@@ -32,6 +32,7 @@ FINISH = (
         jobs.c.status == Status.RUNNING.value,
     )
     .values(
+        revision=codec.NEXT_REVISION,
         status=sa.bindparam("b_status"),
         finished_at=sa.bindparam("b_finished_at"),
         lease_expires_at=None,
