@@ -23,6 +23,7 @@ from deferred_middleware._jobs import (
     StoredRequest,
     StoredResponse,
 )
+from deferred_middleware._notify import Notifier
 from deferred_middleware._prefer import Preferences
 from deferred_middleware._routes import RoutePatterns, options_of, queues_of
 from deferred_middleware.runner._dispatch import worker_name
@@ -522,7 +523,8 @@ def test_a_store_that_pushes_wake_ups_gets_a_listener(monkeypatch):
     h = Harness(poll_interval=60)
     listened = threading.Event()
 
-    def listen(wake: Any, stopped: threading.Event) -> None:
+    def listen(channel: str, heard: Any, stopped: threading.Event) -> None:
+        assert channel == "deferred_jobs"
         listened.set()
         stopped.wait()
 
@@ -888,11 +890,11 @@ def test_a_store_that_pushes_wakes_the_executor_at_once(monkeypatch):
     h = Harness(poll_interval=60)  # only a push can start the job in time
     pushed = threading.Event()
 
-    def listen(wake: Any, stopped: threading.Event) -> None:
+    def listen(channel: str, heard: Any, stopped: threading.Event) -> None:
         while not stopped.is_set():
             if pushed.wait(0.01):
                 pushed.clear()
-                wake()
+                heard(None)
 
     monkeypatch.setattr(h.store, "pushes_wakeups", True)
     monkeypatch.setattr(h.store, "listen", listen)
@@ -904,3 +906,30 @@ def test_a_store_that_pushes_wakes_the_executor_at_once(monkeypatch):
     eventually(lambda: h.launcher.count(job.id) == 1, timeout=10)
     h.launcher.last(job.id).respond()
     h.dispatcher.stop(grace=5)
+
+
+# -- the change feed ----------------------------------------------------------
+
+
+def test_the_change_feed_listens_once_a_waiter_arrives_and_wakes_by_id():
+    heard_by: list[Any] = []
+    listening = threading.Event()
+
+    def listen(heard: Any, stopped: threading.Event) -> None:
+        heard_by.append(heard)
+        listening.set()
+        stopped.wait()
+
+    notifier = Notifier(listen)
+    assert heard_by == []  # nobody waits: no connection
+    woken: list[str] = []
+    notifier.subscribe("a", lambda: woken.append("a"))
+    notifier.subscribe("b", lambda: woken.append("b"))
+    assert listening.wait(10)
+    [heard] = heard_by  # one listener for every waiter
+    heard("b,c")
+    assert woken == ["b"]
+    heard(None)  # reconnected: anything may have changed
+    assert sorted(woken) == ["a", "b", "b"]
+    notifier.close()
+    assert notifier._stopped.is_set()

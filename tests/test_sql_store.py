@@ -14,11 +14,11 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
 from deferred_middleware import migrations
-from deferred_middleware._jobs import new_job_id
-from deferred_middleware.store import SQLJobStore, StoreUnavailable, metadata
+from deferred_middleware._jobs import Finish, Progress, Status, new_job_id
+from deferred_middleware.store import JOB_CHANGES, SQLJobStore, StoreUnavailable, metadata
 from deferred_middleware.store import _codec as codec
 
-from .support import make_job
+from .support import eventually, make_job
 
 HEAD = ScriptDirectory(str(Path(migrations.__file__).parent)).get_current_head()
 MIGRATIONS = Path(migrations.__file__).parent / "versions"
@@ -258,3 +258,25 @@ def test_erased_credentials_are_gone_from_the_sqlite_files(sqlite_url, end):
     assert store.get(job.id).status.finished
     assert token.encode() not in files_of(sqlite_url)
     store.close()
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+def test_postgres_announces_every_change_to_other_processes(store):
+    heard: list[str | None] = []
+    stopped = threading.Event()
+    listener = threading.Thread(target=store.listen, args=(JOB_CHANGES, heard.append, stopped))
+    listener.start()
+    try:
+        eventually(lambda: heard == [None])  # connected
+        job = make_job()
+        store.insert([job])
+        [claimed] = store.claim("w", 1, 30)
+        store.write([Progress(job.id, claimed.attempts, 0.5, None)])
+        store.write([Finish(job.id, claimed.attempts, Status.SUCCEEDED, None)])
+        eventually(lambda: heard.count(job.id) == 3)  # claimed, progressed, finished
+        store.delete(job.id)
+        eventually(lambda: heard.count(job.id) == 4)
+    finally:
+        stopped.set()
+        listener.join(10)

@@ -5,6 +5,7 @@ and the core over them."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Iterable
 
 from ._config import Config
@@ -13,7 +14,7 @@ from ._jobs import DeferredOptions
 from ._notify import Notifier
 from ._routes import RoutePatterns
 from .runner._dispatch import Dispatcher, Launcher
-from .store import open_store
+from .store import JOB_CHANGES, open_store
 from .store._writer import BatchWriter
 
 
@@ -41,7 +42,9 @@ def assemble(
         credential_headers=config.credential_headers,
     )
     writer = BatchWriter(store)
-    notifier = Notifier()
+    notifier = Notifier(
+        functools.partial(store.listen, JOB_CHANGES) if store.pushes_wakeups else None
+    )
     dispatcher = Dispatcher(config, store, writer, notifier, launcher)
     return Parts(
         config=config,

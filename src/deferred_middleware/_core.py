@@ -104,8 +104,10 @@ class JobCore:
                 self.ready = True
 
     def close(self) -> None:
-        """Write what is queued; end the writer and the offloading threads."""
+        """Write what is queued; end the writer, the offloading threads and
+        the listener for changes."""
         self.writer.stop()
+        self.notifier.close()
         if self._pool is not None:
             self._pool.shutdown(wait=False)
             self._pool = None

@@ -37,7 +37,7 @@ from .._jobs import (
     utcnow,
 )
 from .._notify import Notifier
-from ..store import Clock, JobStore, StoreUnavailable
+from ..store import NEW_JOBS, Clock, JobStore, StoreUnavailable
 from ..store._writer import BatchWriter
 
 logger = logging.getLogger("deferred_middleware")
@@ -344,7 +344,7 @@ class Dispatcher:
             self._next_renew = now + (self.config.lease_seconds / 3 if renewed else RENEW_RETRY)
 
     def _listen_loop(self) -> None:
-        self.store.listen(self._wake.set, self._stopping)
+        self.store.listen(NEW_JOBS, lambda _: self._wake.set(), self._stopping)
 
     def _renew(self) -> bool:
         """Extend our leases; abandon attempts whose job is no longer ours.

@@ -4,12 +4,14 @@ that commits accepts and outcomes in groups."""
 
 from __future__ import annotations
 
-from ._base import Clock, JobStore, StoreUnavailable, Unstorable
+from ._base import JOB_CHANGES, NEW_JOBS, Clock, JobStore, StoreUnavailable, Unstorable
 from ._memory import MemoryJobStore
 from ._schema import metadata
 from ._sql import SQLJobStore
 
 __all__ = [
+    "JOB_CHANGES",
+    "NEW_JOBS",
     "Clock",
     "JobStore",
     "MemoryJobStore",

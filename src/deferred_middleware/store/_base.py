@@ -16,6 +16,13 @@ from .._jobs import DEFAULT_QUEUE, AttemptWrite, Job, Status
 Clock = Callable[[], datetime]
 
 
+NEW_JOBS = "deferred_jobs"
+"""The channel notified on commit of inserted jobs: idle executors wake."""
+JOB_CHANGES = "deferred_job_changes"
+"""The channel notified with the ids of jobs whose status document changed:
+long-polls and event streams in other processes answer at once."""
+
+
 class StoreUnavailable(Exception):
     """The database could not be reached or stayed locked: answer 503, never 202."""
 
@@ -90,6 +97,10 @@ class JobStore(Protocol):
     def prune(self, finished_before: datetime, batch: int = 500) -> int:
         """Delete finished jobs older than the retention time, in bounded batches."""
 
-    def listen(self, wake: Callable[[], None], stopped: threading.Event) -> None:
-        """Call ``wake`` when jobs are inserted, until ``stopped`` is set.
-        Returns at once where the store cannot push (executors poll)."""
+    def listen(
+        self, channel: str, heard: Callable[[str | None], None], stopped: threading.Event
+    ) -> None:
+        """Until ``stopped`` is set, call ``heard`` with each notification on
+        ``channel`` (``NEW_JOBS``: inserts; ``JOB_CHANGES``: the ids of changed
+        jobs, comma-separated), and with None on each (re)connection.
+        Returns at once where the store cannot push (its users poll)."""

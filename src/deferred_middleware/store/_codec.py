@@ -69,6 +69,8 @@ INSERT_KEYS = (
     "request_meta",
     "request_body",
 )
+# Every write that changes what the status document shows raises the revision.
+NEXT_REVISION = jobs.c.revision + 1
 FINISHED_VALUES = tuple(s.value for s in (Status.SUCCEEDED, Status.FAILED, Status.CANCELED))
 ACTIVE_VALUES = (Status.QUEUED.value, Status.RUNNING.value)
 
@@ -108,8 +110,31 @@ def insert_values(job: Job, credential_names: frozenset[str], created: Any) -> d
     }
 
 
+# Built once: an outcome is written for every job, and building the
+# statement anew each time cost more than executing it.
+FINISH = (
+    jobs.update()
+    .where(
+        jobs.c.id == sa.bindparam("b_id"),
+        jobs.c.attempts == sa.bindparam("b_attempt"),
+        jobs.c.status == Status.RUNNING.value,
+    )
+    .values(
+        revision=NEXT_REVISION,
+        status=sa.bindparam("b_status"),
+        finished_at=sa.bindparam("b_finished_at"),
+        lease_expires_at=None,
+        error=sa.bindparam("b_error"),
+        request_credentials=None,
+        response_status=sa.bindparam("b_response_status"),
+        response_headers=sa.bindparam("b_response_headers"),
+        response_body=sa.bindparam("b_response_body"),
+    )
+)
+
+
 def finish_parameters(write: Finish, now: datetime) -> dict[str, Any]:
-    """Bind parameters of the prebuilt finishing statement (see ``_sql.FINISH``)."""
+    """Bind parameters of :data:`FINISH`."""
     response = write.response
     return {
         "b_id": write.job_id,
@@ -121,10 +146,6 @@ def finish_parameters(write: Finish, now: datetime) -> dict[str, Any]:
         "b_response_headers": response.headers if response else None,
         "b_response_body": response.body if response else None,
     }
-
-
-# Every write that changes what the status document shows raises the revision.
-NEXT_REVISION = jobs.c.revision + 1
 
 
 def claim_values(worker: str, now: datetime, lease_seconds: float) -> dict[str, Any]:

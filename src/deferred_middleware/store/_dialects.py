@@ -8,13 +8,14 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.pool import StaticPool
 
+from ._base import JOB_CHANGES, NEW_JOBS
 from ._schema import jobs
 
 logger = logging.getLogger("deferred_middleware")
@@ -22,7 +23,7 @@ logger = logging.getLogger("deferred_middleware")
 # Enough pooled connections for every thread that uses them (the request
 # thread pool, the writer, the dispatcher), so none is opened per request.
 POOL_SIZE = 24
-NOTIFY_CHANNEL = "deferred_jobs"
+NOTIFY_PAYLOAD_LIMIT = 7999  # PostgreSQL's, in bytes
 MIGRATION_LOCK_ID = 7235012298
 
 
@@ -76,7 +77,17 @@ class Dialect:
     def unlock_migrations(self, connection: sa.Connection) -> None:
         pass
 
-    def listen(self, url: sa.URL, wake: Callable[[], None], stopped: threading.Event) -> None:
+    def announce_changes(self, connection: sa.Connection, job_ids: Iterable[str]) -> None:
+        """Tell other processes, on commit, which jobs changed (where the
+        database can push; elsewhere they poll)."""
+
+    def listen(
+        self,
+        url: sa.URL,
+        channel: str,
+        heard: Callable[[str | None], None],
+        stopped: threading.Event,
+    ) -> None:
         return
 
 
@@ -153,7 +164,19 @@ class PostgreSQL(Dialect):
     ) -> None:
         super().insert(connection, sql, keys, named, rows)
         # Delivered on commit: idle workers wake now rather than at their next poll.
-        connection.exec_driver_sql(f"NOTIFY {NOTIFY_CHANNEL}")
+        connection.exec_driver_sql(f"NOTIFY {NEW_JOBS}")
+
+    def announce_changes(self, connection: sa.Connection, job_ids: Iterable[str]) -> None:
+        """One notification per transaction (ids joined by commas, split
+        only where a payload would exceed PostgreSQL's limit)."""
+        ids = list(dict.fromkeys(job_ids))
+        per_payload = NOTIFY_PAYLOAD_LIMIT // 33  # 32 hex digits and a comma
+        for start in range(0, len(ids), per_payload):
+            payload = ",".join(ids[start : start + per_payload])
+            connection.exec_driver_sql(
+                "SELECT pg_notify(%(channel)s, %(payload)s)",
+                {"channel": JOB_CHANGES, "payload": payload},
+            )
 
     def claim(
         self,
@@ -167,23 +190,30 @@ class PostgreSQL(Dialect):
     def lock_migrations(self, connection: sa.Connection) -> None:
         connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK_ID})")
 
-    def listen(self, url: sa.URL, wake: Callable[[], None], stopped: threading.Event) -> None:
-        """Reconnects after the server restarts, waking once on each
-        reconnection for anything inserted while nobody listened."""
+    def listen(
+        self,
+        url: sa.URL,
+        channel: str,
+        heard: Callable[[str | None], None],
+        stopped: threading.Event,
+    ) -> None:
+        """Reconnects after the server restarts. ``heard`` gets each payload,
+        and None on each (re)connection, for whatever was notified while
+        nobody listened."""
         import psycopg
 
         conninfo = url.set(drivername="postgresql").render_as_string(hide_password=False)
         while not stopped.is_set():
             try:
                 with psycopg.connect(conninfo, autocommit=True) as connection:
-                    connection.execute(f"LISTEN {NOTIFY_CHANNEL}")
-                    logger.info("listening for new jobs on %s", NOTIFY_CHANNEL)
-                    wake()
+                    connection.execute(f"LISTEN {channel}")
+                    logger.info("listening on %s", channel)
+                    heard(None)
                     while not stopped.is_set():
-                        for _ in connection.notifies(timeout=1.0):
-                            wake()
+                        for notification in connection.notifies(timeout=1.0):
+                            heard(notification.payload)
             except psycopg.Error:
-                logger.warning("LISTEN connection lost; reconnecting")
+                logger.warning("LISTEN connection on %s lost; reconnecting", channel)
                 stopped.wait(1.0)
 
 

@@ -214,7 +214,9 @@ class MemoryJobStore:
                 del self._rows[job_id]
             return len(old)
 
-    def listen(self, wake: Callable[[], None], stopped: threading.Event) -> None:
+    def listen(
+        self, channel: str, heard: Callable[[str | None], None], stopped: threading.Event
+    ) -> None:
         return
 
     def credentials_of(self, job_id: str) -> list[tuple[int, str, str]]:

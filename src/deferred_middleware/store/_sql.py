@@ -22,28 +22,6 @@ from ._migrate import migrate
 from ._schema import jobs
 from ._sqlite_file import DatabaseFile, checkpoint
 
-# Built once: an outcome is written for every job, and building the
-# statement anew each time cost more than executing it.
-FINISH = (
-    jobs.update()
-    .where(
-        jobs.c.id == sa.bindparam("b_id"),
-        jobs.c.attempts == sa.bindparam("b_attempt"),
-        jobs.c.status == Status.RUNNING.value,
-    )
-    .values(
-        revision=codec.NEXT_REVISION,
-        status=sa.bindparam("b_status"),
-        finished_at=sa.bindparam("b_finished_at"),
-        lease_expires_at=None,
-        error=sa.bindparam("b_error"),
-        request_credentials=None,
-        response_status=sa.bindparam("b_response_status"),
-        response_headers=sa.bindparam("b_response_headers"),
-        response_body=sa.bindparam("b_response_body"),
-    )
-)
-
 
 def _fenced(job_id: str, attempt: int) -> Any:
     return sa.and_(
@@ -218,7 +196,9 @@ class SQLJobStore:
         values = codec.claim_values(worker, now, lease_seconds)
         columns = (*codec.STATUS_COLUMNS, *codec.REQUEST_COLUMNS)
         with self._transaction() as connection:
-            return codec.jobs_from_result(self.dialect.claim(connection, due, values, columns))
+            claimed = codec.jobs_from_result(self.dialect.claim(connection, due, values, columns))
+            self.dialect.announce_changes(connection, [job.id for job in claimed])
+            return claimed
 
     def renew(self, worker: str, held: dict[str, int], lease_seconds: float) -> set[str]:
         if not held:
@@ -247,14 +227,15 @@ class SQLJobStore:
                     finishes.append(codec.finish_parameters(write, now))
                     continue
                 if finishes:
-                    landed += connection.execute(FINISH, finishes).rowcount
+                    landed += connection.execute(codec.FINISH, finishes).rowcount
                     finishes = []
                 statement = jobs.update().where(_fenced(write.job_id, write.attempt))
                 landed += connection.execute(
                     statement.values(codec.attempt_values(write, now))
                 ).rowcount
             if finishes:
-                landed += connection.execute(FINISH, finishes).rowcount
+                landed += connection.execute(codec.FINISH, finishes).rowcount
+            self.dialect.announce_changes(connection, [write.job_id for write in writes])
         return landed
 
     def reap_expired(self, error: str) -> tuple[list[str], list[str]]:
@@ -281,6 +262,7 @@ class SQLJobStore:
                     .where(expired, jobs.c.id.in_(fail))
                     .values(codec.final_values(Status.FAILED, now, error))
                 )
+            self.dialect.announce_changes(connection, retry + fail)
         if erases:
             self._scrub()
         return retry, fail
@@ -291,7 +273,8 @@ class SQLJobStore:
         active = sa.and_(jobs.c.id == job_id, jobs.c.status.in_(codec.ACTIVE_VALUES))
         with self._transaction(erasing=[job_id]) as connection:
             values = codec.final_values(Status.CANCELED, self.clock())
-            connection.execute(jobs.update().where(active).values(values))
+            if connection.execute(jobs.update().where(active).values(values)).rowcount:
+                self.dialect.announce_changes(connection, [job_id])
         return self.get(job_id)
 
     def retry(self, job_id: str) -> bool:
@@ -299,11 +282,19 @@ class SQLJobStore:
             jobs.c.id == job_id,
             jobs.c.status.in_([Status.FAILED.value, Status.CANCELED.value]),
         )
-        return self._update(finished, codec.retry_values(self.clock())) == 1
+        with self._transaction() as connection:
+            statement = jobs.update().where(finished).values(codec.retry_values(self.clock()))
+            retried = connection.execute(statement).rowcount == 1
+            if retried:
+                self.dialect.announce_changes(connection, [job_id])
+            return retried
 
     def delete(self, job_id: str) -> bool:
         with self._transaction() as connection:
-            return connection.execute(jobs.delete().where(jobs.c.id == job_id)).rowcount == 1
+            deleted = connection.execute(jobs.delete().where(jobs.c.id == job_id)).rowcount == 1
+            if deleted:
+                self.dialect.announce_changes(connection, [job_id])
+            return deleted
 
     def prune(self, finished_before: datetime, batch: int = 500) -> int:
         finished = sa.and_(
@@ -319,8 +310,10 @@ class SQLJobStore:
             if len(ids) < batch:
                 return total
 
-    def listen(self, wake: Callable[[], None], stopped: threading.Event) -> None:
-        self.dialect.listen(self.engine.url, wake, stopped)
+    def listen(
+        self, channel: str, heard: Callable[[str | None], None], stopped: threading.Event
+    ) -> None:
+        self.dialect.listen(self.engine.url, channel, heard, stopped)
 
     # -- helpers -----------------------------------------------------------
 
@@ -370,10 +363,6 @@ class SQLJobStore:
             self._engine.dispose()
             self._engine = None
         self.migrate()
-
-    def _update(self, where: Any, values: dict[str, Any]) -> int:
-        with self._transaction() as connection:
-            return connection.execute(jobs.update().where(where).values(values)).rowcount
 
 
 def _naive_utc(value: datetime) -> datetime:
