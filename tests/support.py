@@ -271,6 +271,10 @@ SERVERS: dict[str, tuple[Callable[[int], list[str]], str]] = {
         ],
         "tests.apps.starlette_app:app",
     ),
+    "hypercorn": (
+        lambda port: [sys.executable, "-m", "hypercorn", "--bind", f"127.0.0.1:{port}"],
+        "tests.apps.starlette_app:app",
+    ),
     "gunicorn-sync": (_gunicorn("sync"), "tests.apps.flask_app:app"),
     "gunicorn-gthread": (_gunicorn("gthread", "--threads", "4"), "tests.apps.flask_app:app"),
     "flask-dev": (

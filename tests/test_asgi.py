@@ -14,6 +14,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Mount, Route
 
 from deferred_middleware import DeferredMiddleware, current_job, deferred
+from deferred_middleware._jobs import DeferredOptions, StoredRequest
 
 from .support import count_rows
 
@@ -159,6 +160,45 @@ async def test_a_client_that_disconnects_mid_body_makes_no_job(sqlite_url):
     await middleware(scope, receive, send)
     assert sent == []
     assert count_rows(sqlite_url) == 0
+
+
+async def test_a_client_that_leaves_an_event_stream_frees_it_at_once(sqlite_url):
+    middleware = DeferredMiddleware(
+        lambda *a: None,
+        database_url=sqlite_url,
+        routes=["POST /upload"],
+        execute=False,
+        poll_interval=60,  # only the disconnect can end the stream in time
+    )
+    job = await middleware.core.accept_async(StoredRequest("POST", "/upload"), DeferredOptions())
+    sent: list[dict] = []
+    left = asyncio.Event()
+
+    async def receive():
+        if sent:  # the client reads the first event, then goes
+            await left.wait()
+            return {"type": "http.disconnect"}
+        await asyncio.sleep(3600)
+
+    async def send(message):
+        sent.append(message)
+        if message.get("body"):
+            left.set()
+
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "path": f"/jobs/{job.id}/events",
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"accept", b"text/event-stream")],
+        "scheme": "http",
+    }
+    await asyncio.wait_for(middleware(scope, receive, send), 10)
+    assert sent[0]["status"] == 200
+    assert sent[1]["body"].startswith(b"event: status\nid: 0\n")
+    assert middleware.core.notifier._waiters == {}
+    await middleware.shutdown()
 
 
 async def test_current_job_outside_a_job_raises_lookup_error():

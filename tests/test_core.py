@@ -15,10 +15,12 @@ from typing import Any
 import pytest
 
 from deferred_middleware import deferred
-from deferred_middleware._core import HeadersTooLarge, NotStorable, QueueFull
 from deferred_middleware._jobs import (
     DeferredOptions,
     Finish,
+    HeadersTooLarge,
+    NotStorable,
+    QueueFull,
     Status,
     StoredRequest,
     StoredResponse,

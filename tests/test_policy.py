@@ -12,7 +12,6 @@ import pytest
 
 from deferred_middleware import _policy as policy
 from deferred_middleware import current_job
-from deferred_middleware._core import QueueFull
 from deferred_middleware._jobs import (
     LOST_WORKER,
     RAISED,
@@ -20,6 +19,7 @@ from deferred_middleware._jobs import (
     Failure,
     Finish,
     Job,
+    QueueFull,
     RetryLater,
     Status,
     StoredRequest,

@@ -1,7 +1,9 @@
 """Push instead of poll, through real servers: ``Prefer: wait`` and
-``respond-async``."""
+``respond-async``, and event streams."""
 
 from __future__ import annotations
+
+import json
 
 import httpx
 import pytest
@@ -63,3 +65,84 @@ def test_prefer_wait_sees_a_job_that_a_worker_finishes(
     answer = httpx.post(server.base + "/tiny", headers={"Prefer": "wait=20"}, timeout=30)
     assert (answer.status_code, answer.content) == (200, b"ok")
     assert answer.headers["preference-applied"] == "wait=20"
+
+
+# -- /jobs/{id}/events ---------------------------------------------------------
+
+
+def read_events(lines, until=None) -> list[tuple[int, dict]]:
+    """The status events of a stream's lines, read until it closes (or
+    ``until`` says)."""
+    seen: list[tuple[int, dict]] = []
+    fields: dict[str, str] = {}
+    for line in lines:
+        if line:
+            name, _, value = line.partition(": ")
+            fields[name] = value
+            continue
+        if fields.get("event") == "status":
+            seen.append((int(fields["id"]), json.loads(fields["data"])))
+            if until is not None and until(seen):
+                return seen
+        fields = {}
+    return seen
+
+
+STREAMING = ["uvicorn", "hypercorn", "gunicorn-gthread"]
+
+
+@pytest.mark.parametrize("kind", STREAMING)
+def test_an_event_stream_follows_a_job_to_its_end(serve, kind, gates):
+    server = serve(kind)
+    accepted = httpx.post(server.base + "/report?gate=g")
+    events_url = server.base + accepted.headers["operation-location"] + "/events"
+    with httpx.stream("GET", events_url, timeout=30) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        lines = response.iter_lines()
+        first = read_events(lines, until=lambda seen: seen[-1][1]["progress"] == 0.5)
+        gates("g")
+        rest = read_events(lines)
+    seen = first + rest
+    statuses = [document["status"] for _, document in seen]
+    assert statuses[-1] == "succeeded"
+    assert "running" in statuses
+    ids = [number for number, _ in seen]
+    assert ids == sorted(set(ids))
+
+    last = ids[-1]
+    again = httpx.get(events_url, headers={"Last-Event-ID": str(last)}, timeout=30)
+    assert again.status_code == 204  # nothing more will come: EventSource stops
+    earlier = httpx.get(events_url, headers={"Last-Event-ID": str(last - 1)}, timeout=30)
+    assert [d["status"] for _, d in read_events(earlier.iter_lines())] == ["succeeded"]
+
+
+@pytest.mark.parametrize("kind", STREAMING)
+def test_a_quiet_event_stream_sends_keep_alives(serve, kind):
+    server = serve(kind, EVENT_KEEP_ALIVE="0.3")
+    accepted = httpx.post(server.base + "/report?gate=never")
+    events_url = server.base + accepted.headers["operation-location"] + "/events"
+    with httpx.stream("GET", events_url, timeout=30) as response:
+        comments = 0
+        for line in response.iter_lines():
+            comments += line.startswith(":")
+            if comments == 2:
+                break
+    assert comments == 2
+
+
+@pytest.mark.parametrize(("kind", "app"), [("uvicorn", "starlette"), ("gunicorn-gthread", "flask")])
+def test_an_event_stream_follows_a_job_that_a_worker_runs(
+    serve, kind, app, start_worker, database_url
+):
+    server = serve(kind, DATABASE_URL=database_url, EXECUTE="0", POLL_INTERVAL="0.2")
+    accepted = httpx.post(server.base + "/tiny")
+    events_url = server.base + accepted.headers["operation-location"] + "/events"
+    with httpx.stream("GET", events_url, timeout=30) as response:
+        lines = response.iter_lines()
+        first = read_events(lines, until=lambda seen: True)
+        start_worker(app)
+        rest = read_events(lines)
+    statuses = [document["status"] for _, document in first + rest]
+    assert statuses[0] == "queued"
+    assert statuses[-1] == "succeeded"

@@ -42,6 +42,7 @@ class Config:
     credential_headers: frozenset[str] = DEFAULT_CREDENTIAL_HEADERS
     grace_seconds: float = 10.0
     queue: str = DEFAULT_QUEUE
+    event_keep_alive: float = 15.0
 
     def __post_init__(self) -> None:
         if not self.prefix.startswith("/") or self.prefix.endswith("/"):
@@ -50,8 +51,8 @@ class Config:
             self.public_url = self.public_url.rstrip("/")
         if self.concurrency < 1:
             raise ValueError("concurrency must be >= 1")
-        if self.lease_seconds <= 0 or self.poll_interval <= 0:
-            raise ValueError("lease_seconds and poll_interval must be > 0")
+        if self.lease_seconds <= 0 or self.poll_interval <= 0 or self.event_keep_alive <= 0:
+            raise ValueError("lease_seconds, poll_interval and event_keep_alive must be > 0")
         check_queue_name(self.queue)
 
     @classmethod
@@ -106,6 +107,8 @@ class Options(TypedDict, total=False):
     """How long to wait for a locked SQLite database before 503."""
     grace_seconds: float
     """On shutdown, how long running jobs may take to finish."""
+    event_keep_alive: float
+    """Seconds between keep-alive comments on a quiet event stream."""
     queue: str
     """The queue jobs go to (``@deferred(queue=...)`` picks another) and that
     this process's executor runs, with the queues its marked routes name."""

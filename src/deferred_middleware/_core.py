@@ -15,12 +15,17 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Protocol, TypeVar
 
+from . import _events as events
 from . import _protocol as protocol
 from ._config import Config
 from ._jobs import (
     HEADERS_TOO_LARGE,
     DeferredOptions,
+    HeadersTooLarge,
     Job,
+    NotStorable,
+    QueueFull,
+    Refusal,
     Status,
     StoredRequest,
     new_job_id,
@@ -36,26 +41,6 @@ logger = logging.getLogger("deferred_middleware")
 QUEUE_CHECK_EVERY = 0.5
 OFFLOAD_THREADS = 16
 T = TypeVar("T")
-
-
-class Refusal(Exception):
-    """A request that gets no job, for a reason of its own or of the queue's."""
-
-
-class QueueFull(Refusal):
-    """``max_queued`` jobs are waiting: 503, try again later."""
-
-
-class HeadersTooLarge(Refusal):
-    """The headers exceed ``max_header_size``: 431."""
-
-
-class NotStorable(Refusal):
-    """The job table cannot keep the request faithfully: 400."""
-
-    def __init__(self, detail: str) -> None:
-        super().__init__(detail)
-        self.detail = detail
 
 
 class Executor(Protocol):
@@ -205,7 +190,7 @@ class JobCore:
         if wait:
             with contextlib.suppress(StoreUnavailable):
                 await self.wait_async(job.id, wait)
-                done = await self._read(self._finished, job.id)
+                done = await self.read(self._finished, job.id)
                 return self._answer_within(job, root_path, preferences, done)
         return self._answer_within(job, root_path, preferences, None)
 
@@ -258,12 +243,22 @@ class JobCore:
             return "/"
         return tail
 
-    def answer(self, tail: str, method: str, query: bytes, root_path: str) -> protocol.Reply:
+    def answer(
+        self,
+        tail: str,
+        method: str,
+        query: bytes,
+        root_path: str,
+        last_event_id: str | None = None,
+    ) -> protocol.Reply:
         route = protocol.parse_job_route(tail, query, self.config.max_wait)
         if route is None:
             return protocol.not_found()
         try:
             self.prepare()
+            if route.action == "events" and method in protocol.ALLOWED["events"]:
+                seen = events.last_event_id(last_event_id)
+                return events.answer(self, route.job_id, method, seen, self.urls(root_path))
             if route.wait and method in ("GET", "HEAD"):
                 self.wait(route.job_id, route.wait)
             return self._reply(route, method, self.urls(root_path))
@@ -271,7 +266,12 @@ class JobCore:
             return protocol.unavailable(self.config.retry_after)
 
     async def answer_async(
-        self, tail: str, method: str, query: bytes, root_path: str
+        self,
+        tail: str,
+        method: str,
+        query: bytes,
+        root_path: str,
+        last_event_id: str | None = None,
     ) -> protocol.Reply:
         route = protocol.parse_job_route(tail, query, self.config.max_wait)
         if route is None:
@@ -279,10 +279,14 @@ class JobCore:
         try:
             if not self.ready:
                 await self.offload(self.prepare)
+            if route.action == "events" and method in protocol.ALLOWED["events"]:
+                seen = events.last_event_id(last_event_id)
+                urls = self.urls(root_path)
+                return await events.answer_async(self, route.job_id, method, seen, urls)
             reading = method in ("GET", "HEAD")
             if route.wait and reading:
                 await self.wait_async(route.job_id, route.wait)
-            run = self._read if reading else self.offload
+            run = self.read if reading else self.offload
             return await run(self._reply, route, method, self.urls(root_path))
         except StoreUnavailable:
             return protocol.unavailable(self.config.retry_after)
@@ -358,7 +362,7 @@ class JobCore:
         deadline = loop.time() + timeout
         self.notifier.subscribe(job_id, wake)
         try:
-            while not await self._read(self.is_finished, job_id):
+            while not await self.read(self.is_finished, job_id):
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     return
@@ -378,7 +382,7 @@ class JobCore:
             self._pool = ThreadPoolExecutor(OFFLOAD_THREADS, thread_name_prefix="deferred-io")
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
-    async def _read(self, fn: Callable[..., T], *args: object) -> T:
+    async def read(self, fn: Callable[..., T], *args: object) -> T:
         """A read in place where reads are local and cheap, off the loop otherwise."""
         if self.store.reads_are_local:
             return fn(*args)

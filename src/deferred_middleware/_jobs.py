@@ -275,3 +275,26 @@ def merge_credentials(headers: Headers, credentials: list[tuple[int, str, str]])
     for index, name, value in credentials:
         merged.insert(index, (name, value))
     return merged
+
+
+# -- requests that get no job -------------------------------------------------
+
+
+class Refusal(Exception):
+    """A request that gets no job, for a reason of its own or of the queue's."""
+
+
+class QueueFull(Refusal):
+    """``max_queued`` jobs are waiting: 503, try again later."""
+
+
+class HeadersTooLarge(Refusal):
+    """The headers exceed ``max_header_size``: 431."""
+
+
+class NotStorable(Refusal):
+    """The job table cannot keep the request faithfully: 400."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail

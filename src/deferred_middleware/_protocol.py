@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import AsyncIterator, Iterator
 from datetime import datetime
 from typing import Any
 from urllib.parse import parse_qsl, quote
@@ -21,6 +22,7 @@ ALLOWED = {
     "": ("GET", "HEAD", "DELETE"),
     "result": ("GET", "HEAD"),
     "cancel": ("POST",),
+    "events": ("GET", "HEAD"),
 }
 
 
@@ -29,6 +31,8 @@ class Reply:
     status: int
     headers: Headers
     body: bytes = b""
+    stream: Iterator[bytes] | AsyncIterator[bytes] | None = None
+    """A body sent piece by piece (an event stream) instead of ``body``."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +76,7 @@ class JobRoute:
     """A parsed request to one of the middleware's own routes."""
 
     job_id: str
-    action: str  # "", "result" or "cancel"
+    action: str  # "", "result", "cancel" or "events"
     wait: float = 0.0
 
 
@@ -83,12 +87,12 @@ def _timestamp(value: datetime | None) -> str | None:
     return value.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
-def _json(data: Any) -> bytes:
+def compact_json(data: Any) -> bytes:
     return json.dumps(data, separators=(",", ":")).encode()
 
 
 def _json_reply(status: int, data: Any, extra: Headers | None = None) -> Reply:
-    body = _json(data)
+    body = compact_json(data)
     headers = [("content-type", JSON), ("content-length", str(len(body))), *(extra or ())]
     return Reply(status, headers, body)
 
@@ -100,7 +104,7 @@ def problem(
     data: dict[str, Any] = {"type": "about:blank", "title": title, "status": status}
     if detail:
         data["detail"] = detail
-    body = _json(data)
+    body = compact_json(data)
     return Reply(
         status,
         [("content-type", PROBLEM), ("content-length", str(len(body))), *(headers or ())],
@@ -208,8 +212,9 @@ def result_reply(job: Job, urls: JobURLs, retry_after: int) -> Reply:
 
 
 def parse_job_route(tail: str, query_string: bytes, max_wait: float) -> JobRoute | None:
-    """``tail`` is the path after the prefix: ``/{id}``, ``/{id}/result`` or
-    ``/{id}/cancel``. None for anything else, malformed ids included."""
+    """``tail`` is the path after the prefix: ``/{id}``, ``/{id}/result``,
+    ``/{id}/cancel`` or ``/{id}/events``. None for anything else, malformed
+    ids included."""
     parts = tail.split("/")
     if len(parts) not in (2, 3) or parts[0] != "" or not is_job_id(parts[1]):
         return None

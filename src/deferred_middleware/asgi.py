@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from asgiref.typing import (
@@ -17,8 +18,7 @@ from asgiref.typing import (
 
 from . import _protocol as protocol
 from ._assemble import assemble
-from ._core import Refusal
-from ._jobs import DeferredOptions, StoredRequest
+from ._jobs import DeferredOptions, Refusal, StoredRequest
 from ._prefer import Preferences, parse_prefer
 from ._routes import NEVER_DEFERRED, queues_of
 from .runner.asgi import TaskLauncher
@@ -85,6 +85,11 @@ def find_routes(app: Any) -> Any:
 
 
 async def send_reply(send: ASGISendCallable, reply: protocol.Reply) -> None:
+    await _start(send, reply)
+    await send({"type": "http.response.body", "body": reply.body, "more_body": False})
+
+
+async def _start(send: ASGISendCallable, reply: protocol.Reply) -> None:
     headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in reply.headers]
     await send(
         {
@@ -94,7 +99,45 @@ async def send_reply(send: ASGISendCallable, reply: protocol.Reply) -> None:
             "trailers": False,
         }
     )
-    await send({"type": "http.response.body", "body": reply.body, "more_body": False})
+
+
+async def send_stream(
+    receive: ASGIReceiveCallable, send: ASGISendCallable, reply: protocol.Reply
+) -> None:
+    """Send an event stream until it ends or the client disconnects, then
+    stop it at once (which drops its subscription)."""
+    stream = reply.stream
+    assert isinstance(stream, AsyncIterator)
+    headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in reply.headers]
+    await send(
+        {
+            "type": "http.response.start",
+            "status": reply.status,
+            "headers": headers,
+            "trailers": False,
+        }
+    )
+
+    async def pump() -> None:
+        async for chunk in stream:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def disconnected() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    sending = asyncio.ensure_future(pump())
+    watching = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({sending, watching}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (sending, watching):
+            task.cancel()
+        await asyncio.gather(sending, watching, return_exceptions=True)
+        await stream.aclose()  # type: ignore[attr-defined]
+    if not sending.cancelled() and sending.exception() is not None:
+        raise sending.exception()  # type: ignore[misc]
 
 
 class DeferredMiddleware:
@@ -132,10 +175,7 @@ class DeferredMiddleware:
         path = route_path(scope)
         tail = self.core.job_route_tail(path, scope.get("raw_path"))
         if tail is not None:
-            reply = await self.core.answer_async(
-                tail, scope["method"], scope.get("query_string", b""), scope.get("root_path", "")
-            )
-            await send_reply(send, reply)
+            await self._answer_job_route(scope, receive, send, tail)
             return
         options = self._deferred_options(scope, path)
         if options is None:
@@ -148,6 +188,26 @@ class DeferredMiddleware:
         if self.config.execute and not self._executing:
             self._start_executor(scope.get("state"))  # type: ignore[arg-type]
         await DeferringResponder(self, options, wanted)(scope, receive, send)
+
+    async def _answer_job_route(
+        self, scope: HTTPScope, receive: ASGIReceiveCallable, send: ASGISendCallable, tail: str
+    ) -> None:
+        last_event_id = None
+        if tail.endswith("/events"):
+            for name, value in scope["headers"]:
+                if name.lower() == b"last-event-id":
+                    last_event_id = value.decode("latin-1")
+        reply = await self.core.answer_async(
+            tail,
+            scope["method"],
+            scope.get("query_string", b""),
+            scope.get("root_path", ""),
+            last_event_id,
+        )
+        if reply.stream is None:
+            await send_reply(send, reply)
+        else:
+            await send_stream(receive, send, reply)
 
     def _deferred_options(self, scope: HTTPScope, path: str) -> DeferredOptions | None:
         method = scope["method"]

@@ -11,8 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import _protocol as protocol
 from ._assemble import assemble
-from ._core import Refusal
-from ._jobs import DeferredOptions, StoredRequest
+from ._jobs import DeferredOptions, Refusal, StoredRequest
 from ._prefer import parse_prefer
 from ._routes import NEVER_DEFERRED
 from .runner.wsgi import ThreadLauncher, WSGIApp
@@ -107,12 +106,14 @@ def read_body(environ: Environ, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def respond(start_response: StartResponse, reply: protocol.Reply) -> list[bytes]:
+def respond(start_response: StartResponse, reply: protocol.Reply) -> Iterable[bytes]:
     try:
         reason = http.HTTPStatus(reply.status).phrase
     except ValueError:
         reason = ""
     start_response(f"{reply.status} {reason}".rstrip(), list(reply.headers))
+    if reply.stream is not None:
+        return reply.stream  # type: ignore[return-value]  # the server closes it
     return [reply.body]
 
 
@@ -172,6 +173,7 @@ class DeferredWSGIMiddleware:
                 environ["REQUEST_METHOD"],
                 environ.get("QUERY_STRING", "").encode("latin-1"),
                 from_wsgi_string(environ.get("SCRIPT_NAME", "")),
+                environ.get("HTTP_LAST_EVENT_ID"),
             )
             return respond(start_response, reply)
         options = self._deferred_options(environ, path)

@@ -27,6 +27,7 @@ def middleware_options() -> dict:
         ("retry_backoff", float),
         ("max_wait", float),
         ("max_header_size", int),
+        ("event_keep_alive", float),
     ):
         if name.upper() in env:
             options[name] = kind(env[name.upper()])
