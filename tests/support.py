@@ -83,6 +83,7 @@ def make_job(
     headers: list[tuple[str, str]] | None = None,
     query: bytes = b"a=1&b=%20",
     created_at: datetime | None = None,
+    callback_url: str | None = None,
 ) -> Job:
     request = StoredRequest(
         method="POST",
@@ -102,6 +103,7 @@ def make_job(
         created_at=created_at or utcnow(),
         request=request,
         options=DeferredOptions(retries=retries, timeout=timeout),
+        callback_url=callback_url,
     )
 
 
@@ -144,8 +146,8 @@ def require(url: str, what: str) -> str:
 def reset_tables(url: str) -> None:
     engine = sa.create_engine(url)
     with engine.begin() as connection:
-        connection.exec_driver_sql("DROP TABLE IF EXISTS deferred_jobs")
-        connection.exec_driver_sql("DROP TABLE IF EXISTS deferred_middleware_version")
+        for table in ("deferred_jobs", "deferred_webhook_attempts", "deferred_middleware_version"):
+            connection.exec_driver_sql(f"DROP TABLE IF EXISTS {table}")
     engine.dispose()
 
 

@@ -141,10 +141,11 @@ def test_a_database_from_an_earlier_release_upgrades_in_place(database_url):
 
 
 def insert_as_before_queues(store: SQLJobStore, job) -> None:
-    """A row as a release from before queues wrote it: no queue column."""
+    """A row as a release from before queues wrote it: no queue column (nor
+    any column added since)."""
     naive = job.created_at.astimezone(timezone.utc).replace(tzinfo=None)
     values = codec.insert_values(job, frozenset(), store.dialect.datetime_param(naive))
-    del values["queue"]
+    del values["queue"], values["callback_url"]
     columns = ", ".join(values)
     placeholders = ", ".join(f":{name}" for name in values)
     insert = sa.text(f"INSERT INTO deferred_jobs ({columns}) VALUES ({placeholders})")

@@ -39,6 +39,7 @@ class JobCore(Protocol):
 
     async def read(self, fn: Callable[..., T], *args: object) -> T: ...
 
+
 KEEP_ALIVE = b": keep-alive\n\n"
 HEADERS = [
     ("content-type", "text/event-stream"),

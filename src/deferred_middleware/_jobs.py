@@ -10,6 +10,7 @@ import dataclasses
 import enum
 import re
 import secrets
+from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime, timezone
 
 Headers = list[tuple[str, str]]
@@ -71,6 +72,7 @@ class DeferredOptions:
     timeout: float | None = None
     queue: str | None = None  # None: the middleware's own queue
     mode: str = "always"  # "prefer": inline unless the client sends Prefer: respond-async
+    callback: Callable[[RequestInfo], str | None] | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -157,6 +159,38 @@ class StoredResponse:
     body: bytes
 
 
+class RequestInfo:
+    """What ``callback=fn`` (and ``owner=fn``) see of a request: the same
+    small object on ASGI and WSGI."""
+
+    __slots__ = ("headers", "method", "path", "query_string")
+
+    def __init__(self, request: StoredRequest) -> None:
+        self.method = request.method
+        self.path = request.path
+        self.query_string = request.query_string
+        self.headers = CaseInsensitiveHeaders(request.headers)
+
+
+class CaseInsensitiveHeaders(Mapping[str, str]):
+    """Header values by name, any case; repeated headers joined by ", "."""
+
+    def __init__(self, pairs: Headers) -> None:
+        self._values: dict[str, str] = {}
+        for name, value in pairs:
+            key = name.lower()
+            self._values[key] = f"{self._values[key]}, {value}" if key in self._values else value
+
+    def __getitem__(self, name: str) -> str:
+        return self._values[name.lower()]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+
 @dataclasses.dataclass
 class Job:
     """One row of the job table."""
@@ -176,6 +210,9 @@ class Job:
     queue: str = DEFAULT_QUEUE
     revision: int = 0
     """Raised by every write that changes what the status document shows."""
+    callback_url: str | None = None
+    webhook_state: str | None = None  # pending, delivered or failed, once it ended
+    webhook_attempts: int = 0
 
     @property
     def max_attempts(self) -> int:
@@ -275,6 +312,34 @@ def merge_credentials(headers: Headers, credentials: list[tuple[int, str, str]])
     for index, name, value in credentials:
         merged.insert(index, (name, value))
     return merged
+
+
+# -- completion webhooks ------------------------------------------------------
+
+WEBHOOK_PENDING, WEBHOOK_DELIVERED, WEBHOOK_FAILED = "pending", "delivered", "failed"
+
+
+@dataclasses.dataclass
+class WebhookDue:
+    """A job whose webhook an executor has claimed, for one attempt."""
+
+    job: Job  # its status, callback_url and this attempt's number
+    root_path: str  # of the request, for the URLs in the payload
+    worker: str
+
+
+@dataclasses.dataclass(frozen=True)
+class WebhookAttempt:
+    """One delivery attempt, as recorded for operators."""
+
+    job_id: str
+    attempt: int
+    at: datetime
+    url: str
+    status_code: int | None
+    error: str | None
+    duration_ms: int
+    worker: str | None = None
 
 
 # -- requests that get no job -------------------------------------------------

@@ -11,7 +11,7 @@ from collections.abc import Callable, Collection, Iterable, Sequence
 from datetime import datetime
 from typing import Protocol
 
-from .._jobs import DEFAULT_QUEUE, AttemptWrite, Job, Status
+from .._jobs import DEFAULT_QUEUE, AttemptWrite, Job, Status, WebhookAttempt, WebhookDue
 
 Clock = Callable[[], datetime]
 
@@ -96,6 +96,19 @@ class JobStore(Protocol):
 
     def prune(self, finished_before: datetime, batch: int = 500) -> int:
         """Delete finished jobs older than the retention time, in bounded batches."""
+
+    def claim_webhooks(self, worker: str, limit: int, lease_seconds: float) -> list[WebhookDue]:
+        """Take up to ``limit`` due webhook deliveries for one attempt each,
+        under a lease (a delivery whose worker died is due again after it)."""
+
+    def record_webhook(self, attempt: WebhookAttempt, state: str, due_at: datetime | None) -> bool:
+        """Keep an attempt; set the delivery's state (pending again at
+        ``due_at``, delivered or failed) if the attempt's worker still holds it."""
+
+    def webhook_attempts_of(self, job_id: str) -> list[WebhookAttempt]: ...
+
+    def redeliver(self, job_id: str) -> bool:
+        """Make a finished job's webhook due again, with fresh attempts."""
 
     def listen(
         self, channel: str, heard: Callable[[str | None], None], stopped: threading.Event

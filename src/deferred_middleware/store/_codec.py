@@ -5,6 +5,7 @@ into them and what comes out.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping
 from datetime import datetime, timedelta, timezone
@@ -13,6 +14,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from .._jobs import (
+    WEBHOOK_PENDING,
     DeferredOptions,
     Finish,
     Job,
@@ -22,6 +24,8 @@ from .._jobs import (
     Status,
     StoredRequest,
     StoredResponse,
+    WebhookAttempt,
+    WebhookDue,
     merge_credentials,
     split_credentials,
 )
@@ -41,6 +45,9 @@ STATUS_COLUMNS = (
     jobs.c.progress,
     jobs.c.message,
     jobs.c.error,
+    jobs.c.callback_url,
+    jobs.c.webhook_state,
+    jobs.c.webhook_attempts,
 )
 REQUEST_COLUMNS = (
     jobs.c.request_method,
@@ -68,9 +75,13 @@ INSERT_KEYS = (
     "request_credentials",
     "request_meta",
     "request_body",
+    "callback_url",
 )
 # Every write that changes what the status document shows raises the revision.
 NEXT_REVISION = jobs.c.revision + 1
+# The statement that ends a job makes its webhook due, in the same write.
+WEBHOOK_DUE_IF_ANY = sa.case((jobs.c.callback_url.is_not(None), WEBHOOK_PENDING), else_=None)
+NO_WEBHOOK_PENDING = sa.or_(jobs.c.webhook_state.is_(None), jobs.c.webhook_state != WEBHOOK_PENDING)
 FINISHED_VALUES = tuple(s.value for s in (Status.SUCCEEDED, Status.FAILED, Status.CANCELED))
 ACTIVE_VALUES = (Status.QUEUED.value, Status.RUNNING.value)
 
@@ -107,6 +118,7 @@ def insert_values(job: Job, credential_names: frozenset[str], created: Any) -> d
         "request_credentials": json.dumps(credentials) if credentials else None,
         "request_meta": json.dumps(meta),
         "request_body": request.body,
+        "callback_url": job.callback_url,
     }
 
 
@@ -129,6 +141,10 @@ FINISH = (
         response_status=sa.bindparam("b_response_status"),
         response_headers=sa.bindparam("b_response_headers"),
         response_body=sa.bindparam("b_response_body"),
+        webhook_state=WEBHOOK_DUE_IF_ANY,
+        webhook_due_at=sa.bindparam("b_finished_at"),
+        webhook_attempts=0,
+        webhook_lease_until=None,
     )
 )
 
@@ -195,6 +211,10 @@ def final_values(status: Status, now: datetime, error: str | None = None) -> dic
         "finished_at": now,
         "lease_expires_at": None,
         "request_credentials": None,
+        "webhook_state": WEBHOOK_DUE_IF_ANY,
+        "webhook_due_at": now,
+        "webhook_attempts": 0,
+        "webhook_lease_until": None,
     }
     if error is not None:
         values["error"] = error
@@ -212,7 +232,38 @@ def retry_values(now: datetime) -> dict[str, Any]:
         "response_status": None,
         "response_headers": None,
         "response_body": None,
+        "webhook_state": None,
     }
+
+
+def webhook_claim_values(worker: str, now: datetime, lease_seconds: float) -> dict[str, Any]:
+    return {
+        "webhook_worker": worker,
+        "webhook_lease_until": now + timedelta(seconds=lease_seconds),
+        "webhook_attempts": jobs.c.webhook_attempts + 1,
+    }
+
+
+def webhook_due_from_row(row: Mapping[str, Any], worker: str) -> WebhookDue:
+    meta = _from_json(row["request_meta"])
+    return WebhookDue(job_from_row(row), meta.get("root_path", ""), worker)
+
+
+def webhook_attempt_values(attempt: WebhookAttempt) -> dict[str, Any]:
+    return dataclasses.asdict(attempt)
+
+
+def webhook_attempt_from_row(row: Mapping[str, Any]) -> WebhookAttempt:
+    return WebhookAttempt(
+        job_id=row["job_id"],
+        attempt=row["attempt"],
+        at=utc(row["at"]),  # type: ignore[arg-type]
+        url=row["url"],
+        status_code=row["status_code"],
+        error=row["error"],
+        duration_ms=row["duration_ms"],
+        worker=row["worker"],
+    )
 
 
 # -- out of the table ------------------------------------------------------
@@ -265,6 +316,9 @@ def job_from_row(row: Mapping[str, Any]) -> Job:
         finished_at=utc(row["finished_at"]),
         attempts=row["attempts"],
         revision=row["revision"],
+        callback_url=row["callback_url"],
+        webhook_state=row["webhook_state"],
+        webhook_attempts=row["webhook_attempts"],
         progress=row["progress"],
         message=row["message"],
         error=row["error"],

@@ -12,6 +12,7 @@ from datetime import datetime, timedelta
 
 from .._jobs import (
     DEFAULT_QUEUE,
+    WEBHOOK_PENDING,
     AttemptWrite,
     Finish,
     Job,
@@ -19,6 +20,8 @@ from .._jobs import (
     Requeue,
     RetryLater,
     Status,
+    WebhookAttempt,
+    WebhookDue,
     merge_credentials,
     split_credentials,
     utcnow,
@@ -35,6 +38,9 @@ class _Row:
     credentials: list[tuple[int, str, str]]
     worker: str | None = None
     lease_expires_at: datetime | None = None
+    webhook_due_at: datetime | None = None
+    webhook_lease_until: datetime | None = None
+    webhook_worker: str | None = None
 
 
 class MemoryJobStore:
@@ -47,6 +53,7 @@ class MemoryJobStore:
         self.credential_headers = credential_headers
         self.clock = clock
         self._rows: dict[str, _Row] = {}
+        self._webhook_attempts: list[WebhookAttempt] = []
         self._lock = threading.Lock()
 
     def migrate(self, revision: str = "head") -> None:
@@ -190,6 +197,7 @@ class MemoryJobStore:
             job = row.job
             job.status = Status.QUEUED
             job.revision += 1
+            job.webhook_state = None
             job.options = dataclasses.replace(
                 job.options, retries=job.attempts + job.options.retries
             )
@@ -199,6 +207,7 @@ class MemoryJobStore:
 
     def delete(self, job_id: str) -> bool:
         with self._lock:
+            self._forget_attempts({job_id})
             return self._rows.pop(job_id, None) is not None
 
     def prune(self, finished_before: datetime, batch: int = 500) -> int:
@@ -209,10 +218,66 @@ class MemoryJobStore:
                 if row.job.status.finished
                 and row.job.finished_at is not None
                 and row.job.finished_at < finished_before
+                and row.job.webhook_state != WEBHOOK_PENDING
             ]
             for job_id in old:
                 del self._rows[job_id]
+            self._forget_attempts(set(old))
             return len(old)
+
+    # -- webhooks ------------------------------------------------------------
+
+    def claim_webhooks(self, worker: str, limit: int, lease_seconds: float) -> list[WebhookDue]:
+        now = self.clock()
+        with self._lock:
+            due = [
+                row
+                for row in self._rows.values()
+                if row.job.webhook_state == WEBHOOK_PENDING
+                and row.webhook_due_at is not None
+                and row.webhook_due_at <= now
+                and (row.webhook_lease_until is None or row.webhook_lease_until < now)
+            ]
+            due.sort(key=lambda row: row.webhook_due_at)  # type: ignore[arg-type, return-value]
+            claimed = []
+            for row in due[:limit]:
+                row.job.webhook_attempts += 1
+                row.webhook_worker = worker
+                row.webhook_lease_until = now + timedelta(seconds=lease_seconds)
+                root_path = row.job.request.root_path if row.job.request else ""
+                claimed.append(WebhookDue(_copy(row), root_path, worker))
+            return claimed
+
+    def record_webhook(self, attempt: WebhookAttempt, state: str, due_at: datetime | None) -> bool:
+        with self._lock:
+            self._webhook_attempts.append(attempt)
+            row = self._rows.get(attempt.job_id)
+            if (
+                row is None
+                or row.job.webhook_state != WEBHOOK_PENDING
+                or row.webhook_worker != attempt.worker
+                or row.job.webhook_attempts != attempt.attempt
+            ):
+                return False
+            row.job.webhook_state = state
+            row.webhook_due_at = due_at
+            row.webhook_lease_until = None
+            return True
+
+    def webhook_attempts_of(self, job_id: str) -> list[WebhookAttempt]:
+        with self._lock:
+            return [a for a in self._webhook_attempts if a.job_id == job_id]
+
+    def redeliver(self, job_id: str) -> bool:
+        with self._lock:
+            row = self._rows.get(job_id)
+            if row is None or not row.job.status.finished or row.job.callback_url is None:
+                return False
+            _webhook_due(row, self.clock())
+            return True
+
+    def _forget_attempts(self, job_ids: set[str]) -> None:
+        self._webhook_attempts = [a for a in self._webhook_attempts if a.job_id not in job_ids]
 
     def listen(
         self, channel: str, heard: Callable[[str | None], None], stopped: threading.Event
@@ -261,6 +326,15 @@ def _end(row: _Row, status: Status, now: datetime) -> None:
     row.job.finished_at = now
     row.lease_expires_at = None
     row.credentials = []
+    if row.job.callback_url is not None:
+        _webhook_due(row, now)
+
+
+def _webhook_due(row: _Row, now: datetime) -> None:
+    row.job.webhook_state = WEBHOOK_PENDING
+    row.job.webhook_attempts = 0
+    row.webhook_due_at = now
+    row.webhook_lease_until = None
 
 
 def _copy(row: _Row, *, request: bool = False, response: bool = False) -> Job:

@@ -67,9 +67,32 @@ jobs = sa.Table(
     sa.Column("response_status", sa.Integer()),
     sa.Column("response_headers", sa.JSON(none_as_null=True)),
     sa.Column("response_body", Body),
+    # The completion webhook: set pending by the statement that ends the job.
+    sa.Column("callback_url", LongText),
+    sa.Column("webhook_state", sa.String(16)),
+    sa.Column("webhook_attempts", sa.Integer(), nullable=False, server_default="0"),
+    sa.Column("webhook_due_at", UTCDateTime()),
+    sa.Column("webhook_lease_until", UTCDateTime()),
+    sa.Column("webhook_worker", sa.String(255)),
     sa.Index("ix_deferred_jobs_claim", "status", "run_after"),
     sa.Index("ix_deferred_jobs_lease", "status", "lease_expires_at"),
     sa.Index("ix_deferred_jobs_finished", "status", "finished_at"),
     sa.Index("ix_deferred_jobs_created", "created_at"),
     sa.Index("ix_deferred_jobs_queue_claim", "status", "queue", "run_after"),
+    sa.Index("ix_deferred_jobs_webhooks", "webhook_state", "webhook_due_at"),
+)
+
+webhook_attempts = sa.Table(
+    "deferred_webhook_attempts",
+    metadata,
+    sa.Column("id", sa.Integer(), primary_key=True, autoincrement=True),
+    sa.Column("job_id", sa.String(32), nullable=False),
+    sa.Column("attempt", sa.Integer(), nullable=False),
+    sa.Column("at", UTCDateTime(), nullable=False),
+    sa.Column("url", LongText, nullable=False),
+    sa.Column("status_code", sa.Integer()),
+    sa.Column("error", sa.Text()),
+    sa.Column("duration_ms", sa.Integer(), nullable=False),
+    sa.Column("worker", sa.String(255)),
+    sa.Index("ix_deferred_webhook_attempts_job", "job_id"),
 )

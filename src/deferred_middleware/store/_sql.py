@@ -21,6 +21,7 @@ from ._dialects import Dialect, for_url
 from ._migrate import migrate
 from ._schema import jobs
 from ._sqlite_file import DatabaseFile, checkpoint
+from ._webhooks import WebhookQueries, forget_attempts
 
 
 def _fenced(job_id: str, attempt: int) -> Any:
@@ -29,7 +30,7 @@ def _fenced(job_id: str, attempt: int) -> Any:
     )
 
 
-class SQLJobStore:
+class SQLJobStore(WebhookQueries):
     """The job table in any database SQLAlchemy reaches."""
 
     def __init__(
@@ -293,12 +294,15 @@ class SQLJobStore:
         with self._transaction() as connection:
             deleted = connection.execute(jobs.delete().where(jobs.c.id == job_id)).rowcount == 1
             if deleted:
+                forget_attempts(connection, [job_id])
                 self.dialect.announce_changes(connection, [job_id])
             return deleted
 
     def prune(self, finished_before: datetime, batch: int = 500) -> int:
         finished = sa.and_(
-            jobs.c.status.in_(codec.FINISHED_VALUES), jobs.c.finished_at < finished_before
+            jobs.c.status.in_(codec.FINISHED_VALUES),
+            jobs.c.finished_at < finished_before,
+            codec.NO_WEBHOOK_PENDING,  # kept until delivered or given up
         )
         total = 0
         while True:
@@ -306,6 +310,7 @@ class SQLJobStore:
                 ids = list(connection.scalars(sa.select(jobs.c.id).where(finished).limit(batch)))
                 if ids:
                     connection.execute(jobs.delete().where(jobs.c.id.in_(ids), finished))
+                    forget_attempts(connection, ids)
             total += len(ids)
             if len(ids) < batch:
                 return total
