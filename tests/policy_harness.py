@@ -151,7 +151,7 @@ class Harness:
         return job
 
     def route(self, path: str, method: str = "GET", query: bytes = b"") -> protocol.Reply:
-        tail = self.core.job_route_tail(path)
+        tail = protocol.job_route_tail(self.config.prefix, path)
         assert tail is not None
         return self.core.answer(tail, method, query, "")
 

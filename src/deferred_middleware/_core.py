@@ -227,22 +227,6 @@ class JobCore:
 
     # -- the job routes ----------------------------------------------------
 
-    def job_route_tail(self, path: str, raw_path: str | bytes | None = None) -> str | None:
-        """The path after the prefix when ``path`` is one of the job routes.
-
-        Job routes are routed on the path as sent: a tail that only exists
-        after percent-decoding (``/jobs/{id}%2Fresult``) is not a route, so it
-        becomes ``"/"``, which no job route matches (404)."""
-        prefix = self.config.prefix
-        if not (path == prefix or path.startswith(prefix + "/")):
-            return None
-        tail = path[len(prefix) :]
-        if isinstance(raw_path, bytes):
-            raw_path = raw_path.decode("latin-1")
-        if raw_path is not None and not raw_path.endswith(tail):
-            return "/"
-        return tail
-
     def answer(
         self,
         tail: str,

@@ -211,6 +211,22 @@ def result_reply(job: Job, urls: JobURLs, retry_after: int) -> Reply:
     return problem(500, "Internal Server Error", job.error or "The job failed without a response.")
 
 
+def job_route_tail(prefix: str, path: str, raw_path: str | bytes | None = None) -> str | None:
+    """The path after the prefix when ``path`` is one of the job routes.
+
+    Job routes are routed on the path as sent: a tail that only exists
+    after percent-decoding (``/jobs/{id}%2Fresult``) is not a route, so it
+    becomes ``"/"``, which no job route matches (404)."""
+    if not (path == prefix or path.startswith(prefix + "/")):
+        return None
+    tail = path[len(prefix) :]
+    if isinstance(raw_path, bytes):
+        raw_path = raw_path.decode("latin-1")
+    if raw_path is not None and not raw_path.endswith(tail):
+        return "/"
+    return tail
+
+
 def parse_job_route(tail: str, query_string: bytes, max_wait: float) -> JobRoute | None:
     """``tail`` is the path after the prefix: ``/{id}``, ``/{id}/result``,
     ``/{id}/cancel`` or ``/{id}/events``. None for anything else, malformed

@@ -173,7 +173,7 @@ class DeferredMiddleware:
             await self.app(scope, receive, send)
             return
         path = route_path(scope)
-        tail = self.core.job_route_tail(path, scope.get("raw_path"))
+        tail = protocol.job_route_tail(self.config.prefix, path, scope.get("raw_path"))
         if tail is not None:
             await self._answer_job_route(scope, receive, send, tail)
             return

@@ -166,7 +166,7 @@ class DeferredWSGIMiddleware:
         if self.config.execute and self._pid != os.getpid():
             self.start_executor()
         path = from_wsgi_string(environ.get("PATH_INFO", ""))
-        tail = self.core.job_route_tail(path, raw_path(environ))
+        tail = protocol.job_route_tail(self.config.prefix, path, raw_path(environ))
         if tail is not None:
             reply = self.core.answer(
                 tail,
