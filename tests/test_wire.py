@@ -276,7 +276,7 @@ def test_a_final_result_never_looks_pending():
             ),
         ),
         (
-            lambda: protocol.unstorable("The request method cannot be stored."),
+            lambda: protocol.bad_request("The request method cannot be stored."),
             problem_reply(400, "Bad Request", "The request method cannot be stored."),
         ),
     ],

@@ -43,6 +43,10 @@ class Config:
     grace_seconds: float = 10.0
     queue: str = DEFAULT_QUEUE
     event_keep_alive: float = 15.0
+    webhook_secret: str | None = None
+    webhook_allowlist: tuple[str, ...] = ()
+    webhook_backoff: float = 5.0
+    webhook_retry_for: float = 24 * 3600
 
     def __post_init__(self) -> None:
         if not self.prefix.startswith("/") or self.prefix.endswith("/"):
@@ -54,6 +58,9 @@ class Config:
         if self.lease_seconds <= 0 or self.poll_interval <= 0 or self.event_keep_alive <= 0:
             raise ValueError("lease_seconds, poll_interval and event_keep_alive must be > 0")
         check_queue_name(self.queue)
+        self.webhook_allowlist = tuple(self.webhook_allowlist)
+        if self.webhook_secret is not None:
+            _check_webhook_secret(self.webhook_secret)
 
     @classmethod
     def build(cls, credential_headers: Iterable[str] = (), **options: object) -> Config:
@@ -62,6 +69,21 @@ class Config:
         names = DEFAULT_CREDENTIAL_HEADERS | {h.lower() for h in credential_headers}
         given = {k: v for k, v in options.items() if v is not None}
         return cls(credential_headers=names, **given)  # type: ignore[arg-type]
+
+
+def _check_webhook_secret(secret: str) -> None:
+    """Fail when the middleware is built, not at the first callback."""
+    try:
+        import httpx  # noqa: F401  (the deliveries are sent with it)
+        from standardwebhooks import Webhook
+    except ImportError:
+        raise ImportError(
+            "webhooks need the [webhooks] extra: pip install 'deferred-middleware[webhooks]'"
+        ) from None
+    try:
+        Webhook(secret)
+    except Exception as exc:
+        raise ValueError("webhook_secret is not a Standard Webhooks secret (whsec_...)") from exc
 
 
 class Options(TypedDict, total=False):
@@ -109,6 +131,14 @@ class Options(TypedDict, total=False):
     """On shutdown, how long running jobs may take to finish."""
     event_keep_alive: float
     """Seconds between keep-alive comments on a quiet event stream."""
+    webhook_secret: str | None
+    """A Standard Webhooks secret (``whsec_...``): enables completion webhooks."""
+    webhook_allowlist: Iterable[str]
+    """URL prefixes (``scheme://host[:port][/path]``) callbacks may target."""
+    webhook_backoff: float
+    """Seconds before a failed delivery's second attempt, doubled each time (at most 1 h)."""
+    webhook_retry_for: float
+    """How long after the job ended a delivery is still tried."""
     queue: str
     """The queue jobs go to (``@deferred(queue=...)`` picks another) and that
     this process's executor runs, with the queues its marked routes name."""

@@ -20,6 +20,7 @@ from . import _protocol as protocol
 from ._config import Config
 from ._jobs import (
     HEADERS_TOO_LARGE,
+    BadRequest,
     DeferredOptions,
     HeadersTooLarge,
     Job,
@@ -33,6 +34,7 @@ from ._jobs import (
 )
 from ._notify import Notifier
 from ._prefer import NONE, Preferences
+from ._webhooks import Callbacks
 from .store import Clock, JobStore, StoreUnavailable, Unstorable
 from .store._writer import BatchWriter
 
@@ -72,6 +74,7 @@ class JobCore:
         self.writer = writer
         self.notifier = notifier
         self.executor = executor
+        self.callbacks = Callbacks(config.webhook_secret, config.webhook_allowlist)
         self.ready = False
         self._ready_lock = threading.Lock()
         self._queued_seen = 0
@@ -102,12 +105,17 @@ class JobCore:
     def accept(self, request: StoredRequest, options: DeferredOptions) -> Job:
         """Store the request as a queued job; returns once its row is
         committed. Raises a Refusal (queue full, headers too large, not
-        storable), StoreUnavailable or Unstorable: then no job exists, and
-        :meth:`refused` says what to answer."""
+        storable, a callback refused), StoreUnavailable or Unstorable: then
+        no job exists, and :meth:`refused` says what to answer."""
         self.prepare()
         if self._queue_check_due():
             self._count_queued()
-        job = self._new_job(request, options)
+        callback = (
+            self.callbacks.url_for(request, options)
+            if self.callbacks.asked(request, options)
+            else None
+        )
+        job = self._new_job(request, options, callback)
         committed: Future[None] = Future()
         self.writer.insert(job, committed)
         committed.result()
@@ -120,14 +128,19 @@ class JobCore:
             await self.offload(self.prepare)
         if self._queue_check_due():
             await self.offload(self._count_queued)
-        job = self._new_job(request, options)
+        callback = None
+        if self.callbacks.asked(request, options):  # may look up a host name: off the loop
+            callback = await self.offload(self.callbacks.url_for, request, options)
+        job = self._new_job(request, options, callback)
         committed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.writer.insert(job, committed)
         await committed
         self._committed()
         return job
 
-    def _new_job(self, request: StoredRequest, options: DeferredOptions) -> Job:
+    def _new_job(
+        self, request: StoredRequest, options: DeferredOptions, callback: str | None = None
+    ) -> Job:
         """The queued job for an admissible request (which it takes over and
         readies for storing); raises a Refusal otherwise."""
         reason = request.admit(self.config.max_header_size)
@@ -144,6 +157,7 @@ class JobCore:
             request=request,
             options=options,
             queue=options.queue or self.config.queue,
+            callback_url=callback,
         )
 
     def _queue_check_due(self) -> bool:
@@ -214,10 +228,10 @@ class JobCore:
             return protocol.unavailable(self.config.retry_after, protocol.QUEUE_FULL)
         if isinstance(error, HeadersTooLarge):
             return protocol.headers_too_large(self.config.max_header_size)
-        if isinstance(error, NotStorable):
-            return protocol.unstorable(error.detail)
+        if isinstance(error, BadRequest):
+            return protocol.bad_request(error.detail)
         if isinstance(error, Unstorable):
-            return protocol.unstorable("The request could not be stored.")
+            return protocol.bad_request("The request could not be stored.")
         logger.warning("could not store a job: the store is unavailable")
         return protocol.unavailable(self.config.retry_after)
 

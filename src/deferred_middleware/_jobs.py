@@ -357,9 +357,13 @@ class HeadersTooLarge(Refusal):
     """The headers exceed ``max_header_size``: 431."""
 
 
-class NotStorable(Refusal):
-    """The job table cannot keep the request faithfully: 400."""
+class BadRequest(Refusal):
+    """A request the middleware refuses as it is: 400, with a reason."""
 
     def __init__(self, detail: str) -> None:
         super().__init__(detail)
         self.detail = detail
+
+
+class NotStorable(BadRequest):
+    """The job table cannot keep the request faithfully."""

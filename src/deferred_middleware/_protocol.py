@@ -129,7 +129,7 @@ def headers_too_large(limit: int) -> Reply:
     )
 
 
-def unstorable(detail: str) -> Reply:
+def bad_request(detail: str) -> Reply:
     return problem(400, "Bad Request", detail)
 
 

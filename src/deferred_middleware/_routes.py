@@ -11,7 +11,7 @@ import re
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar, overload
 
-from ._jobs import DeferredOptions
+from ._jobs import DeferredOptions, RequestInfo
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -30,6 +30,7 @@ def deferred(
     timeout: float | None = None,
     queue: str | None = None,
     mode: str = "always",
+    callback: Callable[[RequestInfo], str | None] | None = None,
 ) -> Callable[[F], F]: ...
 
 
@@ -41,6 +42,7 @@ def deferred(
     timeout: float | None = None,
     queue: str | None = None,
     mode: str = "always",
+    callback: Callable[[RequestInfo], str | None] | None = None,
 ) -> Any:
     """Mark a view so that requests to it answer ``202`` and run in the background.
 
@@ -50,11 +52,15 @@ def deferred(
     queue its jobs go to, instead of the middleware's own; only executors
     that run that queue run them. ``mode="prefer"``: the view runs inline as
     usual, and is deferred only for a client that sends ``Prefer:
-    respond-async``.
+    respond-async``. ``callback=fn``: ``fn(request)`` gives the URL the
+    job's completion webhook goes to, or None for none (see the middleware's
+    ``webhook_*`` options).
 
     Returns the same function, so it composes with route decorators.
     """
-    options = DeferredOptions(retries=retries, timeout=timeout, queue=queue, mode=mode)
+    options = DeferredOptions(
+        retries=retries, timeout=timeout, queue=queue, mode=mode, callback=callback
+    )
 
     def mark(view: F) -> F:
         setattr(view, MARKER, options)

@@ -18,25 +18,21 @@ import ipaddress
 import socket
 from collections.abc import Callable, Iterable
 from datetime import datetime
-from typing import Any
 from urllib.parse import urlsplit
 
 from . import _protocol as protocol
-from ._jobs import Job, Refusal
+from ._jobs import BadRequest, DeferredOptions, Job, RequestInfo, StoredRequest
 
 MAX_URL_LENGTH = 2048
 MAX_BACKOFF = 3600.0
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Resolve = Callable[[str, int], list[str]]
 DEFAULT_PORTS = {"http": 80, "https": 443}
+HEADER = "callback-url"
 
 
-class CallbackRefused(Refusal):
+class CallbackRefused(BadRequest):
     """A callback the middleware will not deliver to: 400, no job."""
-
-    def __init__(self, detail: str) -> None:
-        super().__init__(detail)
-        self.detail = detail
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +71,12 @@ class Allowlist:
     """``webhook_allowlist``: the URL prefixes callbacks may target."""
 
     def __init__(self, entries: Iterable[str]) -> None:
-        self.entries = [Target.parse(entry) for entry in entries]
+        self.entries = []
+        for entry in entries:
+            try:
+                self.entries.append(Target.parse(entry))
+            except CallbackRefused as refused:
+                raise ValueError(f"webhook_allowlist entry {entry!r}: {refused.detail}") from None
 
     def __bool__(self) -> bool:
         return bool(self.entries)
@@ -181,9 +182,29 @@ def next_delay(attempt: int, backoff: float) -> float:
     return min(backoff * 2 ** (attempt - 1), MAX_BACKOFF)
 
 
-def callback_of(options_callback: Any, request: Any, header: str | None) -> str | None:
-    """The callback a request asks for: the route's ``callback=fn`` decides
-    where it has one (it may read the header itself), else ``Callback-URL``."""
-    if options_callback is not None:
-        return options_callback(request)  # type: ignore[no-any-return]
-    return header
+class Callbacks:
+    """Which callback each accepted request gets, checked before its job is
+    made: the route's ``callback=fn`` decides where it has one (it may read
+    the header itself), else the request's ``Callback-URL``."""
+
+    def __init__(
+        self, secret: str | None, allowlist: Iterable[str], resolve: Resolve = resolve_host
+    ) -> None:
+        self.secret = secret
+        self.allowlist = Allowlist(allowlist)
+        self.resolve = resolve
+
+    @staticmethod
+    def asked(request: StoredRequest, options: DeferredOptions) -> bool:
+        return options.callback is not None or request.header(HEADER) is not None
+
+    def url_for(self, request: StoredRequest, options: DeferredOptions) -> str | None:
+        """The checked callback URL (this may look up its host), or None."""
+        if options.callback is not None:
+            url = options.callback(RequestInfo(request))
+        else:
+            url = request.header(HEADER)
+        if url is None:
+            return None
+        check_callback(url.strip(), self.allowlist, self.secret, self.resolve)
+        return url.strip()

@@ -9,20 +9,17 @@ asyncio task, a thread) is the launcher's business, and only that.
 from __future__ import annotations
 
 import contextvars
-import enum
+import functools
 import logging
-import socket
 import threading
 import time
-import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 from datetime import timedelta
-from typing import Protocol
 
 from .. import _policy as policy
 from .._config import Config
-from .._context import RunningJob, set_current
+from .._context import set_current
 from .._jobs import (
     LOST_WORKER,
     NOT_STARTED,
@@ -32,13 +29,16 @@ from .._jobs import (
     Outcome,
     Progress,
     Requeue,
-    StoredRequest,
     timed_out,
     utcnow,
 )
 from .._notify import Notifier
 from ..store import NEW_JOBS, Clock, JobStore, StoreUnavailable
 from ..store._writer import BatchWriter
+from ._attempt import Attempt, Ended, Launcher, SideLoop, State
+from ._identity import worker_name
+
+__all__ = ["Dispatcher", "Ended", "Launcher", "SideLoop"]
 
 logger = logging.getLogger("deferred_middleware")
 
@@ -46,63 +46,6 @@ PRUNE_EVERY = 60.0
 TICK = 0.25
 MAX_WRITE_DELAY = 5.0
 RENEW_RETRY = 1.0  # seconds between renewals while the store is away
-
-
-class Running(Protocol):
-    """A launched replay, as much as the runtime lets us stop it."""
-
-    def cancel(self) -> bool:
-        """Interrupt it; False where the runtime cannot (a thread)."""
-
-
-Ended = Callable[["Outcome | None"], None]
-
-
-class Launcher(Protocol):
-    """Replays a stored request into an app, inside ``context``, and calls
-    ``ended`` with the outcome (None when the replay was cancelled)."""
-
-    def launch(
-        self, request: StoredRequest, context: contextvars.Context, ended: Ended
-    ) -> Running: ...
-
-
-class State(enum.Enum):
-    RUNNING = "running"
-    TIMED_OUT = "timed out"  # waiting for an uninterruptible replay to return
-    SETTLING = "settling"  # its outcome is being written
-    INTERRUPTED = "interrupted"  # canceled, taken back or shut down: never settled
-    DONE = "done"
-
-
-class Attempt:
-    def __init__(
-        self,
-        job: Job,
-        started: float,
-        report: Callable[[Attempt, float | None, str | None], None],
-    ) -> None:
-        self.job = job
-        self.number = job.attempts
-        self.started = started
-        self.state = State.RUNNING
-        self.handle: Running | None = None
-        self.running_job = RunningJob(job.id, self.number, lambda f, m: report(self, f, m))
-        self.unwritten: AttemptWrite | None = None
-        self.write_delay = 0.1
-        self.write_again_at = 0.0
-
-    def overdue(self, now: float) -> bool:
-        timeout = self.job.options.timeout
-        return timeout is not None and now - self.started > timeout
-
-    @property
-    def last(self) -> bool:
-        return self.number >= self.job.max_attempts
-
-
-def worker_name() -> str:
-    return f"{socket.gethostname()}:{uuid.uuid4().hex[:12]}"
 
 
 class Dispatcher:
@@ -114,11 +57,13 @@ class Dispatcher:
         notifier: Notifier,
         launcher: Launcher,
         *,
+        side_loops: Sequence[SideLoop] = (),
         clock: Clock = utcnow,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
-        """``clock`` and ``monotonic`` are the wall and the interval clocks;
-        the tests pass their own."""
+        """``side_loops`` run beside the claiming (webhook deliveries) until
+        the executor stops. ``clock`` and ``monotonic`` are the wall and the
+        interval clocks; the tests pass their own."""
         self.config = config
         self.clock = clock
         self.monotonic = monotonic
@@ -126,6 +71,7 @@ class Dispatcher:
         self.writer = writer
         self.notifier = notifier
         self.launcher = launcher
+        self.side_loops = side_loops
         self.worker = worker_name()
         self.queues: frozenset[str] = frozenset({config.queue})
         self.running: dict[str, Attempt] = {}
@@ -152,6 +98,9 @@ class Dispatcher:
         loops = [(self._claim_loop, "claim"), (self._lease_loop, "lease")]
         if self.store.pushes_wakeups:
             loops.append((self._listen_loop, "listen"))
+        loops += [
+            (functools.partial(loop.run, self._stopping), loop.name) for loop in self.side_loops
+        ]
         for target, name in loops:
             thread = threading.Thread(target=target, name=f"deferred-{name}", daemon=True)
             thread.start()
