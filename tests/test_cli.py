@@ -10,10 +10,17 @@ from datetime import timedelta
 
 import pytest
 
-from deferred_middleware._jobs import Finish, Status, StoredResponse, utcnow
+from deferred_middleware._jobs import (
+    WEBHOOK_FAILED,
+    Finish,
+    Status,
+    StoredResponse,
+    WebhookAttempt,
+    utcnow,
+)
 from deferred_middleware.store._schema import jobs
 
-from .support import enqueue
+from .support import enqueue, make_job
 
 pytestmark = pytest.mark.servers
 
@@ -73,3 +80,27 @@ def test_list_show_cancel_retry_and_prune(store, database_url):
     assert cli(database_url, "prune").stdout.strip() == "pruned 1 job"
     assert store.get(done) is None
     assert store.get(queued) is not None  # canceled just now: kept for its retention time
+
+
+def test_webhook_attempts_are_shown_and_a_delivery_can_be_sent_again(store, database_url):
+    job = make_job(callback_url="https://hooks.example.com/done")
+    plain = make_job()
+    store.insert([job, plain])
+    for claimed in store.claim("w", 2, 30):
+        store.write([Finish(claimed.id, claimed.attempts, Status.FAILED, error="x")])
+    [due] = store.claim_webhooks("d", 1, 30)
+    attempt = WebhookAttempt(job.id, 1, utcnow(), due.job.callback_url, 500, None, 12, "d")
+    store.record_webhook(attempt, WEBHOOK_FAILED, None)
+
+    shown = json.loads(cli(database_url, "webhooks", job.id, "--json").stdout)
+    assert shown["url"] == "https://hooks.example.com/done"
+    assert shown["state"] == "failed"
+    assert [(a["attempt"], a["status_code"]) for a in shown["attempts"]] == [(1, 500)]
+    text = cli(database_url, "webhooks", job.id).stdout
+    assert "https://hooks.example.com/done  failed" in text and "500" in text
+
+    assert cli(database_url, "redeliver", job.id).stdout.strip() == f"{job.id} webhook due"
+    assert store.get(job.id).webhook_state == "pending"
+    refused = cli(database_url, "redeliver", plain.id, check=False)
+    assert refused.returncode == 1 and "has no callback" in refused.stderr
+    assert "has no callback" in cli(database_url, "webhooks", plain.id, check=False).stderr

@@ -13,6 +13,7 @@ from ._core import JobCore
 from ._jobs import DeferredOptions
 from ._notify import Notifier
 from ._routes import RoutePatterns
+from .runner._deliver import WebhookDeliverer
 from .runner._dispatch import Dispatcher, Launcher
 from .store import JOB_CHANGES, open_store
 from .store._writer import BatchWriter
@@ -45,7 +46,8 @@ def assemble(
     notifier = Notifier(
         functools.partial(store.listen, JOB_CHANGES) if store.pushes_wakeups else None
     )
-    dispatcher = Dispatcher(config, store, writer, notifier, launcher)
+    side_loops = [WebhookDeliverer(config, store)] if config.webhook_secret else []
+    dispatcher = Dispatcher(config, store, writer, notifier, launcher, side_loops=side_loops)
     return Parts(
         config=config,
         patterns=RoutePatterns(routes, DeferredOptions(retries=retries, timeout=timeout)),

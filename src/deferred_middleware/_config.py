@@ -47,6 +47,7 @@ class Config:
     webhook_allowlist: tuple[str, ...] = ()
     webhook_backoff: float = 5.0
     webhook_retry_for: float = 24 * 3600
+    webhook_timeout: float = 10.0
 
     def __post_init__(self) -> None:
         if not self.prefix.startswith("/") or self.prefix.endswith("/"):
@@ -139,6 +140,8 @@ class Options(TypedDict, total=False):
     """Seconds before a failed delivery's second attempt, doubled each time (at most 1 h)."""
     webhook_retry_for: float
     """How long after the job ended a delivery is still tried."""
+    webhook_timeout: float
+    """Seconds a receiver has to answer one delivery (connecting: at most 5)."""
     queue: str
     """The queue jobs go to (``@deferred(queue=...)`` picks another) and that
     this process's executor runs, with the queues its marked routes name."""

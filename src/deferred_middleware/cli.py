@@ -104,6 +104,8 @@ def _row(job: Job) -> dict[str, Any]:
         "progress": job.progress,
         "message": job.message,
         "error": job.error,
+        "callback_url": job.callback_url,
+        "webhook": job.webhook_state,
     }
 
 
@@ -198,6 +200,51 @@ def retry(store: SQLJobStore, job_id: str) -> None:
         _get(store, job_id)
         raise click.ClickException("only failed or canceled jobs can be retried")
     click.echo(f"{job_id} queued")
+
+
+@jobs.command()
+@click.argument("job_id")
+@click.option("--json", "as_json", is_flag=True, help="One JSON array, for scripts.")
+@click.pass_obj
+def webhooks(store: SQLJobStore, job_id: str, as_json: bool) -> None:
+    """Show every delivery attempt of a job's completion webhook."""
+    job = _get(store, job_id)
+    if job.callback_url is None:
+        raise click.ClickException(f"job {job_id} has no callback")
+    rows = [
+        {
+            "attempt": a.attempt,
+            "at": a.at.isoformat(),
+            "status_code": a.status_code,
+            "error": a.error,
+            "duration_ms": a.duration_ms,
+            "worker": a.worker,
+        }
+        for a in store.webhook_attempts_of(job_id)
+    ]
+    if as_json:
+        click.echo(
+            json.dumps(
+                {"url": job.callback_url, "state": job.webhook_state, "attempts": rows}, indent=2
+            )
+        )
+        return
+    click.echo(f"{job.callback_url}  {job.webhook_state or 'not yet due'}")
+    if rows:
+        click.echo(_table(rows, ["attempt", "at", "status_code", "error", "duration_ms"]))
+
+
+@jobs.command()
+@click.argument("job_id")
+@click.pass_obj
+def redeliver(store: SQLJobStore, job_id: str) -> None:
+    """Send a finished job's completion webhook again (a fresh set of attempts)."""
+    if not store.redeliver(job_id):
+        job = _get(store, job_id)
+        if job.callback_url is None:
+            raise click.ClickException(f"job {job_id} has no callback")
+        raise click.ClickException("only a finished job's webhook can be sent again")
+    click.echo(f"{job_id} webhook due")
 
 
 @jobs.command()

@@ -28,6 +28,9 @@ def middleware_options() -> dict:
         ("max_wait", float),
         ("max_header_size", int),
         ("event_keep_alive", float),
+        ("webhook_backoff", float),
+        ("webhook_retry_for", float),
+        ("webhook_timeout", float),
     ):
         if name.upper() in env:
             options[name] = kind(env[name.upper()])
@@ -37,6 +40,9 @@ def middleware_options() -> dict:
         options["public_url"] = env["PUBLIC_URL"]
     if "QUEUE" in env:
         options["queue"] = env["QUEUE"]
+    if "WEBHOOK_SECRET" in env:
+        options["webhook_secret"] = env["WEBHOOK_SECRET"]
+        options["webhook_allowlist"] = [e for e in env.get("WEBHOOK_ALLOWLIST", "").split(";") if e]
     if "ROUTES" in env:
         options["routes"] = env["ROUTES"].split(";")
     return options

@@ -1,0 +1,329 @@
+"""Completion webhooks without a network: which targets are allowed, what is
+signed, and how a delivery moves on after each attempt (httpx's MockTransport
+as the receiver, the in-memory store as the table)."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import httpx
+import pytest
+from standardwebhooks import Webhook
+
+from deferred_middleware import _protocol as protocol
+from deferred_middleware import _webhooks as webhooks
+from deferred_middleware._config import Config
+from deferred_middleware._jobs import (
+    WEBHOOK_DELIVERED,
+    WEBHOOK_FAILED,
+    WEBHOOK_PENDING,
+    DeferredOptions,
+    Finish,
+    Status,
+    StoredRequest,
+    StoredResponse,
+)
+from deferred_middleware.runner._deliver import WebhookDeliverer
+from deferred_middleware.store import MemoryJobStore
+
+from .policy_harness import Harness
+from .support import eventually, make_job
+
+SECRET = "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+PUBLIC = "93.184.216.34"
+
+
+def resolving_to(*addresses: str):
+    def resolve(host: str, port: int) -> list[str]:
+        return list(addresses)
+
+    return resolve
+
+
+def unresolvable(host: str, port: int) -> list[str]:
+    raise OSError("Name or service not known")
+
+
+def check(url: str, allowlist=("https://hooks.example.com",), resolve=None):
+    resolve = resolve or resolving_to(PUBLIC)
+    return webhooks.check_callback(url, webhooks.Allowlist(allowlist), SECRET, resolve)
+
+
+# -- which targets -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://hooks.example.com/done",
+        "https://HOOKS.example.com:443/done?job=1",
+        "https://hooks.example.com",
+    ],
+)
+def test_a_url_inside_the_allowlist_resolving_publicly_is_allowed(url):
+    assert check(url) == PUBLIC
+
+
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("http://hooks.example.com/done", "outside the webhook allowlist"),  # another scheme
+        ("https://hooks.example.com:8443/done", "outside the webhook allowlist"),
+        ("https://evil.example.com/done", "outside the webhook allowlist"),
+        ("https://hooks.example.com.evil.net/", "outside the webhook allowlist"),
+        ("ftp://hooks.example.com/", "absolute http or https"),
+        ("/relative/path", "absolute http or https"),
+        ("https://user:pw@hooks.example.com/", "must not carry credentials"),
+        ("https://hooks.example.com/a b", "not a valid absolute URL"),
+        ("https://hooks.example.com:99999/", "not a valid absolute URL"),
+        ("https://hooks.example.com/" + "a" * 3000, "not a valid absolute URL"),
+    ],
+)
+def test_other_urls_are_refused_with_a_reason(url, reason):
+    with pytest.raises(webhooks.CallbackRefused, match=reason):
+        check(url)
+
+
+def test_an_allowlist_path_is_a_prefix_of_whole_segments():
+    allowlist = ("https://hooks.example.com/tenant-1",)
+    assert check("https://hooks.example.com/tenant-1/done", allowlist)
+    assert check("https://hooks.example.com/tenant-1", allowlist)
+    with pytest.raises(webhooks.CallbackRefused):
+        check("https://hooks.example.com/tenant-10/done", allowlist)
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "127.0.0.1",
+        "10.1.2.3",
+        "172.16.0.9",
+        "192.168.1.1",
+        "169.254.169.254",  # cloud metadata
+        "100.64.0.1",  # shared address space
+        "0.0.0.0",
+        "::1",
+        "fe80::1",
+        "fc00::1",
+        "::ffff:127.0.0.1",
+        "224.0.0.1",
+    ],
+)
+def test_names_resolving_inward_are_refused(address):
+    with pytest.raises(webhooks.CallbackRefused, match="loopback, private or link-local"):
+        check("https://hooks.example.com/", resolve=resolving_to(address))
+
+
+def test_one_inward_address_among_public_ones_is_enough_to_refuse():
+    with pytest.raises(webhooks.CallbackRefused):
+        check("https://hooks.example.com/", resolve=resolving_to(PUBLIC, "10.0.0.1"))
+
+
+def test_an_inward_address_named_literally_in_the_allowlist_is_allowed():
+    allowlist = ("http://127.0.0.1:9000",)
+    assert check("http://127.0.0.1:9000/hook", allowlist) == "127.0.0.1"
+    with pytest.raises(webhooks.CallbackRefused):  # by name, it is still refused
+        check("http://localhost:9000/hook", ("http://localhost:9000",), resolving_to("127.0.0.1"))
+
+
+def test_a_name_that_does_not_resolve_is_refused():
+    with pytest.raises(webhooks.CallbackRefused, match="cannot be resolved"):
+        check("https://hooks.example.com/", resolve=unresolvable)
+
+
+def test_no_secret_no_callbacks():
+    with pytest.raises(webhooks.CallbackRefused, match="no webhook secret"):
+        webhooks.check_callback(
+            "https://hooks.example.com/",
+            webhooks.Allowlist(["https://hooks.example.com"]),
+            None,
+            resolving_to(PUBLIC),
+        )
+
+
+def test_a_bad_allowlist_entry_fails_when_the_middleware_is_built():
+    with pytest.raises(ValueError, match=r"webhook_allowlist entry 'hooks\.example\.com'"):
+        Harness(webhook_secret=SECRET, webhook_allowlist=["hooks.example.com"])
+
+
+def test_a_bad_secret_fails_when_the_middleware_is_built():
+    with pytest.raises(ValueError, match="whsec_"):
+        Config(webhook_secret="not base64 !!")
+
+
+# -- which callback a request gets ---------------------------------------------------
+
+
+def test_the_route_s_callback_decides_else_the_header():
+    callbacks = webhooks.Callbacks(SECRET, ["https://hooks.example.com"], resolving_to(PUBLIC))
+    asking = StoredRequest("POST", "/r", headers=[("callback-url", "https://hooks.example.com/h")])
+    plain = StoredRequest("POST", "/r", headers=[("x-tenant", "7")])
+    assert callbacks.url_for(asking, DeferredOptions()) == "https://hooks.example.com/h"
+    assert callbacks.url_for(plain, DeferredOptions()) is None
+
+    def per_tenant(request):
+        tenant = request.headers.get("X-Tenant")
+        return f"https://hooks.example.com/{tenant}" if tenant else None
+
+    routed = DeferredOptions(callback=per_tenant)
+    assert callbacks.url_for(plain, routed) == "https://hooks.example.com/7"
+    assert callbacks.url_for(asking, routed) is None  # the route decides, not the client
+
+
+def test_a_refused_callback_gets_400_and_no_job():
+    h = Harness(webhook_secret=SECRET, webhook_allowlist=["https://hooks.example.com"])
+    request = StoredRequest("POST", "/r", headers=[("callback-url", "https://elsewhere.net/")])
+    with pytest.raises(webhooks.CallbackRefused) as refused:
+        h.core.accept(request, DeferredOptions())
+    reply = h.core.refused(refused.value)
+    assert reply.status == 400
+    assert json.loads(reply.body)["detail"] == "The callback URL is outside the webhook allowlist."
+    assert h.store.list() == []
+
+
+def test_an_accepted_callback_is_kept_with_the_job(monkeypatch):
+    h = Harness(webhook_secret=SECRET, webhook_allowlist=["https://hooks.example.com"])
+    monkeypatch.setattr(h.core.callbacks, "resolve", resolving_to(PUBLIC))
+    request = StoredRequest("POST", "/r", headers=[("callback-url", "https://hooks.example.com/")])
+    job = h.core.accept(request, DeferredOptions())
+    assert h.store.get(job.id).callback_url == "https://hooks.example.com/"
+
+
+# -- what is sent ------------------------------------------------------------------
+
+
+def test_the_payload_is_the_final_status_document_signed_per_standard_webhooks(clock):
+    job = make_job(created_at=clock())
+    job.status, job.finished_at, job.revision = Status.SUCCEEDED, clock(), 3
+    urls = protocol.JobURLs("/api/jobs")
+    body = webhooks.payload(job, urls)
+    headers = webhooks.signed_headers(SECRET, job, body, clock())
+    assert headers["webhook-id"] == f"msg_{job.id}_3"
+    verified = Webhook(SECRET).verify(body, headers)
+    assert verified["type"] == "job.finished"
+    assert verified["data"] == protocol.status_document(job, urls)
+    assert verified["timestamp"].endswith("Z")
+
+
+@pytest.mark.parametrize(("attempt", "delay"), [(1, 5), (2, 10), (3, 20), (20, 3600)])
+def test_retries_back_off_doubling_to_an_hour(attempt, delay):
+    assert webhooks.next_delay(attempt, 5.0) == delay
+
+
+# -- one delivery at a time ------------------------------------------------------------
+
+
+class Receiver:
+    """Answers deliveries from a script; keeps what it was sent."""
+
+    def __init__(self, *answers) -> None:
+        self.answers = list(answers)
+        self.requests: list[httpx.Request] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        answer = self.answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+
+@pytest.fixture
+def deliveries(clock):
+    """A finished job with a callback, and a deliverer over a scripted receiver."""
+
+    def make(*answers, resolve=None, retry_for=3600.0):
+        store = MemoryJobStore(clock=clock)
+        config = Config(
+            database_url="memory://",
+            webhook_secret=SECRET,
+            webhook_allowlist=("https://hooks.example.com",),
+            webhook_backoff=5.0,
+            webhook_retry_for=retry_for,
+        )
+        receiver = Receiver(*answers)
+        deliverer = WebhookDeliverer(
+            config,
+            store,
+            clock=clock,
+            resolve=resolve or resolving_to(PUBLIC),
+            transport=httpx.MockTransport(receiver),
+        )
+        job = make_job(created_at=clock(), callback_url="https://hooks.example.com/done")
+        store.insert([job])
+        [claimed] = store.claim("w", 1, 30)
+        store.write(
+            [Finish(job.id, claimed.attempts, Status.SUCCEEDED, StoredResponse(200, [], b""))]
+        )
+        return store, deliverer, receiver, job.id
+
+    return make
+
+
+def test_a_2xx_delivers_to_the_checked_address_with_the_name_kept(deliveries):
+    store, deliverer, receiver, job_id = deliveries(httpx.Response(204))
+    assert deliverer.step() == 1
+    assert store.get(job_id).webhook_state == WEBHOOK_DELIVERED
+    [sent] = receiver.requests
+    assert sent.url.host == PUBLIC  # connected to what was checked, not looked up again
+    assert sent.headers["host"] == "hooks.example.com"
+    assert sent.extensions["sni_hostname"] == "hooks.example.com"
+    Webhook(SECRET).verify(sent.content, dict(sent.headers))
+    [attempt] = store.webhook_attempts_of(job_id)
+    assert (attempt.attempt, attempt.status_code, attempt.error) == (1, 204, None)
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        httpx.Response(500),
+        httpx.Response(302, headers={"location": "http://169.254.169.254/"}),
+        httpx.ConnectError("refused"),
+        httpx.ReadTimeout("slow"),
+    ],
+    ids=["500", "redirect", "down", "slow"],
+)
+def test_anything_else_is_tried_again_after_the_backoff(deliveries, clock, answer):
+    store, deliverer, receiver, job_id = deliveries(answer, httpx.Response(200))
+    deliverer.step()
+    assert store.get(job_id).webhook_state == WEBHOOK_PENDING
+    assert len(receiver.requests) == 1  # a redirect is not followed
+    assert deliverer.step() == 0  # not due yet
+    clock.advance(5)
+    deliverer.step()
+    assert store.get(job_id).webhook_state == WEBHOOK_DELIVERED
+    first, second = store.webhook_attempts_of(job_id)
+    assert (first.attempt, second.attempt, second.status_code) == (1, 2, 200)
+    assert (first.status_code is None) == (first.error is not None)
+
+
+def test_a_delivery_is_given_up_when_its_time_runs_out(deliveries, clock):
+    store, deliverer, _, job_id = deliveries(httpx.Response(503), httpx.Response(503), retry_for=12)
+    deliverer.step()  # next at +5
+    clock.advance(5)
+    deliverer.step()  # next would be at +15: past the 12 s allowed
+    assert store.get(job_id).webhook_state == WEBHOOK_FAILED
+
+
+def test_a_target_that_now_resolves_inward_fails_without_being_contacted(deliveries):
+    store, deliverer, receiver, job_id = deliveries(resolve=resolving_to("10.0.0.7"))
+    deliverer.step()
+    assert receiver.requests == []
+    assert store.get(job_id).webhook_state == WEBHOOK_FAILED
+    [attempt] = store.webhook_attempts_of(job_id)
+    assert "private" in attempt.error
+
+
+def test_the_deliverer_runs_as_a_side_loop_until_stopped(deliveries):
+    store, deliverer, _, job_id = deliveries(httpx.Response(200))
+    stopping = threading.Event()
+    thread = threading.Thread(target=deliverer.run, args=(stopping,))
+    thread.start()
+    try:
+        eventually(lambda: store.get(job_id).webhook_state == WEBHOOK_DELIVERED)
+    finally:
+        stopping.set()
+        thread.join(10)
+    assert not thread.is_alive()
+    assert deliverer.name == "webhooks"
