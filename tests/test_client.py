@@ -13,10 +13,18 @@ from deferred_middleware.client import JobCanceled, JobGone, JobTimeout, afollow
 pytestmark = pytest.mark.servers
 
 
-@pytest.fixture(params=[("uvicorn", "sync"), ("gunicorn-gthread", "async")], ids=str)
+@pytest.fixture(
+    params=[
+        ("uvicorn", "sync"),
+        ("uvicorn", "async"),
+        ("gunicorn-gthread", "sync"),
+        ("gunicorn-gthread", "async"),
+    ],
+    ids="-".join,
+)
 def run(request, serve):
-    """``run(method, path, timeout=None)``: send a request and follow it, with
-    the blocking client on one server and the async client on the other."""
+    """``run(method, path, timeout=None)``: send a request and follow it with
+    the blocking or the async client."""
     kind, face = request.param
     server = serve(kind)
 

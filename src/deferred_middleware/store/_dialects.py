@@ -25,6 +25,7 @@ logger = logging.getLogger("deferred_middleware")
 POOL_SIZE = 24
 NOTIFY_PAYLOAD_LIMIT = 7999  # PostgreSQL's, in bytes
 MIGRATION_LOCK_ID = 7235012298
+HEARD_ON = {NEW_JOBS: "new jobs", JOB_CHANGES: "changes to jobs"}
 
 
 class Dialect:
@@ -207,13 +208,13 @@ class PostgreSQL(Dialect):
             try:
                 with psycopg.connect(conninfo, autocommit=True) as connection:
                     connection.execute(f"LISTEN {channel}")
-                    logger.info("listening on %s", channel)
+                    logger.info("listening for %s on %s", HEARD_ON[channel], channel)
                     heard(None)
                     while not stopped.is_set():
                         for notification in connection.notifies(timeout=1.0):
                             heard(notification.payload)
             except psycopg.Error:
-                logger.warning("LISTEN connection on %s lost; reconnecting", channel)
+                logger.warning("LISTEN connection for %s lost; reconnecting", HEARD_ON[channel])
                 stopped.wait(1.0)
 
 
