@@ -12,6 +12,7 @@ import pytest
 from deferred_middleware import _events as events
 from deferred_middleware import _protocol as protocol
 from deferred_middleware._jobs import Status
+from deferred_middleware.store import StoreUnavailable
 
 from .policy_harness import Harness
 from .support import make_job
@@ -170,7 +171,8 @@ def test_a_reconnect_after_the_final_event_gets_204():
     job_id = h.submit()
     h.route(f"/jobs/{job_id}/cancel", "POST")
     final = h.job(job_id).revision
-    assert open_stream(h, job_id, str(final)).status == 204
+    done = open_stream(h, job_id, str(final))
+    assert (done.status, done.headers, done.stream) == (204, [], None)
     earlier = open_stream(h, job_id, str(final - 1))
     assert [parse(c)[2]["status"] for c in earlier.stream] == ["canceled"]
 
@@ -186,4 +188,75 @@ def test_head_gets_the_headers_and_other_methods_405(method, status):
 
 def test_an_unknown_job_has_no_stream():
     h = Harness()
-    assert open_stream(h, "a" * 32).status == 404
+    reply = open_stream(h, "a" * 32)
+    assert (reply.status, reply.stream) == (404, None)
+
+
+def test_a_client_that_has_the_state_gets_no_keep_alive_at_once():
+    stream, job = stream_at(last_seen=0), make_job()
+    assert stream.read(job, 100.0) == b""
+    assert stream.idle(101.0) == (b"", 1.0)
+    assert stream.idle(115.0)[0] == events.KEEP_ALIVE
+
+
+@pytest.mark.parametrize(("value", "seen"), [("9" * 18, int("9" * 18)), ("9" * 19, None)])
+def test_a_last_event_id_longer_than_a_revision_is_nothing(value, seen):
+    assert events.last_event_id(value) == seen
+
+
+@pytest.mark.parametrize("face", ["blocking", "async"])
+def test_a_change_made_elsewhere_is_seen_by_polling(face):
+    """Another process changed the row: no wake-up comes, the poll finds it."""
+    h = Harness(poll_interval=0.02)
+    job_id = h.submit()
+    elsewhere = threading.Timer(0.05, lambda: h.store.cancel(job_id))  # not through the core
+    elsewhere.start()
+    if face == "blocking":
+        statuses = [parse(c)[2]["status"] for c in open_stream(h, job_id).stream]
+    else:
+
+        async def follow() -> list[str]:
+            reply = await h.core.answer_async(f"/{job_id}/events", "GET", b"", "", None)
+            return [parse(c)[2]["status"] async for c in reply.stream]
+
+        statuses = asyncio.run(asyncio.wait_for(follow(), 10))
+    assert statuses == ["queued", "canceled"]
+
+
+@pytest.mark.parametrize("face", ["blocking", "async"])
+def test_a_stream_outlives_a_store_outage(face, monkeypatch):
+    h = Harness(poll_interval=0.01)
+    job_id = h.submit()
+    reads = {"n": 0}
+    real_get = h.store.get
+
+    def flaky(*args, **kwargs):
+        reads["n"] += 1
+        if reads["n"] in (2, 3):  # the first read opens the stream; then it is away
+            raise StoreUnavailable("down")
+        if reads["n"] == 5:
+            h.store.cancel(job_id)
+        return real_get(*args, **kwargs)
+
+    monkeypatch.setattr(h.store, "get", flaky)
+    if face == "blocking":
+        statuses = [parse(c)[2]["status"] for c in open_stream(h, job_id).stream]
+    else:
+
+        async def follow() -> list[str]:
+            reply = await h.core.answer_async(f"/{job_id}/events", "GET", b"", "", None)
+            return [parse(c)[2]["status"] async for c in reply.stream]
+
+        statuses = asyncio.run(asyncio.wait_for(follow(), 10))
+    assert statuses == ["queued", "canceled"]
+
+
+def test_the_async_face_reads_last_event_id_too():
+    h = Harness()
+    job_id = h.submit()
+    h.route(f"/jobs/{job_id}/cancel", "POST")
+    final = str(h.job(job_id).revision)
+    reply = asyncio.run(h.core.answer_async(f"/{job_id}/events", "GET", b"", "", final))
+    assert (reply.status, reply.headers, reply.stream) == (204, [], None)
+    unknown = asyncio.run(h.core.answer_async(f"/{'a' * 32}/events", "GET", b"", "", None))
+    assert (unknown.status, unknown.stream) == (404, None)

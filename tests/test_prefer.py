@@ -19,6 +19,7 @@ from deferred_middleware._prefer import NONE, Preferences, parse_prefer
         (["wait=10"], Preferences(wait=10)),
         (["wait = 10"], Preferences(wait=10)),
         (['wait="7"'], Preferences(wait=7)),
+        (['wait="\\7"'], Preferences(wait=7)),  # a quoted-pair
         (["respond-async, wait=100"], Preferences(respond_async=True, wait=100)),
         (["respond-async", "wait=3"], Preferences(respond_async=True, wait=3)),
         # Only the first instance of a preference counts (RFC 7240 §2).

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import threading
+from datetime import timedelta
 
 import httpx
 import pytest
@@ -327,3 +328,202 @@ def test_the_deliverer_runs_as_a_side_loop_until_stopped(deliveries):
         thread.join(10)
     assert not thread.is_alive()
     assert deliverer.name == "webhooks"
+
+
+# -- the edges the rules are drawn on ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "detail"),
+    [
+        ("ftp://hooks.example.com/", "The callback URL must be an absolute http or https URL."),
+        ("https://user@hooks.example.com/", "The callback URL must not carry credentials."),
+        ("https://hooks.example.com/\x7f", "The callback URL is not a valid absolute URL."),
+        ("https://hooks.example.com:x/", "The callback URL is not a valid absolute URL."),
+        ("http://hooks.example.com:443/", "The callback URL is outside the webhook allowlist."),
+    ],
+)
+def test_each_refusal_says_exactly_why(url, detail):
+    with pytest.raises(webhooks.CallbackRefused) as refused:
+        check(url)
+    assert refused.value.detail == detail
+
+
+def test_the_longest_url_and_visible_punctuation_are_allowed():
+    base = "https://hooks.example.com/!$'()*"
+    assert check(base)
+    longest = base + "a" * (webhooks.MAX_URL_LENGTH - len(base))
+    assert check(longest)
+    with pytest.raises(webhooks.CallbackRefused):
+        check(longest + "a")
+
+
+def test_the_name_is_looked_up_on_the_url_s_port():
+    asked = []
+
+    def resolve(host, port):
+        asked.append((host, port))
+        return [PUBLIC]
+
+    check("https://hooks.example.com/x", resolve=resolve)
+    check("https://hooks.example.com:443/", ("https://hooks.example.com",), resolve)
+    assert asked == [("hooks.example.com", 443)] * 2
+
+
+def test_scoped_and_mapped_addresses_are_judged_by_what_they_reach():
+    with pytest.raises(webhooks.CallbackRefused, match="loopback"):
+        check("https://hooks.example.com/", resolve=resolving_to("fe80::1%eth0"))
+    assert check("https://hooks.example.com/", resolve=resolving_to(f"::ffff:{PUBLIC}"))
+
+
+def test_an_allowlist_entry_with_a_trailing_slash_admits_its_subpaths():
+    assert check(
+        "https://hooks.example.com/tenant-1/done", ("https://hooks.example.com/tenant-1/",)
+    )
+
+
+def test_the_real_lookup_finds_localhost():
+    assert "127.0.0.1" in webhooks.resolve_host("localhost", 80)
+
+
+def test_a_payload_without_an_end_time_says_so(clock):
+    job = make_job(created_at=clock())
+    assert json.loads(webhooks.payload(job, protocol.JobURLs("/jobs")))["timestamp"] is None
+
+
+def test_the_async_face_checks_a_callback_off_the_loop_only_when_there_is_one(monkeypatch):
+    import asyncio
+
+    h = Harness(webhook_secret=SECRET, webhook_allowlist=["https://hooks.example.com"])
+    monkeypatch.setattr(h.core.callbacks, "resolve", resolving_to(PUBLIC))
+    offloaded = []
+    real_offload = h.core.offload
+
+    async def offload(fn, *args):
+        offloaded.append(fn)
+        return await real_offload(fn, *args)
+
+    monkeypatch.setattr(h.core, "offload", offload)
+    h.core.prepare()
+    plain = StoredRequest("POST", "/r")
+    asking = StoredRequest("POST", "/r", headers=[("callback-url", "https://hooks.example.com/")])
+    refused = StoredRequest("POST", "/r", headers=[("callback-url", "https://elsewhere.net/")])
+    job = asyncio.run(h.core.accept_async(plain, DeferredOptions()))
+    assert (h.store.get(job.id).callback_url, offloaded) == (None, [])
+    job = asyncio.run(h.core.accept_async(asking, DeferredOptions()))
+    assert h.store.get(job.id).callback_url == "https://hooks.example.com/"
+    assert offloaded == [h.core.callbacks.url_for]
+    with pytest.raises(webhooks.CallbackRefused):
+        asyncio.run(h.core.accept_async(refused, DeferredOptions()))
+    assert len(h.store.list()) == 2
+    h.core.close()
+
+
+def test_the_deliverer_s_client_follows_nothing_trusts_no_proxy_and_times_out(deliveries):
+    _, deliverer, _, _ = deliveries()
+    deliverer.config.webhook_timeout = 2.0
+    client = deliverer._http()
+    assert (client.follow_redirects, client.trust_env) == (False, False)
+    assert client.timeout == httpx.Timeout(2.0, connect=2.0)
+    deliverer._client = None
+    deliverer.config.webhook_timeout = 30.0
+    assert deliverer._http().timeout == httpx.Timeout(30.0, connect=5.0)
+
+
+def test_an_attempt_records_what_happened(deliveries, clock):
+    store, deliverer, _, job_id = deliveries(httpx.ConnectError("refused"), httpx.ConnectError(""))
+    deliverer.step()
+    clock.advance(5)
+    deliverer.step()
+    first, second = store.webhook_attempts_of(job_id)
+    assert first.url == "https://hooks.example.com/done"
+    assert first.worker == deliverer.worker is not None
+    assert first.at == clock() - timedelta(seconds=5)
+    assert first.error == "ConnectError: refused"
+    assert second.error == "ConnectError: ConnectError"  # an empty message names the error
+    assert 0 <= first.duration_ms < 5000
+
+
+def test_a_3xx_is_not_delivered(deliveries):
+    store, deliverer, _, job_id = deliveries(httpx.Response(300))
+    deliverer.step()
+    assert store.get(job_id).webhook_state == WEBHOOK_PENDING
+
+
+def test_a_delivery_due_exactly_at_its_last_moment_is_still_tried(deliveries, clock):
+    store, deliverer, _, job_id = deliveries(httpx.Response(503), retry_for=5)
+    deliverer.step()  # next at +5, which is the last moment allowed
+    assert store.get(job_id).webhook_state == WEBHOOK_PENDING
+
+
+def test_the_payload_s_urls_are_those_the_client_was_given(deliveries):
+    _store, deliverer, receiver, job_id = deliveries(httpx.Response(200))
+    deliverer.config.public_url = "https://api.example.com"
+    deliverer.step()
+    data = json.loads(receiver.requests[0].content)["data"]
+    assert data["status_url"] == f"https://api.example.com/api/jobs/{job_id}"
+    assert receiver.requests[0].headers["content-type"] == "application/json"
+
+
+def test_a_step_takes_at_most_a_few_and_a_pool_delivers_them(deliveries, clock):
+    from concurrent.futures import ThreadPoolExecutor
+
+    store, deliverer, receiver, _first = deliveries(*[httpx.Response(200)] * 6)
+    for _ in range(5):
+        job = make_job(created_at=clock(), callback_url="https://hooks.example.com/done")
+        store.insert([job])
+        store.cancel(job.id)
+    with ThreadPoolExecutor(2) as pool:
+        assert deliverer.step(pool) == 4
+        assert deliverer.step(pool) == 2
+    assert len(receiver.requests) == 6
+
+
+def test_a_store_that_is_away_delivers_nothing_and_says_so(deliveries, monkeypatch, caplog):
+    from deferred_middleware.store import StoreUnavailable
+
+    _, deliverer, receiver, _ = deliveries()
+
+    def down(*_args):
+        raise StoreUnavailable("down")
+
+    monkeypatch.setattr(deliverer.store, "claim_webhooks", down)
+    assert deliverer.step() == 0
+    assert receiver.requests == []
+    assert "delivering webhooks again shortly" in caplog.text
+
+
+def test_each_outcome_is_logged_at_its_level(deliveries, clock, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, "deferred_middleware")
+    _, deliverer, _, job_id = deliveries(httpx.Response(500), httpx.Response(201), retry_for=60)
+    deliverer.step()
+    clock.advance(5)
+    deliverer.step()
+    levels = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert levels == [
+        ("WARNING", f"job {job_id}: webhook attempt 1 failed (500); will try again"),
+        ("INFO", f"job {job_id}: webhook delivered (201)"),
+    ]
+    caplog.clear()
+    _refused, refusing, _, other = deliveries(resolve=resolving_to("10.0.0.1"))
+    refusing.step()
+    [record] = caplog.records
+    assert record.levelname == "ERROR"
+    assert record.getMessage().startswith(f"job {other}: webhook failed for good after attempt 1")
+
+
+def test_a_side_loop_keeps_delivering_what_becomes_due_later(deliveries, clock):
+    store, deliverer, _, job_id = deliveries(httpx.Response(500), httpx.Response(200))
+    deliverer.config.poll_interval = 0.01
+    deliverer.config.webhook_backoff = 0.0  # due again at once
+    stopping = threading.Event()
+    thread = threading.Thread(target=deliverer.run, args=(stopping,))
+    thread.start()
+    try:
+        eventually(lambda: store.get(job_id).webhook_state == WEBHOOK_DELIVERED)
+    finally:
+        stopping.set()
+        thread.join(10)
+    assert deliverer._client is None  # closed when the loop ended

@@ -101,7 +101,7 @@ class EventStream:
         return b"", min(self.quiet_until - now, self.poll_interval)
 
 
-def _opening(core: JobCore, job_id: str, method: str, last_seen: int | None) -> protocol.Reply:
+def _opening(core: JobCore, job_id: str, last_seen: int | None) -> protocol.Reply:
     """The headers of a stream, or the answer when there is no stream to
     open: 404, 204 (nothing more will come), or HEAD's headers alone."""
     job = core.store.get(job_id)
@@ -115,7 +115,7 @@ def _opening(core: JobCore, job_id: str, method: str, last_seen: int | None) -> 
 def answer(
     core: JobCore, job_id: str, method: str, last_seen: int | None, urls: protocol.JobURLs
 ) -> protocol.Reply:
-    reply = _opening(core, job_id, method, last_seen)
+    reply = _opening(core, job_id, last_seen)
     if reply.status == 200 and method == "GET":
         events = EventStream(
             urls,
@@ -131,7 +131,7 @@ def answer(
 async def answer_async(
     core: JobCore, job_id: str, method: str, last_seen: int | None, urls: protocol.JobURLs
 ) -> protocol.Reply:
-    reply = await core.read(_opening, core, job_id, method, last_seen)
+    reply = await core.read(_opening, core, job_id, last_seen)
     if reply.status == 200 and method == "GET":
         events = EventStream(
             urls,

@@ -78,9 +78,6 @@ class Allowlist:
             except CallbackRefused as refused:
                 raise ValueError(f"webhook_allowlist entry {entry!r}: {refused.detail}") from None
 
-    def __bool__(self) -> bool:
-        return bool(self.entries)
-
     def admits(self, target: Target) -> Target | None:
         """The entry that admits ``target``, if any."""
         for entry in self.entries:
