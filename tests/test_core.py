@@ -960,3 +960,20 @@ def test_side_loops_run_beside_the_executor_until_it_stops():
     h.dispatcher.stop(grace=0)
     assert loop.stopping.is_set()
     assert h.dispatcher._threads == []
+
+
+def test_a_status_poll_with_the_current_tag_gets_304_on_both_faces():
+    h = Harness()
+    job_id = h.submit()
+    first = h.route(f"/jobs/{job_id}")
+    tag = dict(first.headers)["etag"]
+    held = protocol.Conditions(if_none_match=tag)
+    assert h.core.answer(f"/{job_id}", "GET", b"", "", held).status == 304
+    assert h.core.answer(f"/{job_id}", "HEAD", b"", "", held).status == 304
+    assert asyncio.run(h.core.answer_async(f"/{job_id}", "GET", b"", "", held)).status == 304
+    result = h.core.answer(f"/{job_id}/result", "GET", b"", "", held)
+    assert result.status == 202  # only the status document is conditional
+    h.claim()
+    moved = h.core.answer(f"/{job_id}", "GET", b"", "", held)
+    assert moved.status == 200
+    assert dict(moved.headers)["etag"] != tag

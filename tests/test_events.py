@@ -12,6 +12,7 @@ import pytest
 from deferred_middleware import _events as events
 from deferred_middleware import _protocol as protocol
 from deferred_middleware._jobs import Status
+from deferred_middleware._protocol import Conditions
 from deferred_middleware.store import StoreUnavailable
 
 from .policy_harness import Harness
@@ -106,7 +107,7 @@ def test_last_event_id_is_a_revision_or_nothing(value, seen):
 
 
 def open_stream(h: Harness, job_id: str, last: str | None = None, method: str = "GET"):
-    return h.core.answer(f"/{job_id}/events", method, b"", "", last)
+    return h.core.answer(f"/{job_id}/events", method, b"", "", Conditions(last_event_id=last))
 
 
 def test_a_blocking_stream_follows_a_job_to_its_end():
@@ -140,7 +141,7 @@ def test_an_async_stream_follows_a_job_to_its_end_woken_by_this_process():
     h = Harness(poll_interval=60)  # only wake-ups can move it in time
 
     async def follow() -> list[str]:
-        reply = await h.core.answer_async(f"/{job_id}/events", "GET", b"", "", None)
+        reply = await h.core.answer_async(f"/{job_id}/events", "GET", b"", "")
         statuses = []
         async for chunk in reply.stream:
             statuses.append(parse(chunk)[2]["status"])
@@ -164,6 +165,15 @@ def test_a_stream_closed_by_the_server_drops_its_subscription():
     assert job_id in h.notifier._waiters
     stream.close()  # what a WSGI server does when the client has gone
     assert h.notifier._waiters == {}
+
+
+def test_a_reconnect_that_has_the_current_state_waits_for_the_next_change():
+    h = Harness(poll_interval=0.01)
+    job_id = h.submit()
+    current = str(h.job(job_id).revision)
+    threading.Timer(0.05, lambda: h.route(f"/jobs/{job_id}/cancel", "POST")).start()
+    chunks = list(open_stream(h, job_id, current).stream)
+    assert [parse(c)[2]["status"] for c in chunks] == ["canceled"]
 
 
 def test_a_reconnect_after_the_final_event_gets_204():
@@ -216,7 +226,7 @@ def test_a_change_made_elsewhere_is_seen_by_polling(face):
     else:
 
         async def follow() -> list[str]:
-            reply = await h.core.answer_async(f"/{job_id}/events", "GET", b"", "", None)
+            reply = await h.core.answer_async(f"/{job_id}/events", "GET", b"", "")
             return [parse(c)[2]["status"] async for c in reply.stream]
 
         statuses = asyncio.run(asyncio.wait_for(follow(), 10))
@@ -244,7 +254,7 @@ def test_a_stream_outlives_a_store_outage(face, monkeypatch):
     else:
 
         async def follow() -> list[str]:
-            reply = await h.core.answer_async(f"/{job_id}/events", "GET", b"", "", None)
+            reply = await h.core.answer_async(f"/{job_id}/events", "GET", b"", "")
             return [parse(c)[2]["status"] async for c in reply.stream]
 
         statuses = asyncio.run(asyncio.wait_for(follow(), 10))
@@ -256,7 +266,9 @@ def test_the_async_face_reads_last_event_id_too():
     job_id = h.submit()
     h.route(f"/jobs/{job_id}/cancel", "POST")
     final = str(h.job(job_id).revision)
-    reply = asyncio.run(h.core.answer_async(f"/{job_id}/events", "GET", b"", "", final))
+    reply = asyncio.run(
+        h.core.answer_async(f"/{job_id}/events", "GET", b"", "", Conditions(last_event_id=final))
+    )
     assert (reply.status, reply.headers, reply.stream) == (204, [], None)
-    unknown = asyncio.run(h.core.answer_async(f"/{'a' * 32}/events", "GET", b"", "", None))
+    unknown = asyncio.run(h.core.answer_async(f"/{'a' * 32}/events", "GET", b"", ""))
     assert (unknown.status, unknown.stream) == (404, None)

@@ -356,3 +356,19 @@ def test_websockets_pass_through(serve):
     with connect(f"ws://127.0.0.1:{server.port}/ws") as websocket:
         websocket.send("hello")
         assert websocket.recv() == "echo:hello"
+
+
+def test_an_unchanged_status_document_is_304(server, gates):
+    accepted = httpx.post(server.base + "/report?gate=etag")
+    status_url = server.base + accepted.headers["operation-location"]
+    # Held at its gate after its progress: nothing changes until the gate opens.
+    held = eventually(lambda: (r := httpx.get(status_url)).json()["progress"] == 0.5 and r)
+    tag = held.headers["etag"]
+    unchanged = httpx.get(status_url, headers={"If-None-Match": tag})
+    assert (unchanged.status_code, unchanged.content) == (304, b"")
+    assert unchanged.headers["etag"] == tag
+    gates("etag")
+    finished = httpx.get(status_url, params={"wait": 20}, headers={"If-None-Match": tag})
+    assert finished.status_code == 200
+    assert finished.json()["status"] == "succeeded"
+    assert finished.headers["etag"] != tag

@@ -161,7 +161,8 @@ def test_a_running_job_s_status_tells_when_to_poll_again():
         progress=0.5,
         message="half",
     )
-    expected = json_reply(200, body, ("retry-after", "4"))
+    running.revision = 7
+    expected = json_reply(200, body, ("etag", '"7"'), ("retry-after", "4"))
     assert protocol.status_reply(running, URLS, 4) == expected
     assert protocol.result_reply(running, URLS, 4) == json_reply(202, body, ("retry-after", "4"))
 
@@ -174,7 +175,36 @@ def test_a_finished_job_s_status_has_its_times_and_no_retry_after():
         finished_at="2026-11-24T06:00:02.500000Z",
         attempts=2,
     )
-    assert protocol.status_reply(done, URLS, 4) == json_reply(200, body)
+    assert protocol.status_reply(done, URLS, 4) == json_reply(200, body, ("etag", '"0"'))
+
+
+@pytest.mark.parametrize(
+    ("if_none_match", "status"),
+    [
+        (None, 200),
+        ('"7"', 304),
+        ('W/"7"', 304),  # If-None-Match compares weakly
+        ('"3", "7"', 304),
+        ("*", 304),
+        ('"8"', 200),
+        ("7", 200),  # not a quoted tag
+        ("", 200),
+    ],
+)
+def test_a_client_holding_the_current_status_gets_304(if_none_match, status):
+    running = job(Status.RUNNING, started_at=STARTED, attempts=1)
+    running.revision = 7
+    reply = protocol.unless_unchanged(protocol.status_reply(running, URLS, 4), if_none_match)
+    assert reply.status == status
+    if status == 304:
+        assert reply == protocol.Reply(304, [("etag", '"7"'), ("retry-after", "4")])
+
+
+def test_only_a_200_with_a_tag_is_ever_turned_into_a_304():
+    gone = protocol.not_found()
+    assert protocol.unless_unchanged(gone, "*") is gone
+    untagged = json_reply(200, b"{}")
+    assert protocol.unless_unchanged(untagged, "*") is untagged
 
 
 def test_only_a_failed_job_s_status_has_an_error():

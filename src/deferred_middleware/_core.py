@@ -247,7 +247,7 @@ class JobCore:
         method: str,
         query: bytes,
         root_path: str,
-        last_event_id: str | None = None,
+        conditions: protocol.Conditions = protocol.NO_CONDITIONS,
     ) -> protocol.Reply:
         route = protocol.parse_job_route(tail, query, self.config.max_wait)
         if route is None:
@@ -255,11 +255,11 @@ class JobCore:
         try:
             self.prepare()
             if route.action == "events" and method in protocol.ALLOWED["events"]:
-                seen = events.last_event_id(last_event_id)
+                seen = events.last_event_id(conditions.last_event_id)
                 return events.answer(self, route.job_id, method, seen, self.urls(root_path))
             if route.wait and method in ("GET", "HEAD"):
                 self.wait(route.job_id, route.wait)
-            return self._reply(route, method, self.urls(root_path))
+            return self._reply(route, method, self.urls(root_path), conditions)
         except StoreUnavailable:
             return protocol.unavailable(self.config.retry_after)
 
@@ -269,7 +269,7 @@ class JobCore:
         method: str,
         query: bytes,
         root_path: str,
-        last_event_id: str | None = None,
+        conditions: protocol.Conditions = protocol.NO_CONDITIONS,
     ) -> protocol.Reply:
         route = protocol.parse_job_route(tail, query, self.config.max_wait)
         if route is None:
@@ -278,19 +278,23 @@ class JobCore:
             if not self.ready:
                 await self.offload(self.prepare)
             if route.action == "events" and method in protocol.ALLOWED["events"]:
-                seen = events.last_event_id(last_event_id)
+                seen = events.last_event_id(conditions.last_event_id)
                 urls = self.urls(root_path)
                 return await events.answer_async(self, route.job_id, method, seen, urls)
             reading = method in ("GET", "HEAD")
             if route.wait and reading:
                 await self.wait_async(route.job_id, route.wait)
             run = self.read if reading else self.offload
-            return await run(self._reply, route, method, self.urls(root_path))
+            return await run(self._reply, route, method, self.urls(root_path), conditions)
         except StoreUnavailable:
             return protocol.unavailable(self.config.retry_after)
 
     def _reply(
-        self, route: protocol.JobRoute, method: str, urls: protocol.JobURLs
+        self,
+        route: protocol.JobRoute,
+        method: str,
+        urls: protocol.JobURLs,
+        conditions: protocol.Conditions = protocol.NO_CONDITIONS,
     ) -> protocol.Reply:
         if method not in protocol.ALLOWED[route.action]:
             return protocol.method_not_allowed(route.action)
@@ -314,6 +318,7 @@ class JobCore:
             reply = protocol.result_reply(job, urls, retry_after)
         else:
             reply = protocol.status_reply(job, urls, retry_after)
+            reply = protocol.unless_unchanged(reply, conditions.if_none_match)
         if method == "HEAD":
             reply.body = b""
         return reply

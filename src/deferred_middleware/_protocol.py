@@ -36,6 +36,17 @@ class Reply:
 
 
 @dataclasses.dataclass(frozen=True)
+class Conditions:
+    """The request headers the job routes read."""
+
+    if_none_match: str | None = None
+    last_event_id: str | None = None
+
+
+NO_CONDITIONS = Conditions()
+
+
+@dataclasses.dataclass(frozen=True)
 class JobURLs:
     """Where a job's routes are, as absolute paths (or absolute URLs when a
     ``public_url`` is configured): never built from a client's Host header."""
@@ -192,8 +203,28 @@ def answered_within_wait(job: Job, urls: JobURLs, retry_after: int, wait: int) -
     return reply
 
 
+def entity_tag(job: Job) -> str:
+    """The status document changes only with the job's revision (its URLs
+    are the request's own), so the revision is a strong validator."""
+    return f'"{job.revision}"'
+
+
 def status_reply(job: Job, urls: JobURLs, retry_after: int) -> Reply:
-    return _json_reply(200, status_document(job, urls), _pending_headers(job, retry_after))
+    headers = [("etag", entity_tag(job)), *_pending_headers(job, retry_after)]
+    return _json_reply(200, status_document(job, urls), headers)
+
+
+def unless_unchanged(reply: Reply, if_none_match: str | None) -> Reply:
+    """``304 Not Modified`` when the client holds the current document
+    (RFC 9110 §13.1.2: weak comparison, ``*`` matches any)."""
+    if if_none_match is None or reply.status != 200:
+        return reply
+    etag = dict(reply.headers).get("etag")
+    tags = [tag.strip() for tag in if_none_match.split(",")]
+    if etag is None or not ("*" in tags or any(t.removeprefix("W/") == etag for t in tags)):
+        return reply
+    kept = [(k, v) for k, v in reply.headers if k not in ("content-type", "content-length")]
+    return Reply(304, kept)
 
 
 def result_reply(job: Job, urls: JobURLs, retry_after: int) -> Reply:

@@ -59,6 +59,18 @@ def preferences(scope: HTTPScope) -> Preferences:
     return parse_prefer(v.decode("latin-1") for k, v in scope["headers"] if k.lower() == b"prefer")
 
 
+def conditions(scope: HTTPScope) -> protocol.Conditions:
+    """The headers the job routes read, in one pass."""
+    if_none_match = last_event_id = None
+    for name, value in scope["headers"]:
+        name = name.lower()
+        if name == b"if-none-match":
+            if_none_match = value.decode("latin-1")
+        elif name == b"last-event-id":
+            last_event_id = value.decode("latin-1")
+    return protocol.Conditions(if_none_match, last_event_id)
+
+
 def varying_on_prefer(send: ASGISendCallable) -> ASGISendCallable:
     """``send`` adding ``Vary: Prefer`` to the response: the answer of a
     ``mode="prefer"`` route depends on that header."""
@@ -108,15 +120,7 @@ async def send_stream(
     stop it at once (which drops its subscription)."""
     stream = reply.stream
     assert isinstance(stream, AsyncIterator)
-    headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in reply.headers]
-    await send(
-        {
-            "type": "http.response.start",
-            "status": reply.status,
-            "headers": headers,
-            "trailers": False,
-        }
-    )
+    await _start(send, reply)
 
     async def pump() -> None:
         async for chunk in stream:
@@ -192,17 +196,12 @@ class DeferredMiddleware:
     async def _answer_job_route(
         self, scope: HTTPScope, receive: ASGIReceiveCallable, send: ASGISendCallable, tail: str
     ) -> None:
-        last_event_id = None
-        if tail.endswith("/events"):
-            for name, value in scope["headers"]:
-                if name.lower() == b"last-event-id":
-                    last_event_id = value.decode("latin-1")
         reply = await self.core.answer_async(
             tail,
             scope["method"],
             scope.get("query_string", b""),
             scope.get("root_path", ""),
-            last_event_id,
+            conditions(scope),
         )
         if reply.stream is None:
             await send_reply(send, reply)

@@ -173,7 +173,9 @@ class DeferredWSGIMiddleware:
                 environ["REQUEST_METHOD"],
                 environ.get("QUERY_STRING", "").encode("latin-1"),
                 from_wsgi_string(environ.get("SCRIPT_NAME", "")),
-                environ.get("HTTP_LAST_EVENT_ID"),
+                protocol.Conditions(
+                    environ.get("HTTP_IF_NONE_MATCH"), environ.get("HTTP_LAST_EVENT_ID")
+                ),
             )
             return respond(start_response, reply)
         options = self._deferred_options(environ, path)
