@@ -122,7 +122,7 @@ def test_the_last_poll_asks_no_more_than_the_time_left(sleeps):
     assert 3 < float(script.asked[0].url.params["wait"]) <= 4
 
 
-def test_a_timeout_of_zero_asks_nothing():
+def test_a_timeout_of_zero_asks_nothing(fake_time):
     script = Script()
     client = httpx.Client(transport=httpx.MockTransport(script), base_url="http://api")
     with client, pytest.raises(JobTimeout):

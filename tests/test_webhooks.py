@@ -128,9 +128,11 @@ def test_an_inward_address_named_literally_in_the_allowlist_is_allowed():
         check("http://localhost:9000/hook", ("http://localhost:9000",), resolving_to("127.0.0.1"))
 
 
-def test_a_name_that_does_not_resolve_is_refused():
-    with pytest.raises(webhooks.CallbackRefused, match="cannot be resolved"):
-        check("https://hooks.example.com/", resolve=unresolvable)
+@pytest.mark.parametrize("resolve", [unresolvable, resolving_to()], ids=["error", "nothing"])
+def test_a_name_that_does_not_resolve_is_refused(resolve):
+    with pytest.raises(webhooks.CallbackRefused) as refused:
+        check("https://hooks.example.com/", resolve=resolve)
+    assert refused.value.detail == "The callback URL's host cannot be resolved."
 
 
 def test_no_secret_no_callbacks():

@@ -116,7 +116,7 @@ def public_address(target: Target, entry: Target, resolve: Resolve) -> str:
         addresses = (
             [literal]
             if literal is not None
-            else [ipaddress.ip_address(a.split("%")[0]) for a in resolve(target.host, target.port)]
+            else [ipaddress.ip_address(a) for a in resolve(target.host, target.port)]
         )
     except (OSError, ValueError):
         raise CallbackRefused("The callback URL's host cannot be resolved.") from None

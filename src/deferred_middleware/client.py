@@ -92,12 +92,12 @@ def _plan(response: httpx.Response, timeout: float | None) -> _Step:
     while True:
         remaining = LONG_POLL if deadline is None else deadline - time.monotonic()
         if remaining <= 0:
-            raise JobTimeout(status_url, timeout or 0.0)
+            raise JobTimeout(status_url, timeout)  # type: ignore[arg-type]  # set: a deadline
         sent = time.monotonic()
         answer = yield _Get(result_url, round(min(remaining, LONG_POLL), 1))
         assert answer is not None
         if answer.status_code in (404, 409):
-            yield from _explain(answer, status_url)
+            yield from _explain(status_url)
         if not _pending(answer):
             return answer
         pace = _retry_after(answer, pace)
@@ -116,9 +116,7 @@ def _pending(answer: httpx.Response) -> bool:
     )
 
 
-def _explain(
-    answer: httpx.Response, status_url: str
-) -> Generator[_Get, httpx.Response | None, None]:
+def _explain(status_url: str) -> Generator[_Get, httpx.Response | None, None]:
     """A 409 or 404 is the handler's own answer unless the status monitor
     says the job was canceled or is gone."""
     status = yield _Get(httpx.URL(status_url), 0)
