@@ -81,6 +81,12 @@ INSERT_KEYS = (
 NEXT_REVISION = jobs.c.revision + 1
 # The statement that ends a job makes its webhook due, in the same write.
 WEBHOOK_DUE_IF_ANY = sa.case((jobs.c.callback_url.is_not(None), WEBHOOK_PENDING), else_=None)
+
+
+def webhook_due_at(when: Any) -> Any:
+    """Only a job with a callback gets a due time: the others leave the
+    webhook index untouched when they end."""
+    return sa.case((jobs.c.callback_url.is_not(None), when), else_=None)
 NO_WEBHOOK_PENDING = sa.or_(jobs.c.webhook_state.is_(None), jobs.c.webhook_state != WEBHOOK_PENDING)
 FINISHED_VALUES = tuple(s.value for s in (Status.SUCCEEDED, Status.FAILED, Status.CANCELED))
 ACTIVE_VALUES = (Status.QUEUED.value, Status.RUNNING.value)
@@ -142,7 +148,7 @@ FINISH = (
         response_headers=sa.bindparam("b_response_headers"),
         response_body=sa.bindparam("b_response_body"),
         webhook_state=WEBHOOK_DUE_IF_ANY,
-        webhook_due_at=sa.bindparam("b_finished_at"),
+        webhook_due_at=webhook_due_at(sa.bindparam("b_finished_at")),
         webhook_attempts=0,
         webhook_lease_until=None,
     )
@@ -212,7 +218,7 @@ def final_values(status: Status, now: datetime, error: str | None = None) -> dic
         "lease_expires_at": None,
         "request_credentials": None,
         "webhook_state": WEBHOOK_DUE_IF_ANY,
-        "webhook_due_at": now,
+        "webhook_due_at": webhook_due_at(now),
         "webhook_attempts": 0,
         "webhook_lease_until": None,
     }
