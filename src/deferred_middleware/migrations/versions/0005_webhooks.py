@@ -35,8 +35,13 @@ def upgrade() -> None:
         batch.add_column(sa.Column("webhook_due_at", _timestamp()))
         batch.add_column(sa.Column("webhook_lease_until", _timestamp()))
         batch.add_column(sa.Column("webhook_worker", sa.String(255)))
+    # Partial where the database allows: jobs without a webhook stay out of it.
     op.create_index(
-        "ix_deferred_jobs_webhooks", "deferred_jobs", ["webhook_state", "webhook_due_at"]
+        "ix_deferred_jobs_webhooks",
+        "deferred_jobs",
+        ["webhook_state", "webhook_due_at"],
+        postgresql_where=sa.text("webhook_state IS NOT NULL"),
+        sqlite_where=sa.text("webhook_state IS NOT NULL"),
     )
     op.create_table(
         "deferred_webhook_attempts",
