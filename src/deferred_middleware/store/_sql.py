@@ -21,6 +21,7 @@ from ._dialects import Dialect, for_url
 from ._migrate import migrate
 from ._schema import jobs
 from ._sqlite_file import DatabaseFile, checkpoint
+from ._urls import database_url as normalize_url
 from ._webhooks import WebhookQueries, forget_attempts
 
 
@@ -42,7 +43,7 @@ class SQLJobStore(WebhookQueries):
         clock: Clock = utcnow,
     ) -> None:
         self.database_url = database_url
-        self.url = sa.make_url(database_url)
+        self.url = normalize_url(database_url)
         self.dialect: Dialect = for_url(self.url)
         self.reads_are_local = self.dialect.reads_are_local
         self.pushes_wakeups = self.dialect.pushes_wakeups
