@@ -129,3 +129,35 @@ def test_credentials_are_split_out_and_put_back_in_place():
     kept, credentials = split_credentials(headers, frozenset({"authorization", "cookie"}))
     assert kept == [("accept", "*/*"), ("x", "y")]
     assert merge_credentials(kept, credentials) == headers
+
+
+@pytest.mark.parametrize(
+    ("pattern", "problem"),
+    [
+        ("GETT /x", "unknown method GETT"),
+        ("POST /x?y=1", "a pattern matches the path alone, without a query or fragment"),
+        ("POST /x#top", "a pattern matches the path alone, without a query or fragment"),
+        ("HEAD /x", "HEAD requests are never deferred"),
+        ("POST,OPTIONS /x", "OPTIONS requests are never deferred"),
+        ("POST /jobs/*", "the job routes are served under /jobs; nothing there is deferred"),
+        ("/jobs", "the job routes are served under /jobs; nothing there is deferred"),
+        ("POST reports", "the path must start with '/'"),
+    ],
+)
+def test_a_pattern_that_could_never_match_is_refused_when_built(pattern, problem):
+    with pytest.raises(ValueError) as refused:
+        RoutePatterns([pattern], prefix="/jobs")
+    assert str(refused.value) == f"route pattern {pattern!r}: {problem}"
+
+
+@pytest.mark.parametrize("pattern", ["POST /jobs-archive/*", "/**", "propfind /dav/*", "/job"])
+def test_patterns_beside_the_job_routes_are_fine(pattern):
+    assert RoutePatterns([pattern], prefix="/jobs")
+
+
+def test_the_middlewares_check_their_patterns_when_built(sqlite_url):
+    from deferred_middleware import DeferredMiddleware, DeferredWSGIMiddleware
+
+    for middleware in (DeferredMiddleware, DeferredWSGIMiddleware):
+        with pytest.raises(ValueError, match="unknown method GETT"):
+            middleware(lambda *a: None, database_url=sqlite_url, routes=["GETT /x"])

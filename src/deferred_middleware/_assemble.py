@@ -50,7 +50,9 @@ def assemble(
     dispatcher = Dispatcher(config, store, writer, notifier, launcher, side_loops=side_loops)
     return Parts(
         config=config,
-        patterns=RoutePatterns(routes, DeferredOptions(retries=retries, timeout=timeout)),
+        patterns=RoutePatterns(
+            routes, DeferredOptions(retries=retries, timeout=timeout), config.prefix
+        ),
         core=JobCore(config, store, writer, notifier, dispatcher),
         dispatcher=dispatcher,
     )

@@ -90,11 +90,39 @@ def queues_of(views: Iterable[Any]) -> set[str]:
     return found
 
 
-def _compile_pattern(pattern: str) -> tuple[frozenset[str] | None, re.Pattern[str]]:
+# Methods a pattern may name: those a request body can carry work in, and
+# WebDAV's. HEAD and OPTIONS are never deferred.
+KNOWN_METHODS = frozenset(
+    {
+        "GET",
+        "POST",
+        "PUT",
+        "PATCH",
+        "DELETE",
+        "QUERY",
+        "PROPFIND",
+        "PROPPATCH",
+        "MKCOL",
+        "COPY",
+        "MOVE",
+        "LOCK",
+        "UNLOCK",
+        "REPORT",
+        "SEARCH",
+    }
+)
+
+
+def _compile_pattern(
+    pattern: str, prefix: str | None = None
+) -> tuple[frozenset[str] | None, re.Pattern[str]]:
+    """A pattern that could never match is refused here, when the middleware
+    is built, rather than silently deferring nothing."""
     method, _, path = pattern.strip().rpartition(" ")
     methods = frozenset(m.upper() for m in method.split(",") if m) or None
-    if not path.startswith("/"):
-        raise ValueError(f"route pattern {pattern!r}: the path must start with '/'")
+    problem = _problem_with(methods or frozenset(), path, prefix)
+    if problem:
+        raise ValueError(f"route pattern {pattern!r}: {problem}")
     regex = ""
     for part in re.split(r"(\*\*|\*)", path):
         if part == "**":
@@ -106,6 +134,23 @@ def _compile_pattern(pattern: str) -> tuple[frozenset[str] | None, re.Pattern[st
     return methods, re.compile(regex + r"\Z")
 
 
+def _problem_with(methods: frozenset[str], path: str, prefix: str | None) -> str | None:
+    if not path.startswith("/"):
+        return "the path must start with '/'"
+    if "?" in path or "#" in path:
+        return "a pattern matches the path alone, without a query or fragment"
+    never = methods & NEVER_DEFERRED
+    if never:
+        return f"{', '.join(sorted(never))} requests are never deferred"
+    unknown = methods - KNOWN_METHODS
+    if unknown:
+        return f"unknown method {', '.join(sorted(unknown))}"
+    literal = re.split(r"\*", path, maxsplit=1)[0]
+    if prefix is not None and (literal == prefix or literal.startswith(prefix + "/")):
+        return f"the job routes are served under {prefix}; nothing there is deferred"
+    return None
+
+
 class RoutePatterns:
     """Deferred routes named by pattern, for apps whose code cannot be edited.
 
@@ -114,9 +159,15 @@ class RoutePatterns:
     rest of the path, slashes included.
     """
 
-    def __init__(self, patterns: Iterable[str], options: DeferredOptions | None = None) -> None:
+    def __init__(
+        self,
+        patterns: Iterable[str],
+        options: DeferredOptions | None = None,
+        prefix: str | None = None,
+    ) -> None:
+        """``prefix``: where the job routes are, which no pattern may name."""
         self.options = options or DeferredOptions()
-        self._compiled = [_compile_pattern(p) for p in patterns]
+        self._compiled = [_compile_pattern(p, prefix) for p in patterns]
 
     def __bool__(self) -> bool:
         return bool(self._compiled)

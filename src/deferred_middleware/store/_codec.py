@@ -87,6 +87,8 @@ def webhook_due_at(when: Any) -> Any:
     """Only a job with a callback gets a due time: the others leave the
     webhook index untouched when they end."""
     return sa.case((jobs.c.callback_url.is_not(None), when), else_=None)
+
+
 NO_WEBHOOK_PENDING = sa.or_(jobs.c.webhook_state.is_(None), jobs.c.webhook_state != WEBHOOK_PENDING)
 FINISHED_VALUES = tuple(s.value for s in (Status.SUCCEEDED, Status.FAILED, Status.CANCELED))
 ACTIVE_VALUES = (Status.QUEUED.value, Status.RUNNING.value)
