@@ -104,3 +104,20 @@ def test_webhook_attempts_are_shown_and_a_delivery_can_be_sent_again(store, data
     refused = cli(database_url, "redeliver", plain.id, check=False)
     assert refused.returncode == 1 and "has no callback" in refused.stderr
     assert "has no callback" in cli(database_url, "webhooks", plain.id, check=False).stderr
+
+
+def test_no_command_creates_a_job_table_but_migrate(database_url):
+    """A wrong folder or URL says so, rather than showing an empty new table."""
+    listed = cli(database_url, "list", check=False)
+    assert listed.returncode == 1
+    assert "no job table at" in listed.stderr
+    if database_url.startswith("sqlite"):
+        assert not os.path.exists(database_url.removeprefix("sqlite:///"))
+    assert "up to date" in cli(database_url, "migrate").stdout
+    assert cli(database_url, "list").stdout.strip() == "no jobs"
+
+
+def test_a_url_that_is_not_one_is_a_clear_error():
+    result = cli("jobs.db", "list", check=False)
+    assert result.returncode == 1
+    assert "is not a database URL" in result.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import sys
 from datetime import timedelta
@@ -14,9 +15,14 @@ try:
 except ImportError:  # pragma: no cover - the [cli] extra is not installed
     sys.exit("deferred-middleware's commands need click: pip install 'deferred-middleware[cli]'")
 
+import sqlalchemy as sa
+
 from ._config import default_database_url
 from ._jobs import Job, Status, utcnow
 from .store import SQLJobStore, StoreUnavailable
+from .store._schema import jobs as jobs_table
+
+JOBS_TABLE = jobs_table.name
 
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -84,13 +90,45 @@ def worker(
 @click.pass_context
 def jobs(ctx: click.Context, database_url: str) -> None:
     """Inspect and manage jobs in the job table."""
-    store = SQLJobStore(database_url)
+    try:
+        store = SQLJobStore(database_url)
+    except (ValueError, ImportError) as exc:
+        raise click.ClickException(str(exc)) from exc
     ctx.call_on_close(store.close)
+    ctx.obj = store
+    if ctx.invoked_subcommand == "migrate":
+        return
+    try:
+        if not _has_job_table(store):
+            raise click.ClickException(
+                f"no job table at {store.url.render_as_string()}: nothing was ever deferred "
+                "there, or the URL is not the app's (--database-url, DEFERRED_DATABASE_URL)"
+            )
+        store.migrate()  # upgrades an existing table in place; never creates one
+    except StoreUnavailable as exc:
+        raise click.ClickException(f"the job store is unavailable: {exc}") from exc
+
+
+def _has_job_table(store: SQLJobStore) -> bool:
+    """Without creating anything: connecting to a missing SQLite file would."""
+    url = store.url
+    if url.get_backend_name() == "sqlite" and not (url.database and os.path.exists(url.database)):
+        return False
+    try:
+        return sa.inspect(store.engine).has_table(JOBS_TABLE)
+    except sa.exc.OperationalError as exc:
+        raise StoreUnavailable(exc.__class__.__name__) from exc
+
+
+@jobs.command()
+@click.pass_obj
+def migrate(store: SQLJobStore) -> None:
+    """Create the job table, or upgrade it to this release's schema."""
     try:
         store.migrate()
     except StoreUnavailable as exc:
         raise click.ClickException(f"the job store is unavailable: {exc}") from exc
-    ctx.obj = store
+    click.echo(f"the job table at {store.url.render_as_string()} is up to date")
 
 
 def _row(job: Job) -> dict[str, Any]:
