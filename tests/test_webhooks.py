@@ -529,3 +529,19 @@ def test_a_side_loop_keeps_delivering_what_becomes_due_later(deliveries, clock):
         stopping.set()
         thread.join(10)
     assert deliverer._client is None  # closed when the loop ended
+
+
+@pytest.mark.parametrize(("lease", "timeout", "held"), [(30, 10, 30), (1, 1, 4), (5, 60, 126)])
+def test_a_delivery_is_held_for_as_long_as_its_slowest_attempt(clock, lease, timeout, held):
+    """So that no other executor takes a delivery that is still under way."""
+    config = Config(
+        database_url="memory://",
+        webhook_secret=SECRET,
+        lease_seconds=lease,
+        webhook_timeout=timeout,
+    )
+    store = MemoryJobStore(clock=clock)
+    asked = []
+    store.claim_webhooks = lambda worker, limit, lease_seconds: asked.append(lease_seconds) or []
+    WebhookDeliverer(config, store).step()
+    assert asked == [held]

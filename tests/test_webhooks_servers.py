@@ -161,7 +161,7 @@ def test_a_worker_killed_mid_delivery_loses_no_webhook(serve, start_worker, data
     holds its delivery; the next one delivers it again once the lease runs out."""
     receiver.answers = [("hold", 200), 200]
     receiver.start()
-    env = webhook_env(receiver, LEASE_SECONDS="1", WEBHOOK_TIMEOUT="30")
+    env = webhook_env(receiver, LEASE_SECONDS="1", WEBHOOK_TIMEOUT="1")  # a 4 s claim
     server = serve("uvicorn", DATABASE_URL=database_url, EXECUTE="0", **env)
     job_id = submit(server, receiver)
     first = start_worker("starlette", **env)

@@ -66,6 +66,12 @@ class WebhookDeliverer:
         self.resolve = resolve
         self.allowlist = webhooks.Allowlist(config.webhook_allowlist)
         self.worker = worker_name()
+        # Long enough for the slowest attempt (connecting, sending, reading),
+        # so no other executor takes a delivery that is still under way.
+        timeout = config.webhook_timeout
+        self.lease_seconds = max(
+            config.lease_seconds, min(timeout, CONNECT_TIMEOUT) + 2 * timeout + 1
+        )
         self._transport = transport
         self._client: Any = None
 
@@ -82,7 +88,7 @@ class WebhookDeliverer:
     def step(self, pool: ThreadPoolExecutor | None = None) -> int:
         """Claim what is due and deliver it; answers how many were tried."""
         try:
-            due = self.store.claim_webhooks(self.worker, AT_ONCE, self.config.lease_seconds)
+            due = self.store.claim_webhooks(self.worker, AT_ONCE, self.lease_seconds)
         except StoreUnavailable:
             logger.warning("the job store is unavailable; delivering webhooks again shortly")
             return 0
