@@ -214,6 +214,18 @@ def test_a_last_event_id_longer_than_a_revision_is_nothing(value, seen):
     assert events.last_event_id(value) == seen
 
 
+def statuses_streamed(h: Harness, job_id: str, face: str) -> list[str]:
+    """The statuses a whole event stream carries, read through one face."""
+    if face == "blocking":
+        return [parse(c)[2]["status"] for c in open_stream(h, job_id).stream]
+
+    async def follow() -> list[str]:
+        reply = await h.core.answer_async(f"/{job_id}/events", "GET", b"", "")
+        return [parse(c)[2]["status"] async for c in reply.stream]
+
+    return asyncio.run(asyncio.wait_for(follow(), 10))
+
+
 @pytest.mark.parametrize("face", ["blocking", "async"])
 def test_a_change_made_elsewhere_is_seen_by_polling(face):
     """Another process changed the row: no wake-up comes, the poll finds it."""
@@ -221,16 +233,7 @@ def test_a_change_made_elsewhere_is_seen_by_polling(face):
     job_id = h.submit()
     elsewhere = threading.Timer(0.05, lambda: h.store.cancel(job_id))  # not through the core
     elsewhere.start()
-    if face == "blocking":
-        statuses = [parse(c)[2]["status"] for c in open_stream(h, job_id).stream]
-    else:
-
-        async def follow() -> list[str]:
-            reply = await h.core.answer_async(f"/{job_id}/events", "GET", b"", "")
-            return [parse(c)[2]["status"] async for c in reply.stream]
-
-        statuses = asyncio.run(asyncio.wait_for(follow(), 10))
-    assert statuses == ["queued", "canceled"]
+    assert statuses_streamed(h, job_id, face) == ["queued", "canceled"]
 
 
 @pytest.mark.parametrize("face", ["blocking", "async"])
@@ -249,16 +252,7 @@ def test_a_stream_outlives_a_store_outage(face, monkeypatch):
         return real_get(*args, **kwargs)
 
     monkeypatch.setattr(h.store, "get", flaky)
-    if face == "blocking":
-        statuses = [parse(c)[2]["status"] for c in open_stream(h, job_id).stream]
-    else:
-
-        async def follow() -> list[str]:
-            reply = await h.core.answer_async(f"/{job_id}/events", "GET", b"", "")
-            return [parse(c)[2]["status"] async for c in reply.stream]
-
-        statuses = asyncio.run(asyncio.wait_for(follow(), 10))
-    assert statuses == ["queued", "canceled"]
+    assert statuses_streamed(h, job_id, face) == ["queued", "canceled"]
 
 
 def test_the_async_face_reads_last_event_id_too():

@@ -318,8 +318,9 @@ def test_a_target_that_now_resolves_inward_fails_without_being_contacted(deliver
     assert "private" in attempt.error
 
 
-def test_the_deliverer_runs_as_a_side_loop_until_stopped(deliveries):
-    store, deliverer, _, job_id = deliveries(httpx.Response(200))
+def run_until_delivered(deliverer: WebhookDeliverer, store, job_id: str) -> None:
+    """Run the deliverer as an executor does, until the job's webhook is
+    delivered; then stop it and check that it stopped."""
     stopping = threading.Event()
     thread = threading.Thread(target=deliverer.run, args=(stopping,))
     thread.start()
@@ -329,6 +330,11 @@ def test_the_deliverer_runs_as_a_side_loop_until_stopped(deliveries):
         stopping.set()
         thread.join(10)
     assert not thread.is_alive()
+
+
+def test_the_deliverer_runs_as_a_side_loop_until_stopped(deliveries):
+    store, deliverer, _, job_id = deliveries(httpx.Response(200))
+    run_until_delivered(deliverer, store, job_id)
     assert deliverer.name == "webhooks"
 
 
@@ -520,14 +526,7 @@ def test_a_side_loop_keeps_delivering_what_becomes_due_later(deliveries, clock):
     store, deliverer, _, job_id = deliveries(httpx.Response(500), httpx.Response(200))
     deliverer.config.poll_interval = 0.01
     deliverer.config.webhook_backoff = 0.0  # due again at once
-    stopping = threading.Event()
-    thread = threading.Thread(target=deliverer.run, args=(stopping,))
-    thread.start()
-    try:
-        eventually(lambda: store.get(job_id).webhook_state == WEBHOOK_DELIVERED)
-    finally:
-        stopping.set()
-        thread.join(10)
+    run_until_delivered(deliverer, store, job_id)
     assert deliverer._client is None  # closed when the loop ended
 
 

@@ -5,7 +5,6 @@ answers from a script. Not a test module."""
 from __future__ import annotations
 
 import http.server
-import json
 import threading
 import time
 from dataclasses import dataclass, field
@@ -79,7 +78,3 @@ class Receiver:
 
     def verified(self) -> list[dict[str, Any]]:
         return [d.payload for d in self.deliveries if d.payload is not None]
-
-
-def dumps(value: Any) -> str:
-    return json.dumps(value, sort_keys=True)
