@@ -110,12 +110,7 @@ class JobCore:
         self.prepare()
         if self._queue_check_due():
             self._count_queued()
-        callback = (
-            self.callbacks.url_for(request, options)
-            if self.callbacks.asked(request, options)
-            else None
-        )
-        job = self._new_job(request, options, callback)
+        job = self._new_job(request, options, self.callbacks.url_for(request, options))
         committed: Future[None] = Future()
         self.writer.insert(job, committed)
         committed.result()
@@ -255,8 +250,8 @@ class JobCore:
         try:
             self.prepare()
             if route.action == "events" and method in protocol.ALLOWED["events"]:
-                seen = events.last_event_id(conditions.last_event_id)
-                return events.answer(self, route.job_id, method, seen, self.urls(root_path))
+                resumed = conditions.last_event_id
+                return events.answer(self, route.job_id, method, resumed, self.urls(root_path))
             if route.wait and method in ("GET", "HEAD"):
                 self.wait(route.job_id, route.wait)
             return self._reply(route, method, self.urls(root_path), conditions)
@@ -278,9 +273,8 @@ class JobCore:
             if not self.ready:
                 await self.offload(self.prepare)
             if route.action == "events" and method in protocol.ALLOWED["events"]:
-                seen = events.last_event_id(conditions.last_event_id)
-                urls = self.urls(root_path)
-                return await events.answer_async(self, route.job_id, method, seen, urls)
+                resumed, urls = conditions.last_event_id, self.urls(root_path)
+                return await events.answer_async(self, route.job_id, method, resumed, urls)
             reading = method in ("GET", "HEAD")
             if route.wait and reading:
                 await self.wait_async(route.job_id, route.wait)

@@ -113,8 +113,10 @@ def _opening(core: JobCore, job_id: str, last_seen: int | None) -> protocol.Repl
 
 
 def answer(
-    core: JobCore, job_id: str, method: str, last_seen: int | None, urls: protocol.JobURLs
+    core: JobCore, job_id: str, method: str, resumed: str | None, urls: protocol.JobURLs
 ) -> protocol.Reply:
+    """``resumed``: the request's ``Last-Event-ID``, if any."""
+    last_seen = last_event_id(resumed)
     reply = _opening(core, job_id, last_seen)
     if reply.status == 200 and method == "GET":
         events = EventStream(
@@ -129,8 +131,9 @@ def answer(
 
 
 async def answer_async(
-    core: JobCore, job_id: str, method: str, last_seen: int | None, urls: protocol.JobURLs
+    core: JobCore, job_id: str, method: str, resumed: str | None, urls: protocol.JobURLs
 ) -> protocol.Reply:
+    last_seen = last_event_id(resumed)
     reply = await core.read(_opening, core, job_id, last_seen)
     if reply.status == 200 and method == "GET":
         events = EventStream(

@@ -203,5 +203,6 @@ class Callbacks:
             url = request.header(HEADER)
         if url is None:
             return None
-        check_callback(url.strip(), self.allowlist, self.secret, self.resolve)
-        return url.strip()
+        url = url.strip()
+        check_callback(url, self.allowlist, self.secret, self.resolve)
+        return url

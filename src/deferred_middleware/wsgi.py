@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from . import _protocol as protocol
 from ._assemble import assemble
 from ._jobs import DeferredOptions, Refusal, StoredRequest
-from ._prefer import parse_prefer
+from ._prefer import Preferences, parse_prefer
 from ._routes import NEVER_DEFERRED
 from .runner.wsgi import ThreadLauncher, WSGIApp
 from .store import StoreUnavailable, Unstorable
@@ -181,13 +181,10 @@ class DeferredWSGIMiddleware:
         options = self._deferred_options(environ, path)
         if options is None:
             return self.app(environ, start_response)
-        if options.mode == "prefer" and not self._wants_async(environ):
+        wanted = parse_prefer([environ.get("HTTP_PREFER", "")])
+        if options.mode == "prefer" and not wanted.respond_async:
             return self.app(environ, varying_on_prefer(start_response))
-        return respond(start_response, self._accept(environ, options))
-
-    @staticmethod
-    def _wants_async(environ: Environ) -> bool:
-        return parse_prefer([environ.get("HTTP_PREFER", "")]).respond_async
+        return respond(start_response, self._accept(environ, options, wanted))
 
     def _deferred_options(self, environ: Environ, path: str) -> DeferredOptions | None:
         method = environ["REQUEST_METHOD"]
@@ -198,7 +195,9 @@ class DeferredWSGIMiddleware:
             options = self.find_options(environ)
         return options
 
-    def _accept(self, environ: Environ, options: DeferredOptions) -> protocol.Reply:
+    def _accept(
+        self, environ: Environ, options: DeferredOptions, wanted: Preferences
+    ) -> protocol.Reply:
         limit = self.config.max_body_size
         try:
             body = read_body(environ, limit)
@@ -211,7 +210,7 @@ class DeferredWSGIMiddleware:
         except (Refusal, StoreUnavailable, Unstorable) as error:
             return self.core.refused(error)
         root_path = from_wsgi_string(environ.get("SCRIPT_NAME", ""))
-        return self.core.accepted(job, root_path, parse_prefer([environ.get("HTTP_PREFER", "")]))
+        return self.core.accepted(job, root_path, wanted)
 
     # -- running jobs in this process -------------------------------------
 
