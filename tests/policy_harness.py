@@ -31,7 +31,7 @@ from .support import FakeClock
 class InlineWriter(BatchWriter):
     """The real batch writing, done at once in the caller's thread."""
 
-    def _put(self, item: tuple[bool, Any, Any]) -> None:
+    def _put(self, item: tuple[str, Any, Any]) -> None:
         self._write([item])
 
 

@@ -23,6 +23,7 @@ import sqlalchemy as sa
 
 from deferred_middleware._jobs import (
     DeferredOptions,
+    Idempotency,
     Job,
     Status,
     StoredRequest,
@@ -84,7 +85,12 @@ def make_job(
     query: bytes = b"a=1&b=%20",
     created_at: datetime | None = None,
     callback_url: str | None = None,
+    owner: str | None = None,
+    idempotency_key: str | None = None,
 ) -> Job:
+    """A job as the core makes one; ``idempotency_key`` as the client sends it."""
+    if idempotency_key is not None:
+        headers = [*(headers or []), ("idempotency-key", idempotency_key)]
     request = StoredRequest(
         method="POST",
         path=path,
@@ -104,6 +110,8 @@ def make_job(
         request=request,
         options=DeferredOptions(retries=retries, timeout=timeout),
         callback_url=callback_url,
+        owner=owner,
+        idempotency=Idempotency.of(request, owner),
     )
 
 

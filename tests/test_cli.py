@@ -34,6 +34,17 @@ def cli(database_url: str, *args: str, check: bool = True) -> subprocess.Complet
     return result
 
 
+def test_list_and_show_name_each_job_s_owner(store, database_url):
+    job = make_job(owner="alice@example.com")
+    store.insert([job])
+    [listed] = json.loads(cli(database_url, "list", "--json").stdout)
+    assert (listed["owner"], listed["queue"]) == ("alice@example.com", "default")
+    assert "alice@example.com" in cli(database_url, "list").stdout
+    assert json.loads(cli(database_url, "show", job.id, "--json").stdout)["owner"] == (
+        "alice@example.com"
+    )
+
+
 def test_list_show_cancel_retry_and_prune(store, database_url):
     done, failed, queued = enqueue(store, "/tiny", 3)
     assert {job.id for job in store.claim("w", 2, 30)} == {done, failed}
@@ -54,7 +65,7 @@ def test_list_show_cancel_retry_and_prune(store, database_url):
     assert [row["id"] for row in only_failed] == [failed]
     assert json.loads(cli(database_url, "list", "--older-than", "1h", "--json").stdout) == []
     table = cli(database_url, "list").stdout
-    assert table.splitlines()[0].split()[:3] == ["ID", "STATUS", "ATTEMPTS"]
+    assert table.splitlines()[0].split()[:5] == ["ID", "STATUS", "QUEUE", "OWNER", "ATTEMPTS"]
     assert "It broke." in table
 
     shown = json.loads(cli(database_url, "show", done, "--json").stdout)

@@ -16,18 +16,10 @@ import pytest
 
 from deferred_middleware import _protocol as protocol
 from deferred_middleware import deferred
-from deferred_middleware._jobs import (
-    DeferredOptions,
-    Finish,
-    HeadersTooLarge,
-    NotStorable,
-    QueueFull,
-    Status,
-    StoredRequest,
-    StoredResponse,
-)
+from deferred_middleware._jobs import DeferredOptions, Finish, Status, StoredRequest, StoredResponse
 from deferred_middleware._notify import Notifier
 from deferred_middleware._prefer import Preferences
+from deferred_middleware._refusals import HeadersTooLarge, NotStorable, QueueFull
 from deferred_middleware._routes import RoutePatterns, options_of, queues_of
 from deferred_middleware.runner._dispatch import worker_name
 from deferred_middleware.store import StoreUnavailable, Unstorable

@@ -19,14 +19,15 @@ from deferred_middleware._jobs import (
     Failure,
     Finish,
     Job,
-    QueueFull,
     RetryLater,
     Status,
     StoredRequest,
     StoredResponse,
     utcnow,
 )
+from deferred_middleware._refusals import QueueFull
 from deferred_middleware.store import StoreUnavailable, Unstorable
+from deferred_middleware.store._writer import INSERT
 
 from .policy_harness import Harness
 
@@ -583,7 +584,7 @@ def test_one_unstorable_job_does_not_fail_the_others_in_its_batch(h, monkeypatch
     items = []
     for path, future in (("/good", good), ("/bad", bad)):
         job = h.core._new_job(StoredRequest("POST", path), DeferredOptions())
-        items.append((True, job, future))
+        items.append((INSERT, job, future))
     h.writer._write(items)
     assert good.result() is None
     assert isinstance(bad.exception(), Unstorable)

@@ -10,10 +10,9 @@ from deferred_middleware._jobs import (
     DeferredOptions,
     Job,
     Status,
-    merge_credentials,
-    split_credentials,
 )
 from deferred_middleware._routes import RoutePatterns, options_of
+from deferred_middleware.store._credentials import merge_credentials, split_credentials
 
 
 def test_the_marker_returns_the_same_function_with_its_options():

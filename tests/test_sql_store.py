@@ -138,7 +138,8 @@ def insert_as_before_queues(store: SQLJobStore, job) -> None:
     any column added since)."""
     naive = job.created_at.astimezone(timezone.utc).replace(tzinfo=None)
     values = codec.insert_values(job, frozenset(), store.dialect.datetime_param(naive))
-    del values["queue"], values["callback_url"]
+    for added_since in ("queue", "callback_url", "owner", "idempotency_key", "request_digest"):
+        del values[added_since]
     columns = ", ".join(values)
     placeholders = ", ".join(f":{name}" for name in values)
     insert = sa.text(f"INSERT INTO deferred_jobs ({columns}) VALUES ({placeholders})")

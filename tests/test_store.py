@@ -400,3 +400,66 @@ def test_every_change_a_client_could_see_raises_the_revision(any_store, new, clo
     changed()
     any_store.cancel(job.id)  # already final: nothing changes
     assert revision() == seen[-1]
+
+
+# -- owners and Idempotency-Keys ---------------------------------------------------
+
+
+def test_a_job_keeps_its_owner(any_store, new):
+    job = new(owner="alice@example.com")
+    any_store.insert([job])
+    assert any_store.get(job.id).owner == "alice@example.com"
+    assert [j.owner for j in any_store.list()] == ["alice@example.com"]
+    [claimed] = any_store.claim("w", 1, 30)
+    assert claimed.owner == "alice@example.com"
+
+
+def test_insert_once_stores_the_first_job_of_a_key_and_answers_it_after(any_store, new):
+    first = new(owner="alice", idempotency_key="k1")
+    assert any_store.insert_once(first) is first
+    again = new(owner="alice", idempotency_key="k1", body=b"other")
+    held = any_store.insert_once(again)
+    assert held.id == first.id
+    assert held.owner == "alice"
+    assert held.idempotency == first.idempotency  # its request digest, to compare
+    assert held.idempotency.request != again.idempotency.request
+    assert any_store.get(again.id) is None
+    assert any_store.count(Status.QUEUED) == 1
+
+
+def test_a_key_is_free_again_once_its_job_is_deleted(any_store, new):
+    first = new(idempotency_key="k1")
+    any_store.insert_once(first)
+    assert any_store.delete(first.id)
+    second = new(idempotency_key="k1")
+    assert any_store.insert_once(second) is second
+
+
+def test_two_jobs_of_one_key_never_share_a_batch(any_store, new):
+    """The unique index holds for plain inserts too: the writer then stores
+    each job of the failed batch alone."""
+    a, b = new(idempotency_key="k"), new(idempotency_key="k")
+    with pytest.raises(Exception):  # noqa: B017  (each database its own IntegrityError)
+        any_store.insert([a, b])
+    assert any_store.get(a.id) is None and any_store.get(b.id) is None
+
+
+def test_concurrent_duplicates_make_exactly_one_job(any_store, new):
+    """Not check-then-insert: 50 threads race one key, one row wins."""
+    jobs = [new(owner="alice", idempotency_key="race") for _ in range(50)]
+    start = threading.Barrier(len(jobs))
+    answers: list[str] = []
+
+    def submit(job):
+        start.wait()
+        answers.append(any_store.insert_once(job).id)
+
+    threads = [threading.Thread(target=submit, args=(job,)) for job in jobs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(answers) == 50
+    assert len(set(answers)) == 1
+    assert any_store.count(Status.QUEUED) == 1
+    assert any_store.get(answers[0]) is not None

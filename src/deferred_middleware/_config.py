@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TypedDict
 
-from ._jobs import DEFAULT_CREDENTIAL_HEADERS, DEFAULT_QUEUE, check_queue_name
+from ._jobs import DEFAULT_CREDENTIAL_HEADERS, DEFAULT_QUEUE, RequestInfo, check_queue_name
 
 DEFAULT_DATABASE_FILE = "deferred_jobs.db"
 
@@ -48,6 +48,7 @@ class Config:
     webhook_backoff: float = 5.0
     webhook_retry_for: float = 24 * 3600
     webhook_timeout: float = 10.0
+    owner: Callable[[RequestInfo], str | None] | None = None
 
     def __post_init__(self) -> None:
         if not self.prefix.startswith("/") or self.prefix.endswith("/"):
@@ -142,6 +143,9 @@ class Options(TypedDict, total=False):
     """How long after the job ended a delivery is still tried."""
     webhook_timeout: float
     """Seconds a receiver has to answer one delivery (connecting: at most 5)."""
+    owner: Callable[[RequestInfo], str | None] | None
+    """``fn(request)``: who is asking. A job keeps its submitter's owner and
+    its routes answer 404 to anyone else; a submit that names nobody gets 403."""
     queue: str
     """The queue jobs go to (``@deferred(queue=...)`` picks another) and that
     this process's executor runs, with the queues its marked routes name."""

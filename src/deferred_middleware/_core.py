@@ -17,30 +17,18 @@ from typing import Protocol, TypeVar
 
 from . import _events as events
 from . import _protocol as protocol
+from ._admission import Admission, refusal_reply
 from ._config import Config
-from ._jobs import (
-    HEADERS_TOO_LARGE,
-    BadRequest,
-    DeferredOptions,
-    HeadersTooLarge,
-    Job,
-    NotStorable,
-    QueueFull,
-    Refusal,
-    Status,
-    StoredRequest,
-    new_job_id,
-    utcnow,
-)
+from ._jobs import DeferredOptions, Job, RequestInfo, Status, StoredRequest, owner_key, utcnow
 from ._notify import Notifier
 from ._prefer import NONE, Preferences
+from ._refusals import Refusal
 from ._webhooks import Callbacks
 from .store import Clock, JobStore, StoreUnavailable, Unstorable
 from .store._writer import BatchWriter
 
 logger = logging.getLogger("deferred_middleware")
 
-QUEUE_CHECK_EVERY = 0.5
 OFFLOAD_THREADS = 16
 T = TypeVar("T")
 
@@ -77,8 +65,7 @@ class JobCore:
         self.callbacks = Callbacks(config.webhook_secret, config.webhook_allowlist)
         self.ready = False
         self._ready_lock = threading.Lock()
-        self._queued_seen = 0
-        self._queued_checked = -QUEUE_CHECK_EVERY
+        self.admission = Admission(config, store, clock=clock, monotonic=monotonic)
         self._pool: ThreadPoolExecutor | None = None
 
     def prepare(self) -> None:
@@ -102,80 +89,74 @@ class JobCore:
 
     # -- accepting ---------------------------------------------------------
 
-    def accept(self, request: StoredRequest, options: DeferredOptions) -> Job:
-        """Store the request as a queued job; returns once its row is
-        committed. Raises a Refusal (queue full, headers too large, not
-        storable, a callback refused), StoreUnavailable or Unstorable: then
-        no job exists, and :meth:`refused` says what to answer."""
+    def accept(
+        self, request: StoredRequest, options: DeferredOptions, owner: str | None = None
+    ) -> Job:
+        """Store the request as a queued job of ``owner``; returns once its
+        row is committed (or, for a repeated Idempotency-Key, the job stored
+        the first time). Raises a Refusal (queue full, headers too large, not
+        storable, a callback refused, no owner, a key reused), StoreUnavailable
+        or Unstorable: then no job was made, and :meth:`refused` says what
+        to answer."""
         self.prepare()
-        if self._queue_check_due():
-            self._count_queued()
-        job = self._new_job(request, options, self.callbacks.url_for(request, options))
+        if self.admission.count_due():
+            self.admission.count_queued()
+        callback = self.callbacks.url_for(request, options)
+        job = self._new_job(request, options, owner, callback)
+        if job.idempotency is not None:
+            held: Future[Job] = Future()
+            self.writer.insert_once(job, held)
+            return self._stored_once(job, held.result())
         committed: Future[None] = Future()
         self.writer.insert(job, committed)
         committed.result()
         self._committed()
         return job
 
-    async def accept_async(self, request: StoredRequest, options: DeferredOptions) -> Job:
+    async def accept_async(
+        self, request: StoredRequest, options: DeferredOptions, owner: str | None = None
+    ) -> Job:
         """As :meth:`accept`; the event loop waits only on a future."""
         if not self.ready:
             await self.offload(self.prepare)
-        if self._queue_check_due():
-            await self.offload(self._count_queued)
+        if self.admission.count_due():
+            await self.offload(self.admission.count_queued)
         callback = None
         if self.callbacks.asked(request, options):  # may look up a host name: off the loop
             callback = await self.offload(self.callbacks.url_for, request, options)
-        job = self._new_job(request, options, callback)
-        committed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        job = self._new_job(request, options, owner, callback)
+        loop = asyncio.get_running_loop()
+        if job.idempotency is not None:
+            held: asyncio.Future[Job] = loop.create_future()
+            self.writer.insert_once(job, held)
+            return self._stored_once(job, await held)
+        committed: asyncio.Future[None] = loop.create_future()
         self.writer.insert(job, committed)
         await committed
         self._committed()
         return job
 
     def _new_job(
-        self, request: StoredRequest, options: DeferredOptions, callback: str | None = None
+        self,
+        request: StoredRequest,
+        options: DeferredOptions,
+        owner: str | None = None,
+        callback: str | None = None,
     ) -> Job:
-        """The queued job for an admissible request (which it takes over and
-        readies for storing); raises a Refusal otherwise."""
-        reason = request.admit(self.config.max_header_size)
-        if reason == HEADERS_TOO_LARGE:
-            raise HeadersTooLarge
-        if reason is not None:
-            raise NotStorable(reason)
-        if self._queue_is_full():
-            raise QueueFull
-        return Job(
-            id=new_job_id(),
-            status=Status.QUEUED,
-            created_at=self.clock(),
-            request=request,
-            options=options,
-            queue=options.queue or self.config.queue,
-            callback_url=callback,
-        )
+        return self.admission.new_job(request, options, owner, callback)
 
-    def _queue_check_due(self) -> bool:
-        return (
-            self.config.max_queued is not None
-            and self.monotonic() - self._queued_checked >= QUEUE_CHECK_EVERY
-        )
+    def _stored_once(self, job: Job, stored: Job) -> Job:
+        """The job to answer for a request that named an Idempotency-Key."""
+        if stored is job:
+            self._committed()
+            return job
+        return self.admission.same_request(job, stored)
 
-    def _count_queued(self) -> None:
-        self._queued_seen = self.store.count(Status.QUEUED)
-        self._queued_checked = self.monotonic()
-
-    def _queue_is_full(self) -> bool:
-        """The count is read from the table at most twice a second and raised
-        by this process's own accepts in between, so a burst cannot overshoot
-        by much nor cost a query each."""
-        bound = self.config.max_queued
-        if bound is None:
-            return False
-        if self._queued_seen >= bound:
-            return True
-        self._queued_seen += 1
-        return False
+    def owner_of(self, request: RequestInfo) -> str | None:
+        """Who is asking, as ``owner=fn`` names them (None without one)."""
+        if self.config.owner is None:
+            return None
+        return owner_key(self.config.owner(request))
 
     def _committed(self) -> None:
         if self.executor is not None:
@@ -219,16 +200,7 @@ class JobCore:
 
     def refused(self, error: Refusal | StoreUnavailable | Unstorable) -> protocol.Reply:
         """The problem a request that got no job is answered with."""
-        if isinstance(error, QueueFull):
-            return protocol.unavailable(self.config.retry_after, protocol.QUEUE_FULL)
-        if isinstance(error, HeadersTooLarge):
-            return protocol.headers_too_large(self.config.max_header_size)
-        if isinstance(error, BadRequest):
-            return protocol.bad_request(error.detail)
-        if isinstance(error, Unstorable):
-            return protocol.bad_request("The request could not be stored.")
-        logger.warning("could not store a job: the store is unavailable")
-        return protocol.unavailable(self.config.retry_after)
+        return refusal_reply(error, self.config)
 
     def urls(self, root_path: str) -> protocol.JobURLs:
         config = self.config
@@ -243,12 +215,16 @@ class JobCore:
         query: bytes,
         root_path: str,
         conditions: protocol.Conditions = protocol.NO_CONDITIONS,
+        owner: str | None = None,
     ) -> protocol.Reply:
+        """A job route's answer to ``owner`` (see :meth:`owner_of`)."""
         route = protocol.parse_job_route(tail, query, self.config.max_wait)
         if route is None:
             return protocol.not_found()
         try:
             self.prepare()
+            if not self._visible_to(route.job_id, owner):
+                return _unknown(method)
             if route.action == "events" and method in protocol.ALLOWED["events"]:
                 resumed = conditions.last_event_id
                 return events.answer(self, route.job_id, method, resumed, self.urls(root_path))
@@ -265,6 +241,7 @@ class JobCore:
         query: bytes,
         root_path: str,
         conditions: protocol.Conditions = protocol.NO_CONDITIONS,
+        owner: str | None = None,
     ) -> protocol.Reply:
         route = protocol.parse_job_route(tail, query, self.config.max_wait)
         if route is None:
@@ -272,6 +249,9 @@ class JobCore:
         try:
             if not self.ready:
                 await self.offload(self.prepare)
+            owned = self.config.owner is not None
+            if owned and not await self.read(self._visible_to, route.job_id, owner):
+                return _unknown(method)
             if route.action == "events" and method in protocol.ALLOWED["events"]:
                 resumed, urls = conditions.last_event_id, self.urls(root_path)
                 return await events.answer_async(self, route.job_id, method, resumed, urls)
@@ -316,6 +296,14 @@ class JobCore:
         if method == "HEAD":
             reply.body = b""
         return reply
+
+    def _visible_to(self, job_id: str, owner: str | None) -> bool:
+        """With owners, a job exists only for the one who submitted it: to
+        anyone else (and to no one) its routes answer as for an unknown id."""
+        if self.config.owner is None:
+            return True
+        job = self.store.get(job_id)
+        return job is not None and owner is not None and job.owner == owner
 
     def cancel(self, job_id: str) -> Job | None:
         job = self.store.cancel(job_id)
@@ -384,3 +372,11 @@ class JobCore:
         if self.store.reads_are_local:
             return fn(*args)
         return await self.offload(fn, *args)
+
+
+def _unknown(method: str) -> protocol.Reply:
+    """The answer for a job that is not there (for this asker), as for any unknown id."""
+    reply = protocol.not_found()
+    if method == "HEAD":
+        reply.body = b""
+    return reply

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import hashlib
 import re
 import secrets
 from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime, timezone
+
+from ._refusals import BadRequest
 
 Headers = list[tuple[str, str]]
 """Header pairs in order, names lower-cased, values as latin-1 text.
@@ -160,16 +163,33 @@ class StoredResponse:
 
 
 class RequestInfo:
-    """What ``callback=fn`` (and ``owner=fn``) see of a request: the same
-    small object on ASGI and WSGI."""
+    """What ``owner=fn`` and ``callback=fn`` see of a request: the same small
+    object on ASGI and WSGI. ``scope`` (ASGI) or ``environ`` (WSGI) is the
+    server's own view of it, for what a framework put there before us (an
+    authenticated ``scope["user"]``, say); the other one is None."""
 
-    __slots__ = ("headers", "method", "path", "query_string")
+    __slots__ = ("environ", "headers", "method", "path", "query_string", "scope")
 
-    def __init__(self, request: StoredRequest) -> None:
-        self.method = request.method
-        self.path = request.path
-        self.query_string = request.query_string
-        self.headers = CaseInsensitiveHeaders(request.headers)
+    def __init__(
+        self,
+        method: str,
+        path: str,
+        query_string: bytes,
+        headers: Headers,
+        *,
+        scope: Mapping[str, object] | None = None,
+        environ: Mapping[str, object] | None = None,
+    ) -> None:
+        self.method = method
+        self.path = path
+        self.query_string = query_string
+        self.headers = CaseInsensitiveHeaders(headers)
+        self.scope = scope
+        self.environ = environ
+
+    @classmethod
+    def of(cls, request: StoredRequest, **native: Mapping[str, object] | None) -> RequestInfo:
+        return cls(request.method, request.path, request.query_string, request.headers, **native)
 
 
 class CaseInsensitiveHeaders(Mapping[str, str]):
@@ -213,6 +233,9 @@ class Job:
     callback_url: str | None = None
     webhook_state: str | None = None  # pending, delivered or failed, once it ended
     webhook_attempts: int = 0
+    owner: str | None = None
+    """Who submitted it, as ``owner=fn`` named them: only they see it."""
+    idempotency: Idempotency | None = None
 
     @property
     def max_attempts(self) -> int:
@@ -289,31 +312,6 @@ class Progress:
 AttemptWrite = Finish | RetryLater | Requeue | Progress
 
 
-def split_credentials(
-    headers: Headers, credential_names: frozenset[str]
-) -> tuple[Headers, list[tuple[int, str, str]]]:
-    """Separate credentials from other headers, remembering their positions.
-
-    The credentials are stored apart so that finishing a job can forget them
-    with one column update, and replay can put them back in order.
-    """
-    kept: Headers = []
-    secrets_: list[tuple[int, str, str]] = []
-    for index, (name, value) in enumerate(headers):
-        if name in credential_names:
-            secrets_.append((index, name, value))
-        else:
-            kept.append((name, value))
-    return kept, secrets_
-
-
-def merge_credentials(headers: Headers, credentials: list[tuple[int, str, str]]) -> Headers:
-    merged = list(headers)
-    for index, name, value in credentials:
-        merged.insert(index, (name, value))
-    return merged
-
-
 # -- completion webhooks ------------------------------------------------------
 
 WEBHOOK_PENDING, WEBHOOK_DELIVERED, WEBHOOK_FAILED = "pending", "delivered", "failed"
@@ -342,28 +340,47 @@ class WebhookAttempt:
     worker: str | None = None
 
 
-# -- requests that get no job -------------------------------------------------
+MAX_OWNER_LENGTH = 255  # the width of the owner column
 
 
-class Refusal(Exception):
-    """A request that gets no job, for a reason of its own or of the queue's."""
+def owner_key(owner: str | None) -> str | None:
+    """An owner as the job table keeps it: longer names by their digest."""
+    if owner is None or len(owner) <= MAX_OWNER_LENGTH:
+        return owner
+    return "sha256:" + hashlib.sha256(owner.encode()).hexdigest()
 
 
-class QueueFull(Refusal):
-    """``max_queued`` jobs are waiting: 503, try again later."""
+# -- idempotent submits -------------------------------------------------------
+
+IDEMPOTENCY_HEADER = "idempotency-key"
+MAX_IDEMPOTENCY_KEY = 255
+VISIBLE_ASCII = re.compile(r"[\x21-\x7e]+")
 
 
-class HeadersTooLarge(Refusal):
-    """The headers exceed ``max_header_size``: 431."""
+@dataclasses.dataclass(frozen=True)
+class Idempotency:
+    """A job's claim on an ``Idempotency-Key``, as two fixed-width digests.
 
+    ``key`` digests the key with who sent it to which route, so one unique
+    column makes concurrent duplicates collide in every database; ``request``
+    digests what was asked, to tell a retry from a different request."""
 
-class BadRequest(Refusal):
-    """A request the middleware refuses as it is: 400, with a reason."""
+    key: str
+    request: str
 
-    def __init__(self, detail: str) -> None:
-        super().__init__(detail)
-        self.detail = detail
-
-
-class NotStorable(BadRequest):
-    """The job table cannot keep the request faithfully."""
+    @classmethod
+    def of(cls, request: StoredRequest, owner: str | None) -> Idempotency | None:
+        """The request's claim, None without the header; BadRequest for a
+        malformed key (or more than one)."""
+        keys = [value for name, value in request.headers if name == IDEMPOTENCY_HEADER]
+        if not keys:
+            return None
+        key = keys[0]
+        if len(keys) > 1 or len(key) > MAX_IDEMPOTENCY_KEY or not VISIBLE_ASCII.fullmatch(key):
+            raise BadRequest(
+                "The Idempotency-Key header must be sent once, as 1 to "
+                f"{MAX_IDEMPOTENCY_KEY} visible ASCII characters."
+            )
+        scope = "\0".join((owner or "", request.method, request.path, key))
+        what = hashlib.sha256(request.query_string + b"\0" + request.body)
+        return cls(hashlib.sha256(scope.encode()).hexdigest(), what.hexdigest())

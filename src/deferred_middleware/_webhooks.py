@@ -21,7 +21,8 @@ from datetime import datetime
 from urllib.parse import urlsplit
 
 from . import _protocol as protocol
-from ._jobs import BadRequest, DeferredOptions, Job, RequestInfo, StoredRequest
+from ._jobs import DeferredOptions, Job, RequestInfo, StoredRequest
+from ._refusals import BadRequest
 
 MAX_URL_LENGTH = 2048
 MAX_BACKOFF = 3600.0
@@ -198,7 +199,7 @@ class Callbacks:
     def url_for(self, request: StoredRequest, options: DeferredOptions) -> str | None:
         """The checked callback URL (this may look up its host), or None."""
         if options.callback is not None:
-            url = options.callback(RequestInfo(request))
+            url = options.callback(RequestInfo.of(request))
         else:
             url = request.header(HEADER)
         if url is None:

@@ -18,8 +18,9 @@ from asgiref.typing import (
 
 from . import _protocol as protocol
 from ._assemble import assemble
-from ._jobs import DeferredOptions, Refusal, StoredRequest
+from ._jobs import DeferredOptions, RequestInfo, StoredRequest
 from ._prefer import Preferences, parse_prefer
+from ._refusals import Refusal
 from ._routes import NEVER_DEFERRED, queues_of
 from .runner.asgi import TaskLauncher
 from .store import StoreUnavailable, Unstorable
@@ -53,6 +54,15 @@ def stored_request(scope: HTTPScope, body: bytes) -> StoredRequest:
         server=(server[0], server[1] or 0) if server else None,
         client=(client[0], client[1]) if client else None,
     )
+
+
+def request_info(scope: HTTPScope, request: StoredRequest | None = None) -> RequestInfo:
+    """What ``owner=fn`` sees: the stored request, or the request line and headers."""
+    if request is not None:
+        return RequestInfo.of(request, scope=scope)  # type: ignore[arg-type]
+    headers = [(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in scope["headers"]]
+    path, query = route_path(scope), scope.get("query_string", b"")
+    return RequestInfo(scope["method"], path, query, headers, scope=scope)  # type: ignore[arg-type]
 
 
 def preferences(scope: HTTPScope) -> Preferences:
@@ -202,11 +212,17 @@ class DeferredMiddleware:
             scope.get("query_string", b""),
             scope.get("root_path", ""),
             conditions(scope),
+            self.owner_of(scope),
         )
         if reply.stream is None:
             await send_reply(send, reply)
         else:
             await send_stream(receive, send, reply)
+
+    def owner_of(self, scope: HTTPScope, request: StoredRequest | None = None) -> str | None:
+        if self.config.owner is None:
+            return None
+        return self.core.owner_of(request_info(scope, request))
 
     def _deferred_options(self, scope: HTTPScope, path: str) -> DeferredOptions | None:
         method = scope["method"]
@@ -301,8 +317,10 @@ class DeferringResponder:
         if body is None:
             await send_reply(send, protocol.too_large(limit))
             return
+        request = stored_request(scope, body)
         try:
-            job = await core.accept_async(stored_request(scope, body), self.options)
+            owner = self.middleware.owner_of(scope, request)
+            job = await core.accept_async(request, self.options, owner)
         except (Refusal, StoreUnavailable, Unstorable) as error:
             await send_reply(send, core.refused(error))
             return

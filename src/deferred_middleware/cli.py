@@ -135,6 +135,8 @@ def _row(job: Job) -> dict[str, Any]:
     return {
         "id": job.id,
         "status": job.status.value,
+        "queue": job.queue,
+        "owner": job.owner,
         "attempts": job.attempts,
         "created_at": job.created_at.isoformat() if job.created_at else None,
         "started_at": job.started_at.isoformat() if job.started_at else None,
@@ -145,6 +147,9 @@ def _row(job: Job) -> dict[str, Any]:
         "callback_url": job.callback_url,
         "webhook": job.webhook_state,
     }
+
+
+LIST_COLUMNS = ["id", "status", "queue", "owner", "attempts", "created_at", "finished_at", "error"]
 
 
 def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
@@ -183,7 +188,7 @@ def list_jobs(
     if as_json:
         click.echo(json.dumps(rows, indent=2))
     elif rows:
-        click.echo(_table(rows, ["id", "status", "attempts", "created_at", "finished_at", "error"]))
+        click.echo(_table(rows, LIST_COLUMNS))
     else:
         click.echo("no jobs")
 

@@ -11,8 +11,9 @@ from typing import TYPE_CHECKING, Any
 
 from . import _protocol as protocol
 from ._assemble import assemble
-from ._jobs import DeferredOptions, Refusal, StoredRequest
+from ._jobs import DeferredOptions, RequestInfo, StoredRequest
 from ._prefer import Preferences, parse_prefer
+from ._refusals import Refusal
 from ._routes import NEVER_DEFERRED
 from .runner.wsgi import ThreadLauncher, WSGIApp
 from .store import StoreUnavailable, Unstorable
@@ -176,6 +177,7 @@ class DeferredWSGIMiddleware:
                 protocol.Conditions(
                     environ.get("HTTP_IF_NONE_MATCH"), environ.get("HTTP_LAST_EVENT_ID")
                 ),
+                self.owner_of(environ),
             )
             return respond(start_response, reply)
         options = self._deferred_options(environ, path)
@@ -185,6 +187,13 @@ class DeferredWSGIMiddleware:
         if options.mode == "prefer" and not wanted.respond_async:
             return self.app(environ, varying_on_prefer(start_response))
         return respond(start_response, self._accept(environ, options, wanted))
+
+    def owner_of(self, environ: Environ, request: StoredRequest | None = None) -> str | None:
+        if self.config.owner is None:
+            return None
+        if request is None:
+            request = stored_request(environ, b"")
+        return self.core.owner_of(RequestInfo.of(request, environ=environ))
 
     def _deferred_options(self, environ: Environ, path: str) -> DeferredOptions | None:
         method = environ["REQUEST_METHOD"]
@@ -205,8 +214,9 @@ class DeferredWSGIMiddleware:
             return protocol.too_large(limit)
         except ClientDisconnected:
             return protocol.problem(400, "Bad Request", "The request body was incomplete.")
+        request = stored_request(environ, body)
         try:
-            job = self.core.accept(stored_request(environ, body), options)
+            job = self.core.accept(request, options, self.owner_of(environ, request))
         except (Refusal, StoreUnavailable, Unstorable) as error:
             return self.core.refused(error)
         root_path = from_wsgi_string(environ.get("SCRIPT_NAME", ""))

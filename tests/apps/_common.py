@@ -45,7 +45,14 @@ def middleware_options() -> dict:
         options["webhook_allowlist"] = [e for e in env.get("WEBHOOK_ALLOWLIST", "").split(";") if e]
     if "ROUTES" in env:
         options["routes"] = env["ROUTES"].split(";")
+    if env.get("OWNER") == "api-key":
+        options["owner"] = owner_from_api_key
     return options
+
+
+def owner_from_api_key(request) -> str | None:
+    """The API-key recipe: whoever holds a key owns the jobs made with it."""
+    return request.headers.get("x-api-key")
 
 
 def record_effect(job_id: str, attempt: int) -> None:

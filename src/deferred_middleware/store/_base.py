@@ -50,6 +50,11 @@ class JobStore(Protocol):
     def insert(self, jobs: Sequence[Job]) -> None:
         """Store accepted jobs in one transaction: one commit for a burst."""
 
+    def insert_once(self, job: Job) -> Job:
+        """Store a job that claims an Idempotency-Key unless another job holds
+        that key: answers the job stored under it (``job`` itself, or the
+        holder, with its request digest). Concurrent calls store one."""
+
     def get(self, job_id: str, *, request: bool = False, response: bool = False) -> Job | None:
         """One job by id, with its stored request and response if asked."""
 

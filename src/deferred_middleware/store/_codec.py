@@ -17,6 +17,7 @@ from .._jobs import (
     WEBHOOK_PENDING,
     DeferredOptions,
     Finish,
+    Idempotency,
     Job,
     Progress,
     Requeue,
@@ -26,9 +27,8 @@ from .._jobs import (
     StoredResponse,
     WebhookAttempt,
     WebhookDue,
-    merge_credentials,
-    split_credentials,
 )
+from ._credentials import merge_credentials, split_credentials
 from ._schema import jobs
 
 STATUS_COLUMNS = (
@@ -48,6 +48,7 @@ STATUS_COLUMNS = (
     jobs.c.callback_url,
     jobs.c.webhook_state,
     jobs.c.webhook_attempts,
+    jobs.c.owner,
 )
 REQUEST_COLUMNS = (
     jobs.c.request_method,
@@ -76,7 +77,11 @@ INSERT_KEYS = (
     "request_meta",
     "request_body",
     "callback_url",
+    "owner",
+    "idempotency_key",
+    "request_digest",
 )
+IDEMPOTENCY_COLUMNS = (jobs.c.idempotency_key, jobs.c.request_digest)
 # Every write that changes what the status document shows raises the revision.
 NEXT_REVISION = jobs.c.revision + 1
 # The statement that ends a job makes its webhook due, in the same write.
@@ -127,6 +132,9 @@ def insert_values(job: Job, credential_names: frozenset[str], created: Any) -> d
         "request_meta": json.dumps(meta),
         "request_body": request.body,
         "callback_url": job.callback_url,
+        "owner": job.owner,
+        "idempotency_key": job.idempotency.key if job.idempotency else None,
+        "request_digest": job.idempotency.request if job.idempotency else None,
     }
 
 
@@ -331,7 +339,10 @@ def job_from_row(row: Mapping[str, Any]) -> Job:
         message=row["message"],
         error=row["error"],
         queue=row["queue"],
+        owner=row.get("owner"),
     )
+    if row.get("idempotency_key") is not None:
+        job.idempotency = Idempotency(row["idempotency_key"], row["request_digest"])
     if "request_method" in row:
         job.request = _request_from_row(row)
     if row.get("response_status") is not None:

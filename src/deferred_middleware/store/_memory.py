@@ -22,11 +22,10 @@ from .._jobs import (
     Status,
     WebhookAttempt,
     WebhookDue,
-    merge_credentials,
-    split_credentials,
     utcnow,
 )
 from ._base import Clock
+from ._credentials import merge_credentials, split_credentials
 
 ACTIVE = (Status.QUEUED, Status.RUNNING)
 
@@ -64,17 +63,37 @@ class MemoryJobStore:
 
     def insert(self, jobs: Sequence[Job]) -> None:
         with self._lock:
-            for job in jobs:
-                if job.id in self._rows:
-                    raise ValueError(f"job {job.id} exists")
-            for job in jobs:
-                assert job.request is not None
-                headers, credentials = split_credentials(
-                    job.request.headers, self.credential_headers
-                )
-                request = dataclasses.replace(job.request, headers=headers)
-                stored = dataclasses.replace(job, request=request, attempts=0, revision=0)
-                self._rows[job.id] = _Row(stored, job.created_at, credentials)
+            self._insert(jobs)
+
+    def insert_once(self, job: Job) -> Job:
+        assert job.idempotency is not None
+        with self._lock:
+            held = self._holding(job.idempotency.key)
+            if held is not None:
+                return _copy(held)
+            self._insert([job])
+            return job
+
+    def _holding(self, key: str) -> _Row | None:
+        for row in self._rows.values():
+            if row.job.idempotency is not None and row.job.idempotency.key == key:
+                return row
+        return None
+
+    def _insert(self, jobs: Sequence[Job]) -> None:
+        """As the table's primary key and unique index would: all or nothing."""
+        keys = [job.idempotency.key for job in jobs if job.idempotency is not None]
+        if len(set(keys)) < len(keys) or any(self._holding(key) for key in keys):
+            raise ValueError("an Idempotency-Key is held by another job")
+        for job in jobs:
+            if job.id in self._rows:
+                raise ValueError(f"job {job.id} exists")
+        for job in jobs:
+            assert job.request is not None
+            headers, credentials = split_credentials(job.request.headers, self.credential_headers)
+            request = dataclasses.replace(job.request, headers=headers)
+            stored = dataclasses.replace(job, request=request, attempts=0, revision=0)
+            self._rows[job.id] = _Row(stored, job.created_at, credentials)
 
     def get(self, job_id: str, *, request: bool = False, response: bool = False) -> Job | None:
         with self._lock:

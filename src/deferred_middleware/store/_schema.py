@@ -74,11 +74,18 @@ jobs = sa.Table(
     sa.Column("webhook_due_at", UTCDateTime()),
     sa.Column("webhook_lease_until", UTCDateTime()),
     sa.Column("webhook_worker", sa.String(255)),
+    sa.Column("owner", sa.String(255)),
+    # Digests of an Idempotency-Key with its owner and route, and of the
+    # request it came with: the unique index makes concurrent duplicates
+    # collide, in every database (which all let NULLs repeat).
+    sa.Column("idempotency_key", sa.String(64)),
+    sa.Column("request_digest", sa.String(64)),
     sa.Index("ix_deferred_jobs_claim", "status", "run_after"),
     sa.Index("ix_deferred_jobs_lease", "status", "lease_expires_at"),
     sa.Index("ix_deferred_jobs_finished", "status", "finished_at"),
     sa.Index("ix_deferred_jobs_created", "created_at"),
     sa.Index("ix_deferred_jobs_queue_claim", "status", "queue", "run_after"),
+    sa.Index("ux_deferred_jobs_idempotency", "idempotency_key", unique=True),
     # Only jobs with a webhook are in it (where the database can leave the
     # others out): accepting and finishing other jobs never touch it.
     sa.Index(

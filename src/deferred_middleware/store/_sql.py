@@ -9,15 +9,17 @@ import contextlib
 import os
 import threading
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
 
 from .._jobs import DEFAULT_QUEUE, AttemptWrite, Finish, Job, Status, utcnow
 from . import _codec as codec
+from ._accept import AcceptQueries
 from ._base import Clock, StoreUnavailable
 from ._dialects import Dialect, for_url
+from ._errors import translate_errors
 from ._migrate import migrate
 from ._schema import jobs
 from ._sqlite_file import DatabaseFile, checkpoint
@@ -31,7 +33,7 @@ def _fenced(job_id: str, attempt: int) -> Any:
     )
 
 
-class SQLJobStore(WebhookQueries):
+class SQLJobStore(AcceptQueries, WebhookQueries):
     """The job table in any database SQLAlchemy reaches."""
 
     def __init__(
@@ -71,7 +73,7 @@ class SQLJobStore(WebhookQueries):
         return self._engine
 
     def migrate(self, revision: str = "head") -> None:
-        with _translate_errors():
+        with translate_errors():
             migrate(self.engine, self.dialect, revision)
         if self._file is not None:
             self._file.remember()
@@ -80,32 +82,6 @@ class SQLJobStore(WebhookQueries):
         if self._engine is not None:
             self._engine.dispose()
             self._engine = None
-
-    # -- accepting ---------------------------------------------------------
-
-    def insert(self, jobs_: Sequence[Job]) -> None:
-        sql, keys, named = self._insert_statement()
-        credentials = self.credential_headers
-        rows = []
-        for job in jobs_:
-            created = self.dialect.datetime_param(_naive_utc(job.created_at))
-            values = codec.insert_values(job, credentials, created)
-            rows.append(tuple(values[key] for key in keys))
-        with self._transaction() as connection:
-            self.dialect.insert(connection, sql, keys, named, rows)
-
-    def _insert_statement(self) -> tuple[str, tuple[str, ...], bool]:
-        """The INSERT compiled once per engine for the driver's parameter style
-        (and whether that style is named); a burst of accepts then costs one
-        statement, without SQLAlchemy's per-row parameter processing."""
-        if self._insert is None:
-            compiled = jobs.insert().compile(
-                dialect=self.engine.dialect, column_keys=codec.INSERT_KEYS
-            )
-            positions = compiled.positiontup
-            keys = tuple(positions) if positions is not None else codec.INSERT_KEYS
-            self._insert = (str(compiled), keys, positions is None)
-        return self._insert
 
     # -- reading -----------------------------------------------------------
 
@@ -148,7 +124,7 @@ class SQLJobStore(WebhookQueries):
         if held is None or held[0] is not engine:
             dbapi = engine.dialect.loaded_dbapi
             try:
-                with _translate_errors():
+                with translate_errors():
                     connection = engine.raw_connection()
             except (dbapi.OperationalError, dbapi.InterfaceError) as exc:
                 raise StoreUnavailable(exc.__class__.__name__) from exc
@@ -167,12 +143,12 @@ class SQLJobStore(WebhookQueries):
             query = query.where(jobs.c.status.in_([s.value for s in statuses]))
         if created_before is not None:
             query = query.where(jobs.c.created_at < created_before)
-        with _translate_errors(), self.engine.connect() as connection:
+        with translate_errors(), self.engine.connect() as connection:
             return codec.jobs_from_result(connection.execute(query))
 
     def count(self, status: Status) -> int:
         query = sa.select(sa.func.count()).select_from(jobs).where(jobs.c.status == status.value)
-        with _translate_errors(), self.engine.connect() as connection:
+        with translate_errors(), self.engine.connect() as connection:
             return int(connection.execute(query).scalar_one())
 
     # -- running -----------------------------------------------------------
@@ -333,7 +309,7 @@ class SQLJobStore(WebhookQueries):
         file that was removed or replaced since it was opened."""
         if self._file is not None and self._file.lost:
             self._reopen()
-        with _translate_errors():
+        with translate_errors():
             connection = self.engine.connect().execution_options(sqlite_immediate=True)
             try:
                 with connection.begin():
@@ -343,6 +319,8 @@ class SQLJobStore(WebhookQueries):
                         self._file.check()
                 if erases:
                     checkpoint(connection)
+            except sa.exc.IntegrityError:
+                raise  # a constraint said no: the connection is sound
             except sa.exc.DBAPIError:
                 connection.invalidate()
                 raise
@@ -360,7 +338,7 @@ class SQLJobStore(WebhookQueries):
         return connection.execute(holding.limit(1)).first() is not None
 
     def _scrub(self) -> None:
-        with _translate_errors(), self.engine.connect() as connection:
+        with translate_errors(), self.engine.connect() as connection:
             checkpoint(connection)
 
     def _reopen(self) -> None:
@@ -369,21 +347,3 @@ class SQLJobStore(WebhookQueries):
             self._engine.dispose()
             self._engine = None
         self.migrate()
-
-
-def _naive_utc(value: datetime) -> datetime:
-    return value.astimezone(timezone.utc).replace(tzinfo=None)
-
-
-@contextlib.contextmanager
-def _translate_errors() -> Iterator[None]:
-    """Database trouble (down, locked, unreachable) becomes StoreUnavailable,
-    which the adapters answer with 503; programming errors stay loud."""
-    try:
-        yield
-    except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
-        raise StoreUnavailable(exc.__class__.__name__) from exc
-    except sa.exc.DBAPIError as exc:
-        if exc.connection_invalidated:
-            raise StoreUnavailable(exc.__class__.__name__) from exc
-        raise

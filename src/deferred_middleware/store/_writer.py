@@ -24,6 +24,7 @@ from ._base import JobStore, StoreUnavailable, Unstorable
 
 MAX_BATCH = 512
 _STOP = object()
+INSERT, INSERT_ONCE, WRITE = "insert", "insert once", "write"
 logger = logging.getLogger("deferred_middleware")
 
 Waiter = Future | asyncio.Future  # type: ignore[type-arg]
@@ -41,12 +42,17 @@ class BatchWriter:
 
     def insert(self, job: Job, waiter: Waiter) -> None:
         """Queue a new job's row; ``waiter`` resolves once it is committed."""
-        self._put((True, job, waiter))
+        self._put((INSERT, job, waiter))
+
+    def insert_once(self, job: Job, waiter: Waiter) -> None:
+        """Queue a job that claims an Idempotency-Key; ``waiter`` resolves
+        with the job committed under that key (``job``, or the one before)."""
+        self._put((INSERT_ONCE, job, waiter))
 
     def write(self, write: AttemptWrite) -> Future[None]:
         """Queue an attempt write; written in order with the others queued."""
         future: Future[None] = Future()
-        self._put((False, write, future))
+        self._put((WRITE, write, future))
         return future
 
     def stop(self) -> None:
@@ -57,7 +63,7 @@ class BatchWriter:
             thread.join()
         self._thread = None
 
-    def _put(self, item: tuple[bool, Any, Waiter]) -> None:
+    def _put(self, item: tuple[str, Any, Waiter]) -> None:
         if not self._running or self._pid != os.getpid():
             self._start()
         self._queue.put(item)
@@ -97,15 +103,30 @@ class BatchWriter:
             if stop:
                 return
 
-    def _write(self, items: list[tuple[bool, Any, Waiter]]) -> None:
+    def _write(self, items: list[tuple[str, Any, Waiter]]) -> None:
         """Accepts in one transaction, attempt writes in another, so that a
-        failing outcome can never cost an accept its row."""
-        inserts = [(job, waiter) for is_insert, job, waiter in items if is_insert]
-        writes = [(write, waiter) for is_insert, write, waiter in items if not is_insert]
+        failing outcome can never cost an accept its row. A job that claims
+        an Idempotency-Key goes alone: a duplicate must not fail the rest."""
+        inserts = [(job, waiter) for kind, job, waiter in items if kind == INSERT]
+        writes = [(write, waiter) for kind, write, waiter in items if kind == WRITE]
         if inserts:
             self._together(self.store.insert, inserts)
+        for kind, job, waiter in items:
+            if kind == INSERT_ONCE:
+                self._once(job, waiter)
         if writes:
             self._together(self.store.write, writes)
+
+    def _once(self, job: Job, waiter: Waiter) -> None:
+        try:
+            stored = self.store.insert_once(job)
+        except StoreUnavailable as exc:
+            _resolve([(waiter, None)], exc)
+        except Exception:
+            logger.exception("the job store refused a write")
+            _resolve([(waiter, None)], Unstorable())
+        else:
+            _resolve([(waiter, stored)], None)
 
     def _together(
         self, store: Callable[[Sequence[T]], object], items: list[tuple[T, Waiter]]

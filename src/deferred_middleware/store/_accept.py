@@ -1,0 +1,85 @@
+"""The job table's inserts: a burst of accepted jobs in one statement, and
+the job that claims an Idempotency-Key."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING
+
+import sqlalchemy as sa
+
+from .._jobs import Job
+from . import _codec as codec
+from ._base import Unstorable
+from ._dialects import Dialect
+from ._errors import translate_errors
+from ._schema import jobs
+
+
+class AcceptQueries:
+    """Mixed into :class:`SQLJobStore`, which supplies the engine and the transaction."""
+
+    credential_headers: frozenset[str]
+    dialect: Dialect
+    engine: sa.Engine
+    _insert: tuple[str, tuple[str, ...], bool] | None
+
+    if TYPE_CHECKING:
+
+        def _transaction(
+            self, erasing: Sequence[str] = ()
+        ) -> contextlib.AbstractContextManager[sa.Connection]: ...
+
+    def insert(self, jobs_: Sequence[Job]) -> None:
+        sql, keys, named = self._insert_statement()
+        credentials = self.credential_headers
+        rows = []
+        for job in jobs_:
+            created = self.dialect.datetime_param(_naive_utc(job.created_at))
+            values = codec.insert_values(job, credentials, created)
+            rows.append(tuple(values[key] for key in keys))
+        with self._transaction() as connection:
+            self.dialect.insert(connection, sql, keys, named, rows)
+
+    def insert_once(self, job: Job) -> Job:
+        """A job that claims an Idempotency-Key, unless another job holds it
+        (the unique index decides, so concurrent duplicates make one row):
+        answers the job stored under the key, this one or the one before."""
+        assert job.idempotency is not None
+        for _ in range(3):  # again if the holder went between our two statements
+            try:
+                self.insert([job])
+                return job
+            except sa.exc.IntegrityError:
+                held = self._holding(job.idempotency.key)
+                if held is not None:
+                    return held
+        raise Unstorable
+
+    def _holding(self, key: str) -> Job | None:
+        """Read in a transaction of its own: it begins after the insert that
+        collided waited for the holder's commit, so it sees the holder."""
+        columns = (*codec.STATUS_COLUMNS, *codec.IDEMPOTENCY_COLUMNS)
+        query = sa.select(*columns).where(jobs.c.idempotency_key == key)
+        with translate_errors(), self.engine.connect() as connection:
+            row = connection.execute(query).first()
+        return None if row is None else codec.job_from_row(row._mapping)
+
+    def _insert_statement(self) -> tuple[str, tuple[str, ...], bool]:
+        """The INSERT compiled once per engine for the driver's parameter style
+        (and whether that style is named); a burst of accepts then costs one
+        statement, without SQLAlchemy's per-row parameter processing."""
+        if self._insert is None:
+            compiled = jobs.insert().compile(
+                dialect=self.engine.dialect, column_keys=codec.INSERT_KEYS
+            )
+            positions = compiled.positiontup
+            keys = tuple(positions) if positions is not None else codec.INSERT_KEYS
+            self._insert = (str(compiled), keys, positions is None)
+        return self._insert
+
+
+def _naive_utc(value: datetime) -> datetime:
+    return value.astimezone(timezone.utc).replace(tzinfo=None)
