@@ -147,10 +147,15 @@ def serve(
     """Start a test app under a real server: ``serve("uvicorn", LEASE_SECONDS="1")``."""
 
     def start(
-        kind: str, *, extra: list[str] | None = None, health: str = "/health", **env: str
+        kind: str,
+        *,
+        extra: list[str] | None = None,
+        health: str = "/health",
+        target: str | None = None,
+        **env: str,
     ) -> Server:
         log = workdir / f"{kind}-{len(processes)}.log"
-        server = Server(kind, {**test_env, **env}, log, extra or [], health)
+        server = Server(kind, {**test_env, **env}, log, extra or [], health, target)
         processes.append(server)
         return server
 

@@ -361,12 +361,20 @@ class Server(Process):
     """A test app under a real server on a free port, up once ``health`` answers."""
 
     def __init__(
-        self, kind: str, env: dict[str, str], log: Path, extra: list[str], health: str
+        self,
+        kind: str,
+        env: dict[str, str],
+        log: Path,
+        extra: list[str],
+        health: str,
+        target: str | None = None,
     ) -> None:
+        """``target``: another app than the kind's test app (``module:attr``)."""
         self.kind = kind
         self.port = free_port()
         self.health = health
-        command, target = SERVERS[kind]
+        command, default_target = SERVERS[kind]
+        target = target or default_target
         super().__init__([*command(self.port), *extra, *([target] if target else [])], env, log)
         eventually(self._up, timeout=30, interval=0.05)
 

@@ -110,3 +110,38 @@ def test_50_concurrent_duplicates_over_two_web_processes_make_one_job(serve, dat
     for key in ("order-1", "order-2"):
         _one_job_for_all(asyncio.run(_race([first.base, second.base], key)))
     assert count_rows(url) == 2
+
+
+# -- the README's recipes ---------------------------------------------------------
+
+
+def test_bearer_tokens_with_starlette_s_authentication_middleware(serve):
+    server = serve("uvicorn", target="tests.apps.auth_starlette:app")
+    alice = {"authorization": "Bearer token-alice"}
+    bob = {"authorization": "Bearer token-bob"}
+    assert httpx.post(server.base + "/report").status_code == 403  # no owner, no job
+    accepted = httpx.post(server.base + "/report", headers=alice)
+    assert accepted.status_code == 202, accepted.text
+    result_url = server.base + accepted.headers["location"]
+    done = httpx.get(result_url, params={"wait": 30}, headers=alice, timeout=40)
+    # The replay went through the authentication middleware with the kept token.
+    assert (done.status_code, done.json()) == (200, {"made for": "alice"})
+    assert httpx.get(result_url, headers=bob).status_code == 404
+    assert httpx.get(result_url).status_code == 404
+
+
+def test_flask_login_sessions(serve):
+    server = serve("gunicorn-gthread", target="tests.apps.auth_flask:app")
+    alice, bob = httpx.Client(base_url=server.base), httpx.Client(base_url=server.base)
+    with alice, bob:
+        for client, name in ((alice, "alice"), (bob, "bob")):
+            assert client.post("/login", data={"name": name}).status_code == 200
+        assert httpx.post(server.base + "/report").status_code == 403
+        accepted = alice.post("/report")
+        assert accepted.status_code == 202, accepted.text
+        result = accepted.headers["location"]
+        done = alice.get(result, params={"wait": 30}, timeout=40)
+        assert (done.status_code, done.json()) == (200, {"made for": "alice"})
+        assert bob.get(result).status_code == 404
+        assert bob.delete(accepted.headers["operation-location"]).status_code == 404
+        assert alice.get(accepted.headers["operation-location"]).status_code == 200

@@ -7,7 +7,7 @@ result routes the middleware mounts itself.
 """
 
 from ._context import RunningJob, current_job
-from ._jobs import Status
+from ._jobs import RequestInfo, Status
 from ._routes import deferred
 from .asgi import DeferredMiddleware
 from .wsgi import DeferredWSGIMiddleware
@@ -15,6 +15,7 @@ from .wsgi import DeferredWSGIMiddleware
 __all__ = [
     "DeferredMiddleware",
     "DeferredWSGIMiddleware",
+    "RequestInfo",
     "RunningJob",
     "Status",
     "current_job",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Callable, Iterable
-from typing import TypedDict
+from typing import Any, TypedDict
 
 from ._jobs import DEFAULT_CREDENTIAL_HEADERS, DEFAULT_QUEUE, RequestInfo, check_queue_name
 
@@ -48,7 +48,7 @@ class Config:
     webhook_backoff: float = 5.0
     webhook_retry_for: float = 24 * 3600
     webhook_timeout: float = 10.0
-    owner: Callable[[RequestInfo], str | None] | None = None
+    owner: Callable[[RequestInfo], Any] | None = None
 
     def __post_init__(self) -> None:
         if not self.prefix.startswith("/") or self.prefix.endswith("/"):
@@ -145,7 +145,9 @@ class Options(TypedDict, total=False):
     """Seconds a receiver has to answer one delivery (connecting: at most 5)."""
     owner: Callable[[RequestInfo], str | None] | None
     """``fn(request)``: who is asking. A job keeps its submitter's owner and
-    its routes answer 404 to anyone else; a submit that names nobody gets 403."""
+    its routes answer 404 to anyone else; a submit that names nobody gets 403.
+    On ASGI it may be a coroutine function; under Flask it runs in a request
+    context (``session``, ``flask_login.current_user``)."""
     queue: str
     """The queue jobs go to (``@deferred(queue=...)`` picks another) and that
     this process's executor runs, with the queues its marked routes name."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -18,7 +19,7 @@ from asgiref.typing import (
 
 from . import _protocol as protocol
 from ._assemble import assemble
-from ._jobs import DeferredOptions, RequestInfo, StoredRequest
+from ._jobs import DeferredOptions, RequestInfo, StoredRequest, owner_key
 from ._prefer import Preferences, parse_prefer
 from ._refusals import Refusal
 from ._routes import NEVER_DEFERRED, queues_of
@@ -212,17 +213,22 @@ class DeferredMiddleware:
             scope.get("query_string", b""),
             scope.get("root_path", ""),
             conditions(scope),
-            self.owner_of(scope),
+            await self.owner_of(scope),
         )
         if reply.stream is None:
             await send_reply(send, reply)
         else:
             await send_stream(receive, send, reply)
 
-    def owner_of(self, scope: HTTPScope, request: StoredRequest | None = None) -> str | None:
+    async def owner_of(self, scope: HTTPScope, request: StoredRequest | None = None) -> str | None:
+        """Who is asking; ``owner=fn`` may be a coroutine function here, to
+        reuse an async authentication backend."""
         if self.config.owner is None:
             return None
-        return self.core.owner_of(request_info(scope, request))
+        named = self.config.owner(request_info(scope, request))
+        if inspect.isawaitable(named):
+            named = await named
+        return owner_key(named)
 
     def _deferred_options(self, scope: HTTPScope, path: str) -> DeferredOptions | None:
         method = scope["method"]
@@ -319,7 +325,7 @@ class DeferringResponder:
             return
         request = stored_request(scope, body)
         try:
-            owner = self.middleware.owner_of(scope, request)
+            owner = await self.middleware.owner_of(scope, request)
             job = await core.accept_async(request, self.options, owner)
         except (Refusal, StoreUnavailable, Unstorable) as error:
             await send_reply(send, core.refused(error))

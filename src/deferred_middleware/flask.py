@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from flask import Flask, got_request_exception
@@ -15,7 +16,7 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.routing import RequestRedirect
 
 from ._context import current_job
-from ._jobs import DeferredOptions
+from ._jobs import DeferredOptions, RequestInfo
 from ._routes import options_of, queues_of
 from .wsgi import DeferredWSGIMiddleware, Environ
 
@@ -44,11 +45,14 @@ class FlaskDeferred:
     def init_app(self, app: Flask, **options: Unpack[Options]) -> DeferredWSGIMiddleware:
         if EXTENSION_KEY in app.extensions:
             raise RuntimeError("FlaskDeferred is already set up on this app")
+        merged: dict[str, Any] = {**self.options, **options}
+        if merged.get("owner") is not None:
+            merged["owner"] = _in_request_context(app, merged["owner"])
         middleware = DeferredWSGIMiddleware(
             app.wsgi_app,  # type: ignore[arg-type]
             find_options=_ViewOptions(app),
             find_queues=lambda: queues_of(app.view_functions.values()),
-            **{**self.options, **options},  # type: ignore[typeddict-item]
+            **merged,
         )
         app.wsgi_app = middleware  # type: ignore[method-assign]
         app.extensions[EXTENSION_KEY] = middleware
@@ -78,6 +82,19 @@ class _ViewOptions:
         except (HTTPException, RequestRedirect):
             return None
         return options_of(app.view_functions.get(endpoint))
+
+
+def _in_request_context(
+    app: Flask, owner: Callable[[RequestInfo], str | None]
+) -> Callable[[RequestInfo], str | None]:
+    """``owner`` run as a view would be, so that it can ask Flask who is
+    asking (``session``, ``flask_login.current_user``)."""
+
+    def owner_in_context(request: RequestInfo) -> str | None:
+        with app.request_context(request.environ):  # type: ignore[arg-type]
+            return owner(request)
+
+    return owner_in_context
 
 
 def _mark_raised(sender: Flask, exception: BaseException, **_: Any) -> None:
