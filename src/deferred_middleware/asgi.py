@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import sys
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -175,12 +176,16 @@ class DeferredMiddleware:
         self.dispatcher = parts.dispatcher
         self._executing = False
         self._marked: Any = None
+        self._fastapi: Any = _UNSEEN
+        """The app's FastAPI glue, found at the first request (None: not FastAPI)."""
         self.run_queues: frozenset[str] = frozenset()
         """Set by ``deferred-middleware worker --queue``: exactly these queues."""
 
     async def __call__(
         self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
     ) -> None:
+        if self._fastapi is _UNSEEN:
+            self._fastapi = fastapi_support([scope.get("app"), self.app], self.config.prefix)
         if scope["type"] == "lifespan":
             await self._lifespan(scope, receive, send)
             return
@@ -296,6 +301,27 @@ class DeferredMiddleware:
         await self.core.offload(self.core.close)
 
 
+_UNSEEN = object()
+
+
+def fastapi_support(apps: list[Any], prefix: str) -> Any:
+    """The FastAPI glue for the FastAPI app the middleware serves (the app
+    a request names, or one the middleware wraps), if there is one."""
+    fastapi = sys.modules.get("fastapi")
+    if fastapi is None:  # a FastAPI app would have imported it
+        return None
+    for app in apps:
+        for _ in range(32):  # through wrapping middleware
+            if app is None:
+                break
+            if isinstance(app, fastapi.FastAPI):
+                from .fastapi import FastAPISupport
+
+                return FastAPISupport(app, prefix)
+            app = getattr(app, "app", None)
+    return None
+
+
 class ClientDisconnected(Exception):
     pass
 
@@ -323,6 +349,12 @@ class DeferringResponder:
         if body is None:
             await send_reply(send, protocol.too_large(limit))
             return
+        fastapi = self.middleware._fastapi
+        if fastapi is not None:
+            refusal = await fastapi.refusal(scope, body)
+            if refusal is not None:  # invalid: the app's own answer, and no job
+                await refusal(scope, receive, send)
+                return
         request = stored_request(scope, body)
         try:
             owner = await self.middleware.owner_of(scope, request)

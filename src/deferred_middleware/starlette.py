@@ -18,18 +18,25 @@ from ._routes import options_of
 Scope = Any  # an HTTP scope, as the router reads it
 
 
-def marked_options(routes: Iterable[Any], scope: Scope) -> DeferredOptions | None:
-    """The ``@deferred`` options of the route that will serve this request,
-    found the way Starlette's router finds it (first full match)."""
+def matched(routes: Iterable[Any], scope: Scope) -> tuple[Any, Scope] | None:
+    """The route that will serve this request and the scope it will see
+    (path parameters included), found the way Starlette's router finds it
+    (first full match)."""
     for route in routes:
         match, child_scope = route.matches(scope)
         if match is not Match.FULL:
             continue
         sub_routes = getattr(route, "routes", None)  # Mount and Host
         if sub_routes is not None:
-            return marked_options(sub_routes, {**scope, **child_scope})
-        return options_of(child_scope.get("endpoint"))
+            return matched(sub_routes, {**scope, **child_scope})
+        return route, {**scope, **child_scope}
     return None
+
+
+def marked_options(routes: Iterable[Any], scope: Scope) -> DeferredOptions | None:
+    """The ``@deferred`` options of the route that will serve this request."""
+    found = matched(routes, scope)
+    return None if found is None else options_of(found[1].get("endpoint"))
 
 
 def has_host_routes(routes: Iterable[Any]) -> bool:
@@ -76,9 +83,15 @@ class MarkedRoutes:
 
 def endpoints(routes: Iterable[Any]) -> Iterable[Any]:
     """Every endpoint below ``routes``, mounts included."""
+    for _, endpoint in endpoints_with_routes(routes):
+        yield endpoint
+
+
+def endpoints_with_routes(routes: Iterable[Any]) -> Iterable[tuple[Any, Any]]:
+    """Every (route, endpoint) below ``routes``, mounts included."""
     for route in routes:
         sub_routes = getattr(route, "routes", None)
         if sub_routes:
-            yield from endpoints(sub_routes)
+            yield from endpoints_with_routes(sub_routes)
         elif getattr(route, "endpoint", None) is not None:
-            yield route.endpoint
+            yield route, route.endpoint
