@@ -237,3 +237,35 @@ def test_an_async_submit_with_a_key_answers_the_first_job(h):
     first, again = asyncio.run(twice())
     assert first == again
     assert h.store.count(Status.QUEUED) == 1
+
+
+# -- OPTIONS (a CORS preflight carries no credentials) ------------------------------
+
+
+@pytest.mark.parametrize(
+    ("action", "allowed"),
+    [
+        ("", "GET, HEAD, DELETE, OPTIONS"),
+        ("result", "GET, HEAD, OPTIONS"),
+        ("cancel", "POST, OPTIONS"),
+        ("events", "GET, HEAD, OPTIONS"),
+    ],
+)
+@pytest.mark.parametrize("asker", ["alice", "bob", None])
+def test_options_on_a_job_route_answers_its_methods_to_anyone(h, action, allowed, asker):
+    job_id = submit(h, "alice")
+    reply = answer(h, job_id, asker, action, "OPTIONS")
+    assert (reply.status, reply.headers, reply.body) == (204, [("allow", allowed)], b"")
+
+
+def test_options_on_a_job_route_answers_without_the_store(h, monkeypatch):
+    monkeypatch.setattr(h.store, "get", lambda *a, **k: pytest.fail("read the store"))
+    assert answer(h, "0" * 32, None, "", "OPTIONS").status == 204
+
+
+def test_options_on_a_job_route_answers_the_same_on_the_async_face(h):
+    import asyncio
+
+    tail = f"/{'0' * 32}/result"
+    reply = asyncio.run(h.core.answer_async(tail, "OPTIONS", b"", ""))
+    assert (reply.status, reply.headers) == (204, [("allow", "GET, HEAD, OPTIONS")])

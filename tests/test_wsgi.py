@@ -132,3 +132,63 @@ def test_the_last_progress_before_returning_is_kept(sqlite_url):
         document = client.get(accepted.headers["operation-location"]).json()
         assert (document["progress"], document["message"]) == (1.0, "step 4 of 4")
     middleware.shutdown()
+
+
+def test_the_extension_s_answers_go_through_the_app_s_after_request_hooks():
+    app = Flask("hooked")
+
+    @app.post("/slow")
+    @deferred
+    def slow():
+        return "done"
+
+    @app.after_request
+    def stamp(response):
+        response.headers["X-Stamped"] = "yes"
+        response.vary.add("Origin")
+        return response
+
+    FlaskDeferred(app, database_url="memory://", execute=False)
+    client = httpx.Client(transport=httpx.WSGITransport(app=app), base_url="http://t")
+    accepted = client.post("/slow")
+    assert accepted.status_code == 202
+    assert accepted.headers["x-stamped"] == "yes"
+    assert accepted.headers["content-type"] == "application/json"
+    assert {v.strip() for v in accepted.headers["vary"].split(",")} == {"Prefer", "Origin"}
+    assert accepted.json()["status"] == "queued"  # the body is the middleware's
+    status = client.get(accepted.headers["operation-location"])
+    assert (status.status_code, status.headers["x-stamped"]) == (200, "yes")
+    preflight = client.options(accepted.headers["operation-location"])
+    assert preflight.status_code == 204
+    assert preflight.headers["x-stamped"] == "yes"
+    assert "content-type" not in preflight.headers  # werkzeug's default is not added
+    missing = client.get("/jobs/" + "0" * 32)
+    assert (missing.status_code, missing.headers["content-type"]) == (
+        404,
+        "application/problem+json",
+    )
+    assert missing.headers["x-stamped"] == "yes"
+    FlaskDeferred.middleware(app).shutdown()
+
+
+def test_without_after_request_hooks_the_answers_are_left_as_they_are():
+    app = Flask("plain")
+
+    @app.post("/slow")
+    @deferred
+    def slow():
+        return "done"
+
+    FlaskDeferred(app, database_url="memory://", execute=False)
+    client = httpx.Client(transport=httpx.WSGITransport(app=app), base_url="http://t")
+    accepted = client.post("/slow")
+    assert accepted.status_code == 202
+    assert set(accepted.headers) == {
+        "content-type",
+        "content-length",
+        "location",
+        "operation-location",
+        "retry-after",
+        "vary",
+    }
+    FlaskDeferred.middleware(app).shutdown()

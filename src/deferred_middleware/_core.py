@@ -221,6 +221,8 @@ class JobCore:
         route = protocol.parse_job_route(tail, query, self.config.max_wait)
         if route is None:
             return protocol.not_found()
+        if method == "OPTIONS":
+            return protocol.options(route.action)
         try:
             self.prepare()
             if not self._visible_to(route.job_id, owner):
@@ -246,6 +248,8 @@ class JobCore:
         route = protocol.parse_job_route(tail, query, self.config.max_wait)
         if route is None:
             return protocol.not_found()
+        if method == "OPTIONS":
+            return protocol.options(route.action)
         try:
             if not self.ready:
                 await self.offload(self.prepare)

@@ -284,6 +284,12 @@ def _wait_seconds(query_string: bytes, max_wait: float) -> float:
     return 0.0
 
 
+def options(action: str) -> Reply:
+    """``OPTIONS``: the methods a job route allows (RFC 9110 §9.3.7). A CORS
+    preflight carries no credentials, so it is answered for any job id."""
+    return Reply(204, [("allow", ", ".join((*ALLOWED[action], "OPTIONS")))])
+
+
 def method_not_allowed(action: str) -> Reply:
     allow = ", ".join(ALLOWED[action])
     return problem(405, "Method Not Allowed", None, [("allow", allow)])

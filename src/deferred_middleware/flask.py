@@ -7,6 +7,7 @@ find ``@deferred`` views through Flask's own URL map.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -15,6 +16,7 @@ from flask import Flask, got_request_exception
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import RequestRedirect
 
+from . import _protocol as protocol
 from ._context import current_job
 from ._jobs import DeferredOptions, RequestInfo
 from ._routes import options_of, queues_of
@@ -52,6 +54,7 @@ class FlaskDeferred:
             app.wsgi_app,  # type: ignore[arg-type]
             find_options=_ViewOptions(app),
             find_queues=lambda: queues_of(app.view_functions.values()),
+            finish_reply=_ThroughAfterRequest(app),
             **merged,
         )
         app.wsgi_app = middleware  # type: ignore[method-assign]
@@ -82,6 +85,30 @@ class _ViewOptions:
         except (HTTPException, RequestRedirect):
             return None
         return options_of(app.view_functions.get(endpoint))
+
+
+class _ThroughAfterRequest:
+    """The middleware's own answers (202s, job routes, problems) go through
+    the app's ``after_request`` hooks as a view's response would: flask-cors
+    adds its headers to them, a security-headers extension its own. Only the
+    headers are taken; the status and body stay the middleware's."""
+
+    def __init__(self, app: Flask) -> None:
+        self.app = app
+
+    def __call__(self, environ: Environ, reply: protocol.Reply) -> protocol.Reply:
+        app = self.app
+        if not app.after_request_funcs.get(None):
+            return reply
+        framing = [(k, v) for k, v in reply.headers if k.lower() in FRAMING]
+        with app.request_context(environ):
+            response = app.response_class(status=reply.status, headers=reply.headers)
+            response = app.process_response(response)
+            added = [(k, v) for k, v in response.headers.items() if k.lower() not in FRAMING]
+        return dataclasses.replace(reply, headers=[*added, *framing])
+
+
+FRAMING = ("content-type", "content-length")
 
 
 def _in_request_context(

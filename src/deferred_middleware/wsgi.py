@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 Environ = dict[str, Any]
 StartResponse = Callable[..., Any]
 OptionsFinder = Callable[[Environ], "DeferredOptions | None"]
+ReplyFinisher = Callable[[Environ, protocol.Reply], protocol.Reply]
 
 READ_CHUNK = 64 * 1024
 
@@ -146,13 +147,16 @@ class DeferredWSGIMiddleware:
         *,
         find_options: OptionsFinder | None = None,
         find_queues: Callable[[], Iterable[str]] | None = None,
+        finish_reply: ReplyFinisher | None = None,
         **options: Unpack[Options],
     ) -> None:
         """``find_options`` and ``find_queues`` let a framework tell which
-        views are marked (see :mod:`deferred_middleware.flask`)."""
+        views are marked, and ``finish_reply`` pass the middleware's own
+        answers through its response hooks (see :mod:`deferred_middleware.flask`)."""
         self.app = app
         self.find_options = find_options
         self.find_queues = find_queues
+        self.finish_reply = finish_reply
         self.run_queues: frozenset[str] = frozenset()
         """Set by ``deferred-middleware worker --queue``: exactly these queues."""
         parts = assemble(ThreadLauncher(app), **options)
@@ -179,14 +183,21 @@ class DeferredWSGIMiddleware:
                 ),
                 self.owner_of(environ),
             )
-            return respond(start_response, reply)
+            return self._respond(environ, start_response, reply)
         options = self._deferred_options(environ, path)
         if options is None:
             return self.app(environ, start_response)
         wanted = parse_prefer([environ.get("HTTP_PREFER", "")])
         if options.mode == "prefer" and not wanted.respond_async:
             return self.app(environ, varying_on_prefer(start_response))
-        return respond(start_response, self._accept(environ, options, wanted))
+        return self._respond(environ, start_response, self._accept(environ, options, wanted))
+
+    def _respond(
+        self, environ: Environ, start_response: StartResponse, reply: protocol.Reply
+    ) -> Iterable[bytes]:
+        if self.finish_reply is not None:
+            reply = self.finish_reply(environ, reply)
+        return respond(start_response, reply)
 
     def owner_of(self, environ: Environ, request: StoredRequest | None = None) -> str | None:
         if self.config.owner is None:
