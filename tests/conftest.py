@@ -72,9 +72,19 @@ def sqlite_url(workdir: Path) -> str:
 )
 def database_url(request: pytest.FixtureRequest, sqlite_url: str) -> str:
     """The same test against the embedded default and the real servers."""
-    if request.param == "sqlite":
+    return _database(request.param, sqlite_url)
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def sqlite_or_postgres_url(request: pytest.FixtureRequest, sqlite_url: str) -> str:
+    """The embedded default and the first-class server, for server tests."""
+    return _database(request.param, sqlite_url)
+
+
+def _database(kind: str, sqlite_url: str) -> str:
+    if kind == "sqlite":
         return sqlite_url
-    url = require(POSTGRES_URL if request.param == "postgres" else MYSQL_URL, request.param)
+    url = require(POSTGRES_URL if kind == "postgres" else MYSQL_URL, kind)
     reset_tables(url)
     return url
 

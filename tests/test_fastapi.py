@@ -17,7 +17,7 @@ import pytest
 from deferred_middleware._jobs import DeferredOptions
 from deferred_middleware._openapi import document_jobs
 
-from .support import POSTGRES_URL, ROOT, count_rows, require, reset_tables
+from .support import ROOT, count_rows
 
 APP = "tests.apps.fastapi_app:app"
 VALID = {
@@ -34,15 +34,9 @@ def post(server, **changes):
         return client.post(request.pop("url"), **request)
 
 
-@pytest.fixture(
-    params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)],
-)
-def database(request, sqlite_url):
-    if request.param == "sqlite":
-        return sqlite_url
-    url = require(POSTGRES_URL, "postgres")
-    reset_tables(url)
-    return url
+@pytest.fixture
+def database(sqlite_or_postgres_url):
+    return sqlite_or_postgres_url
 
 
 @pytest.mark.servers

@@ -4,7 +4,7 @@ and pruned, in any interleaving, against a model of what the contract says.
 
 Invariants: at most one live attempt per job; a stale attempt's write never
 lands; a final state changes only by retry or DELETE; no final row keeps
-credentials."""
+credentials; an Idempotency-Key names one job for as long as it exists."""
 
 from __future__ import annotations
 
@@ -40,6 +40,7 @@ from .support import FakeClock, make_job
 LEASE = 30.0
 WORKERS = ("w1", "w2", "w3")
 TOKEN = "Bearer lifecycle-secret"
+KEYS = ("order-1", "order-2")
 
 
 @dataclasses.dataclass
@@ -63,6 +64,8 @@ class Lifecycle(RuleBasedStateMachine):
         self.model: dict[str, Model] = {}
         self.held: dict[str, dict[str, int]] = {w: {} for w in WORKERS}
         self.seen: dict[str, tuple[int, tuple[object, ...]]] = {}
+        self.keys: dict[str, str] = {}  # Idempotency-Key -> the job that claimed it
+        self.bodies: dict[str, str] = {}  # job id -> its request digest
 
     def make_store(self) -> JobStore:
         return MemoryJobStore(credential_headers=DEFAULT_CREDENTIAL_HEADERS, clock=self.clock)
@@ -93,6 +96,21 @@ class Lifecycle(RuleBasedStateMachine):
         self.store.insert([job])
         self.model[job.id] = Model(Status.QUEUED, 0, retries + 1, due_at=self.now)
         return job.id
+
+    @rule(key=st.sampled_from(KEYS), body=st.sampled_from([b"{}", b"[]"]))
+    def submit_with_a_key(self, key: str, body: bytes) -> None:
+        """An Idempotency-Key holds while its job exists, in any state."""
+        job = make_job(body=body, idempotency_key=key, created_at=self.clock())
+        stored = self.store.insert_once(job)
+        holder = self.keys.get(key)
+        if holder in self.model:
+            assert stored.id == holder
+            assert stored.idempotency.request == self.bodies[holder]
+            assert self.store.get(job.id) is None
+            return
+        assert stored is job
+        self.keys[key], self.bodies[job.id] = job.id, job.idempotency.request
+        self.model[job.id] = Model(Status.QUEUED, 0, 1, due_at=self.now)
 
     @rule(worker=st.sampled_from(WORKERS), limit=st.integers(1, 3))
     def claim(self, worker: str, limit: int) -> None:

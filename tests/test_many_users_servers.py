@@ -17,8 +17,8 @@ ALICE, BOB = {"x-api-key": "alice"}, {"x-api-key": "bob"}
 
 
 @pytest.mark.parametrize("kind", ["uvicorn", "gunicorn-gthread"])
-def test_a_job_is_seen_only_by_its_owner(serve, kind):
-    server = serve(kind, OWNER="api-key")
+def test_a_job_is_seen_only_by_its_owner(serve, kind, sqlite_or_postgres_url):
+    server = serve(kind, OWNER="api-key", DATABASE_URL=sqlite_or_postgres_url)
     accepted = httpx.post(server.base + "/tiny", headers=ALICE)
     assert accepted.status_code == 202, accepted.text
     status_url = server.base + accepted.headers["operation-location"]
@@ -93,6 +93,18 @@ def test_50_concurrent_duplicates_make_one_job_on_sqlite(serve, sqlite_url):
     malformed = httpx.post(server.base + "/tiny", headers={**ALICE, "idempotency-key": "a b"})
     assert malformed.status_code == 400
     assert count_rows(sqlite_url) == 1
+
+    server.stop()  # and after a restart, the key still names its job
+    restarted = serve("uvicorn", OWNER="api-key", EXECUTE="0")
+    again = httpx.post(
+        restarted.base + "/tiny", headers={**ALICE, "idempotency-key": "order-1"}, content=b"same"
+    )
+    assert (again.status_code, again.json()["id"]) == (202, job_id)
+    theirs = httpx.post(
+        restarted.base + "/tiny", headers={**BOB, "idempotency-key": "order-1"}, content=b"same"
+    )
+    assert theirs.status_code == 202 and theirs.json()["id"] != job_id  # keys are per owner
+    assert count_rows(sqlite_url) == 2
 
 
 @pytest.mark.parametrize(
