@@ -82,6 +82,32 @@ def test_another_owner_cannot_delete_a_job(h, asker):
     assert h.store.get(job_id) is None
 
 
+@pytest.mark.parametrize(
+    ("action", "method"),
+    [("", "GET"), ("", "HEAD"), ("result", "GET"), ("events", "GET"), ("cancel", "POST")],
+)
+def test_the_async_face_hides_jobs_from_other_owners_too(h, action, method):
+    import asyncio
+
+    job_id = submit(h, "alice")
+    tail = f"/{job_id}/{action}" if action else f"/{job_id}"
+
+    def ask(owner):
+        reply = asyncio.run(
+            h.core.answer_async(tail, method, b"", "", protocol.NO_CONDITIONS, owner)
+        )
+        if reply.stream is not None:
+            asyncio.run(reply.stream.aclose())
+        return reply
+
+    for asker in ("bob", None):
+        hidden = ask(asker)
+        assert (hidden.status, hidden.stream) == (404, None)
+        assert hidden.body == (b"" if method == "HEAD" else protocol.not_found().body)
+    assert h.job(job_id).status is Status.QUEUED
+    assert ask("alice").status in (200, 202)  # the status, or a result still pending
+
+
 def test_the_owner_can_cancel_its_own_job(h):
     job_id = submit(h, "alice")
     assert answer(h, job_id, "alice", "cancel", "POST").status == 200
@@ -105,7 +131,12 @@ def test_a_submit_that_names_no_owner_is_refused_and_makes_no_job(h):
         submit(h, None)
     reply = h.core.refused(refused.value)
     assert reply.status == 403
-    assert json.loads(reply.body)["title"] == "Forbidden"
+    assert json.loads(reply.body) == {
+        "type": "about:blank",
+        "title": "Forbidden",
+        "status": 403,
+        "detail": "The request names no owner for its job.",
+    }
     assert h.store.count(Status.QUEUED) == 0
 
 
@@ -159,7 +190,12 @@ def test_the_same_key_with_another_body_is_refused(h):
         submit(h, key="k1", body=b'{"n": 2}')
     reply = h.core.refused(refused.value)
     assert reply.status == 422
-    assert "Idempotency-Key" in json.loads(reply.body)["detail"]
+    assert json.loads(reply.body) == {
+        "type": "about:blank",
+        "title": "Unprocessable Content",
+        "status": 422,
+        "detail": "This Idempotency-Key was used for a different request.",
+    }
     assert h.store.count(Status.QUEUED) == 1
 
 
@@ -176,6 +212,7 @@ def test_the_same_key_with_another_query_is_refused(h):
 )
 def test_a_key_belongs_to_one_owner_and_one_route(h, other):
     first = submit(h, key="k1")
+    other = dict(other)  # the parameter is shared between runs: never change it
     owner = other.pop("owner", "alice")
     assert submit(h, owner, key="k1", **other) != first
     assert h.store.count(Status.QUEUED) == 2

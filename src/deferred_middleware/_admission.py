@@ -38,6 +38,9 @@ KEY_REUSED = "This Idempotency-Key was used for a different request."
 
 
 class Admission:
+    """The rules one process applies to each submit, with its running
+    estimate of the queue's depth (``max_queued``)."""
+
     def __init__(
         self,
         config: Config,

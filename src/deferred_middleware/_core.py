@@ -56,8 +56,6 @@ class JobCore:
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
-        self.clock = clock
-        self.monotonic = monotonic
         self.store = store
         self.writer = writer
         self.notifier = notifier
