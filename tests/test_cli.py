@@ -65,7 +65,9 @@ def test_list_show_cancel_retry_and_prune(store, database_url):
     assert [row["id"] for row in only_failed] == [failed]
     assert json.loads(cli(database_url, "list", "--older-than", "1h", "--json").stdout) == []
     table = cli(database_url, "list").stdout
-    assert table.splitlines()[0].split()[:5] == ["ID", "STATUS", "QUEUE", "OWNER", "ATTEMPTS"]
+    assert table.splitlines()[0].split() == [
+        *("ID", "STATUS", "QUEUE", "OWNER", "ROUTE", "ATTEMPTS", "AGE", "ERROR")
+    ]
     assert "It broke." in table
 
     shown = json.loads(cli(database_url, "show", done, "--json").stdout)
@@ -113,14 +115,14 @@ def test_webhook_attempts_are_shown_and_a_delivery_can_be_sent_again(store, data
     assert cli(database_url, "redeliver", job.id).stdout.strip() == f"{job.id} webhook due"
     assert store.get(job.id).webhook_state == "pending"
     refused = cli(database_url, "redeliver", plain.id, check=False)
-    assert refused.returncode == 1 and "has no callback" in refused.stderr
+    assert refused.returncode == 5 and "has no callback" in refused.stderr
     assert "has no callback" in cli(database_url, "webhooks", plain.id, check=False).stderr
 
 
 def test_no_command_creates_a_job_table_but_migrate(database_url):
     """A wrong folder or URL says so, rather than showing an empty new table."""
     listed = cli(database_url, "list", check=False)
-    assert listed.returncode == 1
+    assert listed.returncode == 6
     assert "no job table at" in listed.stderr
     if database_url.startswith("sqlite"):
         assert not os.path.exists(database_url.removeprefix("sqlite:///"))
@@ -132,3 +134,81 @@ def test_a_url_that_is_not_one_is_a_clear_error():
     result = cli("jobs.db", "list", check=False)
     assert result.returncode == 1
     assert "is not a database URL" in result.stderr
+
+
+def with_id(job_id: str, **options):
+    job = make_job(**options)
+    job.id = job_id
+    return job
+
+
+def test_a_unique_prefix_names_a_job_and_exit_codes_say_what_went_wrong(store, database_url):
+    first, second, third = "ab" + "1" * 30, "ab" + "2" * 30, "cd" + "3" * 30
+    store.insert([with_id(first), with_id(second), with_id(third, path="/other")])
+
+    shown = json.loads(cli(database_url, "show", "cd", "--json").stdout)
+    assert (shown["id"], shown["route"]) == (third, "POST /other")
+    assert json.loads(cli(database_url, "show", "AB1", "--json").stdout)["id"] == first
+
+    ambiguous = cli(database_url, "show", "ab", check=False)
+    assert ambiguous.returncode == 4
+    assert "more than one" in ambiguous.stderr
+    missing = cli(database_url, "cancel", "ef", check=False)
+    assert missing.returncode == 3
+    assert cli(database_url, "show", "not-hex", check=False).returncode == 3
+
+    canceled = json.loads(cli(database_url, "cancel", "ab2", "--json").stdout)
+    assert canceled == {"id": second, "status": "canceled"}
+    assert cli(database_url, "cancel", "ab2").returncode == 0  # canceled it stays
+    [claimed] = store.claim("w", 1, 30)
+    store.write([Finish(claimed.id, 1, Status.SUCCEEDED, StoredResponse(200, [], b""))])
+    finished = cli(database_url, "cancel", claimed.id[:6], check=False)
+    assert finished.returncode == 5
+    assert "already finished" in finished.stderr
+    assert json.loads(cli(database_url, "retry", "ab2", "--json").stdout) == {
+        "id": second,
+        "status": "queued",
+    }
+    assert cli(database_url, "retry", claimed.id[:6], check=False).returncode == 5
+    assert json.loads(cli(database_url, "prune", "--json").stdout) == {"pruned": 0}
+
+
+def test_stats_counts_jobs_per_queue_and_status(store, database_url):
+    old = make_job(created_at=utcnow() - timedelta(minutes=10))
+    nightly = make_job()
+    nightly.queue = "nightly"
+    store.insert([old, make_job(), nightly])
+    [claimed] = store.claim("w", 1, 30, ["nightly"])
+    assert claimed.id == nightly.id
+
+    rows = {row["queue"]: row for row in json.loads(cli(database_url, "stats", "--json").stdout)}
+    assert set(rows) == {"default", "nightly"}
+    assert (rows["default"]["queued"], rows["default"]["running"]) == (2, 0)
+    assert (rows["nightly"]["queued"], rows["nightly"]["running"]) == (0, 1)
+    assert 590 < rows["default"]["oldest_queued_seconds"] < 3600
+    assert rows["nightly"]["oldest_queued_seconds"] is None
+    text = cli(database_url, "stats").stdout
+    assert text.splitlines()[0].split()[:3] == ["QUEUE", "QUEUED", "RUNNING"]
+    assert "10m" in text
+
+
+def test_a_list_that_is_cut_says_so(store, database_url):
+    enqueue(store, "/tiny", 3)
+    cut = cli(database_url, "list", "--limit", "2", "--json")
+    assert len(json.loads(cut.stdout)) == 2
+    assert "more match" in cut.stderr
+    whole = cli(database_url, "list", "--limit", "3", "--json")
+    assert len(json.loads(whole.stdout)) == 3
+    assert whole.stderr == ""
+
+
+def test_migrate_on_its_own_for_deploy_scripts(workdir):
+    url = f"sqlite:///{workdir}/deploy.db"
+    command = [sys.executable, "-m", "deferred_middleware.cli", "--log-level", "info", "migrate"]
+    command.append("--json")
+    env = {**os.environ, "DEFERRED_DATABASE_URL": url}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["schema"] == "up to date"
+    assert "alembic" not in done.stderr  # info is about jobs, not schema machinery
+    assert cli(url, "list", "--json").stdout.strip() == "[]"

@@ -463,3 +463,44 @@ def test_concurrent_duplicates_make_exactly_one_job(any_store, new):
     assert len(set(answers)) == 1
     assert any_store.count(Status.QUEUED) == 1
     assert any_store.get(answers[0]) is not None
+
+
+# -- operators' reads -----------------------------------------------------------
+
+
+def test_counts_per_queue_and_status_with_the_oldest(any_store, new, clock):
+    first = new()
+    clock.advance(5)
+    nightly = new()
+    nightly.queue = "nightly"
+    later = new()
+    any_store.insert([first, nightly, later])
+    assert [j.id for j in any_store.claim("w", 1, 30, ["nightly"])] == [nightly.id]
+    counts = {(c.queue, c.status): (c.count, c.oldest_created_at) for c in any_store.counts()}
+    assert counts == {
+        ("default", Status.QUEUED): (2, first.created_at),
+        ("nightly", Status.RUNNING): (1, nightly.created_at),
+    }
+
+
+def test_ids_starting_a_prefix(any_store, new):
+    jobs = [new() for _ in range(3)]
+    for job, job_id in zip(jobs, ("ab" + "1" * 30, "ab" + "2" * 30, "cd" + "3" * 30), strict=True):
+        job.id = job_id
+    any_store.insert(jobs)
+    assert any_store.ids_starting("ab") == [jobs[0].id, jobs[1].id]
+    assert any_store.ids_starting("ab", limit=1) == [jobs[0].id]
+    assert any_store.ids_starting("cd3") == [jobs[2].id]
+    assert any_store.ids_starting(jobs[1].id) == [jobs[1].id]
+    assert any_store.ids_starting("e") == []
+    assert any_store.ids_starting("%") == []
+
+
+def test_a_list_names_each_job_s_route(any_store, new):
+    job = new(path="/reports/7")
+    any_store.insert([job])
+    [listed] = any_store.list()
+    assert listed.route == "POST /reports/7"
+    assert listed.request is None
+    assert any_store.get(job.id).route is None  # the hot read stays narrow
+    assert any_store.get(job.id, request=True).route == "POST /reports/7"

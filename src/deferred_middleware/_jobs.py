@@ -235,6 +235,8 @@ class Job:
     webhook_attempts: int = 0
     owner: str | None = None
     """Who submitted it, as ``owner=fn`` named them: only they see it."""
+    route: str | None = None
+    """The request line (``POST /reports``), for operators: read by lists."""
     idempotency: Idempotency | None = None
 
     @property

@@ -4,7 +4,15 @@ that commits accepts and outcomes in groups."""
 
 from __future__ import annotations
 
-from ._base import JOB_CHANGES, NEW_JOBS, Clock, JobStore, StoreUnavailable, Unstorable
+from ._base import (
+    JOB_CHANGES,
+    NEW_JOBS,
+    Clock,
+    JobStore,
+    QueueCount,
+    StoreUnavailable,
+    Unstorable,
+)
 from ._memory import MemoryJobStore
 from ._schema import metadata
 from ._sql import SQLJobStore
@@ -15,6 +23,7 @@ __all__ = [
     "Clock",
     "JobStore",
     "MemoryJobStore",
+    "QueueCount",
     "SQLJobStore",
     "StoreUnavailable",
     "Unstorable",

@@ -6,6 +6,7 @@ One contract test suite holds every implementation to the same behaviour.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Callable, Collection, Iterable, Sequence
 from datetime import datetime
@@ -21,6 +22,16 @@ NEW_JOBS = "deferred_jobs"
 JOB_CHANGES = "deferred_job_changes"
 """The channel notified with the ids of jobs whose status document changed:
 long-polls and event streams in other processes answer at once."""
+
+
+@dataclasses.dataclass(frozen=True)
+class QueueCount:
+    """How many jobs of one queue are in one status, and the oldest one's age."""
+
+    queue: str
+    status: Status
+    count: int
+    oldest_created_at: datetime
 
 
 class StoreUnavailable(Exception):
@@ -68,6 +79,12 @@ class JobStore(Protocol):
         """Jobs newest first, without their request and response."""
 
     def count(self, status: Status) -> int: ...
+
+    def counts(self) -> list[QueueCount]:
+        """Jobs per queue and status, for operators."""
+
+    def ids_starting(self, prefix: str, limit: int = 2) -> list[str]:
+        """Ids that start with ``prefix`` (lower-case hex), at most ``limit``."""
 
     def claim(
         self,

@@ -59,6 +59,7 @@ REQUEST_COLUMNS = (
     jobs.c.request_meta,
     jobs.c.request_body,
 )
+ROUTE_COLUMNS = (jobs.c.request_method, jobs.c.request_path)
 RESPONSE_COLUMNS = (jobs.c.response_status, jobs.c.response_headers, jobs.c.response_body)
 INSERT_KEYS = (
     "id",
@@ -344,6 +345,8 @@ def job_from_row(row: Mapping[str, Any]) -> Job:
     if row.get("idempotency_key") is not None:
         job.idempotency = Idempotency(row["idempotency_key"], row["request_digest"])
     if "request_method" in row:
+        job.route = f"{row['request_method']} {row['request_path']}"
+    if "request_body" in row:
         job.request = _request_from_row(row)
     if row.get("response_status") is not None:
         job.response = StoredResponse(

@@ -24,7 +24,7 @@ from .._jobs import (
     WebhookDue,
     utcnow,
 )
-from ._base import Clock
+from ._base import Clock, QueueCount
 from ._credentials import merge_credentials, split_credentials
 
 ACTIVE = (Status.QUEUED, Status.RUNNING)
@@ -116,11 +116,24 @@ class MemoryJobStore:
                 and (created_before is None or row.job.created_at < created_before)
             ]
             rows.sort(key=lambda row: row.job.created_at, reverse=True)
-            return [_copy(row) for row in rows[:limit]]
+            return [_copy(row, route=True) for row in rows[:limit]]
 
     def count(self, status: Status) -> int:
         with self._lock:
             return sum(1 for row in self._rows.values() if row.job.status is status)
+
+    def counts(self) -> list[QueueCount]:
+        found: dict[tuple[str, Status], tuple[int, datetime]] = {}
+        with self._lock:
+            for row in self._rows.values():
+                key = (row.job.queue, row.job.status)
+                count, oldest = found.get(key, (0, row.job.created_at))
+                found[key] = (count + 1, min(oldest, row.job.created_at))
+        return [QueueCount(q, s, n, oldest) for (q, s), (n, oldest) in sorted(found.items())]
+
+    def ids_starting(self, prefix: str, limit: int = 2) -> list[str]:
+        with self._lock:
+            return sorted(i for i in self._rows if i.startswith(prefix))[:limit]
 
     def claim(
         self,
@@ -356,15 +369,17 @@ def _webhook_due(row: _Row, now: datetime) -> None:
     row.webhook_lease_until = None
 
 
-def _copy(row: _Row, *, request: bool = False, response: bool = False) -> Job:
+def _copy(row: _Row, *, request: bool = False, response: bool = False, route: bool = False) -> Job:
     """A detached copy, shaped like a SQL read: only what was asked for."""
     job = row.job
     stored = job.request
     if request and stored is not None:
         headers = merge_credentials(stored.headers, row.credentials)
         stored = dataclasses.replace(stored, headers=headers)
+    line = f"{stored.method} {stored.path}" if stored is not None else None
     return dataclasses.replace(
         job,
         request=stored if request else None,
         response=job.response if response else None,
+        route=line if request or route else None,
     )

@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from .._jobs import DEFAULT_QUEUE, AttemptWrite, Finish, Job, Status, utcnow
 from . import _codec as codec
 from ._accept import AcceptQueries
-from ._base import Clock, StoreUnavailable
+from ._base import Clock, QueueCount, StoreUnavailable
 from ._dialects import Dialect, for_url
 from ._errors import translate_errors
 from ._migrate import migrate
@@ -138,7 +138,8 @@ class SQLJobStore(AcceptQueries, WebhookQueries):
         created_before: datetime | None = None,
         limit: int = 100,
     ) -> list[Job]:
-        query = sa.select(*codec.STATUS_COLUMNS).order_by(jobs.c.created_at.desc()).limit(limit)
+        columns = (*codec.STATUS_COLUMNS, *codec.ROUTE_COLUMNS)
+        query = sa.select(*columns).order_by(jobs.c.created_at.desc()).limit(limit)
         if statuses:
             query = query.where(jobs.c.status.in_([s.value for s in statuses]))
         if created_before is not None:
@@ -150,6 +151,28 @@ class SQLJobStore(AcceptQueries, WebhookQueries):
         query = sa.select(sa.func.count()).select_from(jobs).where(jobs.c.status == status.value)
         with translate_errors(), self.engine.connect() as connection:
             return int(connection.execute(query).scalar_one())
+
+    def counts(self) -> list[QueueCount]:
+        query = (
+            sa.select(jobs.c.queue, jobs.c.status, sa.func.count(), sa.func.min(jobs.c.created_at))
+            .group_by(jobs.c.queue, jobs.c.status)
+            .order_by(jobs.c.queue, jobs.c.status)
+        )
+        with translate_errors(), self.engine.connect() as connection:
+            rows = connection.execute(query).all()
+        return [QueueCount(q, Status(s), n, codec.utc(oldest)) for q, s, n, oldest in rows]  # type: ignore[arg-type]
+
+    def ids_starting(self, prefix: str, limit: int = 2) -> list[str]:
+        if not all(c in "0123456789abcdef" for c in prefix):
+            return []  # ids are lower-case hex: nothing else can start one (nor a LIKE pattern)
+        query = (
+            sa.select(jobs.c.id)
+            .where(jobs.c.id.like(prefix + "%"))
+            .order_by(jobs.c.id)
+            .limit(limit)
+        )
+        with translate_errors(), self.engine.connect() as connection:
+            return list(connection.scalars(query))
 
     # -- running -----------------------------------------------------------
 

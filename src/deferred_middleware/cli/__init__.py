@@ -1,0 +1,70 @@
+"""The operator's commands: ``deferred-middleware worker``, ``migrate`` and ``jobs``."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+try:
+    import click
+except ImportError:  # pragma: no cover - the [cli] extra is not installed
+    sys.exit("deferred-middleware's commands need click: pip install 'deferred-middleware[cli]'")
+
+from ..store import StoreUnavailable
+from ._jobs import DATABASE_URL, jobs, migrate_to_head
+from ._output import EXIT_UNAVAILABLE, Refused, emit
+
+
+@click.group()
+@click.option(
+    "--log-level",
+    default="warning",
+    show_default=True,
+    type=click.Choice(["debug", "info", "warning", "error"]),
+)
+def main(log_level: str) -> None:
+    """deferred-middleware: run and inspect deferred jobs."""
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if log_level != "debug":  # Alembic's own lines say nothing an operator acts on
+        logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+@main.command()
+@click.argument("target")
+@click.option("--concurrency", type=click.IntRange(min=1), help="Jobs run at once.")
+@click.option("--grace", type=float, help="Seconds running jobs get to finish on SIGTERM.")
+@click.option(
+    "--queue",
+    "queues",
+    multiple=True,
+    help="Run only this queue's jobs; repeat for several. "
+    "Default: the app's queue and those its @deferred routes name.",
+)
+def worker(
+    target: str, concurrency: int | None, grace: float | None, queues: tuple[str, ...]
+) -> None:
+    """Run the deferred jobs of the app at TARGET (MODULE:ATTR), out of process."""
+    from .. import worker as worker_module
+
+    try:
+        worker_module.run(target, concurrency=concurrency, grace=grace, queues=queues)
+    except (ValueError, LookupError, ImportError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    except StoreUnavailable as exc:
+        raise Refused(f"the job store is unavailable: {exc}", EXIT_UNAVAILABLE) from exc
+
+
+@main.command()
+@DATABASE_URL
+@click.option("--json", "as_json", is_flag=True, help="One JSON object, for scripts.")
+def migrate(database_url: str, as_json: bool) -> None:
+    """Create the job table, or upgrade it in place: for deploy scripts."""
+    done = migrate_to_head(database_url)
+    emit(done, as_json, lambda d: f"the job table at {d['database']} is up to date")
+
+
+main.add_command(jobs)
+
+__all__ = ["main"]
