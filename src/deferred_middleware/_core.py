@@ -16,6 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Protocol, TypeVar
 
 from . import _events as events
+from . import _joblog as joblog
 from . import _protocol as protocol
 from ._admission import Admission, refusal_reply
 from ._config import Config
@@ -108,7 +109,7 @@ class JobCore:
         committed: Future[None] = Future()
         self.writer.insert(job, committed)
         committed.result()
-        self._committed()
+        self._committed(job)
         return job
 
     async def accept_async(
@@ -131,7 +132,7 @@ class JobCore:
         committed: asyncio.Future[None] = loop.create_future()
         self.writer.insert(job, committed)
         await committed
-        self._committed()
+        self._committed(job)
         return job
 
     def _new_job(
@@ -146,7 +147,7 @@ class JobCore:
     def _stored_once(self, job: Job, stored: Job) -> Job:
         """The job to answer for a request that named an Idempotency-Key."""
         if stored is job:
-            self._committed()
+            self._committed(job)
             return job
         return self.admission.same_request(job, stored)
 
@@ -156,7 +157,8 @@ class JobCore:
             return None
         return owner_key(self.config.owner(request))
 
-    def _committed(self) -> None:
+    def _committed(self, job: Job) -> None:
+        joblog.accepted(job)
         if self.executor is not None:
             self.executor.wake()
 

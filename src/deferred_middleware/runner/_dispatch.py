@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 from datetime import timedelta
 
+from .. import _joblog as joblog
 from .. import _policy as policy
 from .._config import Config
 from .._context import set_current
@@ -25,10 +26,12 @@ from .._jobs import (
     NOT_STARTED,
     RAISED,
     AttemptWrite,
+    Finish,
     Job,
     Outcome,
     Progress,
     Requeue,
+    RetryLater,
     timed_out,
     utcnow,
 )
@@ -158,6 +161,7 @@ class Dispatcher:
         context = contextvars.copy_context()
         context.run(set_current, attempt.running_job)
         assert job.request is not None  # claimed jobs carry their request
+        joblog.started(job, attempt.number, self.worker)
         try:
             attempt.handle = self.launcher.launch(
                 job.request, context, lambda outcome: self._ended(attempt, outcome)
@@ -203,6 +207,8 @@ class Dispatcher:
             attempt.write_delay = min(attempt.write_delay * 2, MAX_WRITE_DELAY)
             return
         attempt.unwritten = None
+        if isinstance(write, (Finish, RetryLater)):
+            joblog.settled(attempt.job, write, self.monotonic() - attempt.started)
         self.notifier.notify(write.job_id)
         self._release(attempt)
 
@@ -266,9 +272,9 @@ class Dispatcher:
     def _reap(self) -> None:
         retried, failed = self.store.reap_expired(LOST_WORKER)
         for job_id in retried:
-            logger.warning("job %s: its worker was lost; re-queued", job_id)
+            joblog.reaped(job_id, requeued=True)
         for job_id in failed:
-            logger.warning("job %s: its worker was lost; failed", job_id)
+            joblog.reaped(job_id, requeued=False)
         for job_id in (*retried, *failed):
             self.notifier.notify(job_id)
 
