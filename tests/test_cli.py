@@ -51,7 +51,7 @@ def test_list_show_cancel_retry_and_prune(store, database_url):
     store.write(
         [
             Finish(done, 1, Status.SUCCEEDED, StoredResponse(200, [], b"hello")),
-            Finish(failed, 1, Status.FAILED, error="It broke."),
+            Finish(failed, 1, Status.FAILED, error="It broke.", detail="Traceback (x)\nKeyError"),
         ]
     )
 
@@ -73,6 +73,11 @@ def test_list_show_cancel_retry_and_prune(store, database_url):
     shown = json.loads(cli(database_url, "show", done, "--json").stdout)
     assert shown["response_status"] == 200
     assert shown["response_bytes"] == 5
+    assert shown["error_detail"] is None
+    assert json.loads(cli(database_url, "show", failed, "--json").stdout)["error_detail"] == (
+        "Traceback (x)\nKeyError"
+    )
+    assert cli(database_url, "show", failed).stdout.rstrip().endswith("Traceback (x)\nKeyError")
 
     assert cli(database_url, "cancel", queued).stdout.split() == [queued, "canceled"]
     refused = cli(database_url, "cancel", done, check=False)

@@ -590,3 +590,44 @@ def test_one_unstorable_job_does_not_fail_the_others_in_its_batch(h, monkeypatch
     assert isinstance(bad.exception(), Unstorable)
     assert h.core.refused(bad.exception()).status == 400
     assert h.store.count(Status.QUEUED) == 1
+
+
+# -- what a raise leaves for operators --------------------------------------------
+
+
+def raised_here() -> Failure:
+    try:
+        {}["missing"]
+    except KeyError as exc:
+        return policy.raised(exc)
+    raise AssertionError("unreachable")
+
+
+def test_a_raise_keeps_its_traceback_for_operators_and_never_shows_it(h):
+    job_id, replay = run(h)
+    replay.end(raised_here())
+    job = h.job(job_id)
+    assert (job.status, job.error) == (Status.FAILED, RAISED.error)
+    detail = h.store.error_detail(job_id)
+    assert detail.startswith("Traceback") and detail.endswith("KeyError: 'missing'")
+    assert "raised_here" in detail
+    seen = h.route(f"/jobs/{job_id}").body + h.route(f"/jobs/{job_id}/result").body
+    assert b"KeyError" not in seen and b"Traceback" not in seen
+
+
+def test_a_retried_raise_keeps_the_latest_traceback_and_a_retry_forgets_it(h):
+    job_id, replay = run(h, retries=1)
+    replay.end(raised_here())
+    assert "KeyError" in h.store.error_detail(job_id)
+    assert h.job(job_id).status is Status.QUEUED
+    h.advance(60)
+    h.claim()
+    h.launcher.last(job_id).respond(500, b"")
+    assert h.store.error_detail(job_id) is None  # a 5xx has a response, not a traceback
+    assert h.store.retry(job_id)
+    assert h.store.error_detail(job_id) is None
+
+
+def test_raised_without_an_exception_is_the_plain_sentence():
+    assert policy.raised(None) is RAISED
+    assert raised_here() == RAISED  # the detail is not part of what the outcome is

@@ -143,7 +143,7 @@ def test_a_chunked_body_reaches_the_handler_on_replay(server):
     assert result.json()["echo"] == '{"part": "one and two"}'
 
 
-def test_a_raising_handler_fails_with_a_safe_error(server):
+def test_a_raising_handler_fails_with_a_safe_error(server, sqlite_url):
     job_id = httpx.post(server.base + "/boom").json()["id"]
     result = result_of(server, job_id)
     assert result.status_code == 500
@@ -155,6 +155,9 @@ def test_a_raising_handler_fails_with_a_safe_error(server):
     assert document["error"] == "The handler raised an exception."
     assert "secret-token-123" in server.log()  # logged server-side, with the job id
     assert job_id in server.log()
+    # ... and kept with the job for operators (jobs show), whichever framework ran it
+    detail = stored_row(sqlite_url, job_id)["error_detail"]
+    assert detail.startswith("Traceback") and "RuntimeError: secret-token-123" in detail
 
 
 def test_a_timed_out_attempt_fails(server):

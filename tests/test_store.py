@@ -504,3 +504,21 @@ def test_a_list_names_each_job_s_route(any_store, new):
     assert listed.request is None
     assert any_store.get(job.id).route is None  # the hot read stays narrow
     assert any_store.get(job.id, request=True).route == "POST /reports/7"
+
+
+def test_what_an_attempt_raised_is_kept_apart_for_operators(any_store, new):
+    job = new(retries=1)
+    any_store.insert([job])
+    assert any_store.error_detail(job.id) is None
+    attempt = claim_one(any_store)
+    retry = RetryLater(job.id, attempt, 0, "The handler raised an exception.", "Traceback A")
+    assert any_store.write([retry]) == 1
+    assert any_store.error_detail(job.id) == "Traceback A"
+    attempt = claim_one(any_store)
+    ended = Finish(job.id, attempt, Status.FAILED, error="It broke.", detail="Traceback B" * 9000)
+    assert any_store.write([ended]) == 1
+    assert any_store.error_detail(job.id) == "Traceback B" * 9000  # long: LONGTEXT on MySQL
+    assert any_store.get(job.id).error == "It broke."
+    assert any_store.retry(job.id)
+    assert any_store.error_detail(job.id) is None
+    assert any_store.error_detail("0" * 32) is None

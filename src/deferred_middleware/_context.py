@@ -23,6 +23,7 @@ class RunningJob:
         # Set by a framework hook when the app rendered its own error page for
         # an exception (Flask's HTML 500): the attempt failed, it has no result.
         self.raised = False
+        self.exception: BaseException | None = None  # what it raised, for operators
 
     def progress(self, fraction: float | None, message: str | None = None) -> None:
         """Show how far the job has come on its status route.

@@ -250,6 +250,9 @@ class Failure:
     so it is always one of our own sentences, never an exception's text."""
 
     error: str
+    detail: str | None = dataclasses.field(default=None, compare=False)
+    """For operators only (the exception's type and traceback): kept with the
+    job and shown by ``jobs show``, never sent to a client."""
 
 
 Outcome = StoredResponse | Failure
@@ -258,6 +261,8 @@ Outcome = StoredResponse | Failure
 RAISED = Failure("The handler raised an exception.")
 NO_RESPONSE = Failure("The handler returned no response.")
 NOT_STARTED = Failure("The job could not be started.")
+
+
 LOST_WORKER = "The worker running this job was lost before it finished."
 
 
@@ -280,6 +285,7 @@ class Finish:
     status: Status
     response: StoredResponse | None = None
     error: str | None = None
+    detail: str | None = None  # for operators: see Failure.detail
 
 
 @dataclasses.dataclass(frozen=True)
@@ -290,6 +296,7 @@ class RetryLater:
     attempt: int
     delay: float
     error: str
+    detail: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,7 +7,9 @@ each rule without a database or a thread.
 
 from __future__ import annotations
 
-from ._jobs import Finish, Job, Outcome, RetryLater, Status, StoredResponse
+import traceback
+
+from ._jobs import RAISED, Failure, Finish, Job, Outcome, RetryLater, Status, StoredResponse
 
 MAX_BACKOFF = 300.0
 
@@ -27,9 +29,18 @@ def settle(job: Job, attempt: int, outcome: Outcome, first_delay: float) -> Fini
             return Finish(job.id, attempt, Status.SUCCEEDED, response=outcome)
         error = f"The handler answered {outcome.status}."
         response: StoredResponse | None = outcome
+        detail = None
     else:
-        error = outcome.error
+        error, detail = outcome.error, outcome.detail
         response = None
     if attempt < job.max_attempts:
-        return RetryLater(job.id, attempt, backoff(attempt, first_delay), error)
-    return Finish(job.id, attempt, Status.FAILED, response=response, error=error)
+        return RetryLater(job.id, attempt, backoff(attempt, first_delay), error, detail)
+    return Finish(job.id, attempt, Status.FAILED, response=response, error=error, detail=detail)
+
+
+def raised(exception: BaseException | None) -> Failure:
+    """RAISED, with the exception's type and traceback for operators."""
+    if exception is None:
+        return RAISED
+    detail = "".join(traceback.format_exception(exception)).rstrip()
+    return Failure(RAISED.error, detail)

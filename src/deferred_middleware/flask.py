@@ -130,5 +130,6 @@ def _mark_raised(sender: Flask, exception: BaseException, **_: Any) -> None:
     with contextlib.suppress(LookupError):
         job = current_job()
         job.raised = True
+        job.exception = exception
         # Flask has logged the traceback; this line ties it to the job.
         logger.error("job %s: attempt %d raised %s", job.id, job.attempt, type(exception).__name__)

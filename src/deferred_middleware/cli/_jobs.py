@@ -180,7 +180,14 @@ def show(store: SQLJobStore, job_id: str, as_json: bool) -> None:
     if job.response is not None:
         row["response_status"] = job.response.status
         row["response_bytes"] = len(job.response.body)
-    emit(row, as_json, fields)
+    row["error_detail"] = store.error_detail(job.id)  # the traceback: operators only
+    emit(row, as_json, _show_text)
+
+
+def _show_text(row: dict[str, Any]) -> str:
+    """Fields, then the traceback below them, as Python prints it."""
+    detail = row.pop("error_detail")
+    return fields(row) + (f"\n\n{detail}" if detail else "")
 
 
 @jobs.command()

@@ -176,7 +176,7 @@ class Dispatcher:
             state = attempt.state
         if state is State.RUNNING and outcome is not None:
             if attempt.running_job.raised:  # the app rendered its own page for a raise
-                outcome = RAISED
+                outcome = policy.raised(attempt.running_job.exception)
             self._settle(attempt, outcome)
         elif state is State.TIMED_OUT:
             self._settle(attempt, timed_out(attempt.job))
@@ -185,7 +185,7 @@ class Dispatcher:
 
     def _settle(self, attempt: Attempt, outcome: Outcome) -> None:
         """The one way an attempt's outcome reaches the table."""
-        if outcome is RAISED:
+        if outcome == RAISED:
             logger.error("job %s: attempt %d raised", attempt.job.id, attempt.number)
         with self._lock:
             if attempt.state in (State.INTERRUPTED, State.DONE, State.SETTLING):

@@ -12,7 +12,8 @@ from asgiref.typing import ASGI3Application as ASGIApp
 from asgiref.typing import HTTPScope
 
 from .._context import current_job
-from .._jobs import NO_RESPONSE, RAISED, Outcome, StoredRequest, StoredResponse
+from .._jobs import NO_RESPONSE, Outcome, StoredRequest, StoredResponse
+from .._policy import raised
 from ._dispatch import Ended
 
 logger = logging.getLogger("deferred_middleware")
@@ -117,7 +118,7 @@ class TaskLauncher:
         except NoResponse:
             logger.error("job %s: the app gave no response", current_job().id)
             outcome = NO_RESPONSE
-        except Exception:
+        except Exception as exception:
             logger.exception("job %s: the handler raised", current_job().id)
-            outcome = RAISED
+            outcome = raised(exception)
         ended(outcome)

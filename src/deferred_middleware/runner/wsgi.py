@@ -15,7 +15,8 @@ from collections.abc import Callable
 from typing import Any
 
 from .._context import current_job
-from .._jobs import FRAMING_HEADERS, RAISED, Outcome, StoredRequest, StoredResponse
+from .._jobs import FRAMING_HEADERS, Outcome, StoredRequest, StoredResponse
+from .._policy import raised
 from ._dispatch import Ended
 
 logger = logging.getLogger("deferred_middleware")
@@ -101,9 +102,9 @@ class ThreadLauncher:
     def _run(self, request: StoredRequest, ended: Ended) -> None:
         try:
             outcome: Outcome = replay_wsgi(self.app, request)
-        except Exception:
+        except Exception as exception:
             logger.exception("job %s: the handler raised", current_job().id)
-            outcome = RAISED
+            outcome = raised(exception)
         ended(outcome)
 
 

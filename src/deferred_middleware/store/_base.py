@@ -116,6 +116,10 @@ class JobStore(Protocol):
 
     def delete(self, job_id: str) -> bool: ...
 
+    def error_detail(self, job_id: str) -> str | None:
+        """What the last failed attempt raised (type and traceback), for
+        operators; never part of what a client is sent."""
+
     def prune(self, finished_before: datetime, batch: int = 500) -> int:
         """Delete finished jobs older than the retention time, in bounded batches."""
 

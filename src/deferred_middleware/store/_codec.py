@@ -154,6 +154,7 @@ FINISH = (
         finished_at=sa.bindparam("b_finished_at"),
         lease_expires_at=None,
         error=sa.bindparam("b_error"),
+        error_detail=sa.bindparam("b_error_detail"),
         request_credentials=None,
         response_status=sa.bindparam("b_response_status"),
         response_headers=sa.bindparam("b_response_headers"),
@@ -175,6 +176,7 @@ def finish_parameters(write: Finish, now: datetime) -> dict[str, Any]:
         "b_status": write.status.value,
         "b_finished_at": now,
         "b_error": write.error,
+        "b_error_detail": write.detail,
         "b_response_status": response.status if response else None,
         "b_response_headers": response.headers if response else None,
         "b_response_body": response.body if response else None,
@@ -198,7 +200,11 @@ def attempt_values(write: RetryLater | Requeue | Progress, now: datetime) -> dic
         return {"progress": write.progress, "message": write.message, "revision": NEXT_REVISION}
     values: dict[str, Any] = {"status": Status.QUEUED.value, **_BACK_IN_THE_QUEUE}
     if isinstance(write, RetryLater):
-        values.update(run_after=now + timedelta(seconds=write.delay), error=write.error)
+        values.update(
+            run_after=now + timedelta(seconds=write.delay),
+            error=write.error,
+            error_detail=write.detail,
+        )
     else:
         # An interrupted attempt does not count against the job's retries.
         values.update(run_after=now, attempts=jobs.c.attempts - 1)
@@ -206,7 +212,13 @@ def attempt_values(write: RetryLater | Requeue | Progress, now: datetime) -> dic
 
 
 def requeue_lost_values(now: datetime, error: str) -> dict[str, Any]:
-    return {"status": Status.QUEUED.value, "run_after": now, "error": error, **_BACK_IN_THE_QUEUE}
+    return {
+        "status": Status.QUEUED.value,
+        "run_after": now,
+        "error": error,
+        "error_detail": None,
+        **_BACK_IN_THE_QUEUE,
+    }
 
 
 # A job back in the queue shows nothing of the run that ended: it is waiting.
@@ -234,7 +246,7 @@ def final_values(status: Status, now: datetime, error: str | None = None) -> dic
         "webhook_lease_until": None,
     }
     if error is not None:
-        values["error"] = error
+        values["error"], values["error_detail"] = error, None
     return values
 
 
@@ -246,6 +258,7 @@ def retry_values(now: datetime) -> dict[str, Any]:
         "max_attempts": jobs.c.attempts + jobs.c.max_attempts,
         "finished_at": None,
         "error": None,
+        "error_detail": None,
         "response_status": None,
         "response_headers": None,
         "response_body": None,

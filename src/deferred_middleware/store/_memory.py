@@ -40,6 +40,7 @@ class _Row:
     webhook_due_at: datetime | None = None
     webhook_lease_until: datetime | None = None
     webhook_worker: str | None = None
+    error_detail: str | None = None
 
 
 class MemoryJobStore:
@@ -201,7 +202,7 @@ class MemoryJobStore:
                 expires = row.lease_expires_at
                 if job.status is not Status.RUNNING or expires is None or expires >= now:
                     continue
-                job.error = error
+                job.error, row.error_detail = error, None
                 if job.attempts < job.max_attempts:
                     _back_in_the_queue(row)
                     row.run_after = now
@@ -233,7 +234,7 @@ class MemoryJobStore:
             job.options = dataclasses.replace(
                 job.options, retries=job.attempts + job.options.retries
             )
-            job.finished_at = job.error = job.response = None
+            job.finished_at = job.error = job.response = row.error_detail = None
             row.run_after = self.clock()
             return True
 
@@ -316,6 +317,11 @@ class MemoryJobStore:
     ) -> None:
         return
 
+    def error_detail(self, job_id: str) -> str | None:
+        with self._lock:
+            row = self._rows.get(job_id)
+            return None if row is None else row.error_detail
+
     def credentials_of(self, job_id: str) -> list[tuple[int, str, str]]:
         """What is still kept of a job's credentials (for tests of erasure)."""
         with self._lock:
@@ -330,13 +336,13 @@ def _apply(row: _Row, write: AttemptWrite, now: datetime) -> None:
         job.revision += 1
     elif isinstance(write, Finish):
         _end(row, write.status, now)
-        job.error = write.error
+        job.error, row.error_detail = write.error, write.detail
         job.response = write.response
     else:
         _back_in_the_queue(row)
         if isinstance(write, RetryLater):
             row.run_after = now + timedelta(seconds=write.delay)
-            job.error = write.error
+            job.error, row.error_detail = write.error, write.detail
         elif isinstance(write, Requeue):
             row.run_after = now
             job.attempts -= 1

@@ -57,6 +57,7 @@ jobs = sa.Table(
     sa.Column("progress", sa.Float()),
     sa.Column("message", sa.Text()),
     sa.Column("error", sa.Text()),
+    sa.Column("error_detail", LongText),  # for operators: the exception and traceback
     sa.Column("request_method", sa.String(16), nullable=False),
     sa.Column("request_path", LongText, nullable=False),
     sa.Column("request_query", LongText, nullable=False),

@@ -290,6 +290,11 @@ class SQLJobStore(AcceptQueries, WebhookQueries):
                 self.dialect.announce_changes(connection, [job_id])
             return retried
 
+    def error_detail(self, job_id: str) -> str | None:
+        query = sa.select(jobs.c.error_detail).where(jobs.c.id == job_id)
+        with translate_errors(), self.engine.connect() as connection:
+            return connection.execute(query).scalar_one_or_none()  # type: ignore[no-any-return]
+
     def delete(self, job_id: str) -> bool:
         with self._transaction() as connection:
             deleted = connection.execute(jobs.delete().where(jobs.c.id == job_id)).rowcount == 1
