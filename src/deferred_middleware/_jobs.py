@@ -261,8 +261,6 @@ Outcome = StoredResponse | Failure
 RAISED = Failure("The handler raised an exception.")
 NO_RESPONSE = Failure("The handler returned no response.")
 NOT_STARTED = Failure("The job could not be started.")
-
-
 LOST_WORKER = "The worker running this job was lost before it finished."
 
 
