@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 
 from . import _protocol as protocol
+from ._causes import store_away
 from ._config import Config
 from ._jobs import (
     HEADERS_TOO_LARGE,
@@ -135,5 +136,5 @@ def refusal_reply(error: Refusal | StoreUnavailable | Unstorable, config: Config
         return protocol.problem(422, "Unprocessable Content", KEY_REUSED)
     if isinstance(error, Unstorable):
         return protocol.bad_request("The request could not be stored.")
-    logger.warning("could not store a job: the store is unavailable")
+    store_away.warn("could not store a job: the job store is unavailable", error)
     return protocol.unavailable(config.retry_after)

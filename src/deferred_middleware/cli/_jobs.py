@@ -15,6 +15,7 @@ import sqlalchemy as sa
 from .._config import default_database_url
 from .._jobs import Job, Status, utcnow
 from ..store import SQLJobStore, StoreUnavailable
+from ..store._errors import cause_of
 from ..store._schema import jobs as jobs_table
 from ._output import (
     EXIT_AMBIGUOUS,
@@ -103,7 +104,7 @@ def _has_job_table(store: SQLJobStore) -> bool:
     try:
         return sa.inspect(store.engine).has_table(jobs_table.name)
     except sa.exc.OperationalError as exc:
-        raise StoreUnavailable(exc.__class__.__name__) from exc
+        raise StoreUnavailable(cause_of(exc)) from exc
 
 
 @jobs.command("migrate")

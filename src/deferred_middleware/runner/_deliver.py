@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 
 from .. import _protocol as protocol
 from .. import _webhooks as webhooks
+from .._causes import store_away
 from .._config import Config
 from .._jobs import (
     WEBHOOK_DELIVERED,
@@ -89,8 +90,8 @@ class WebhookDeliverer:
         """Claim what is due and deliver it; answers how many were tried."""
         try:
             due = self.store.claim_webhooks(self.worker, AT_ONCE, self.lease_seconds)
-        except StoreUnavailable:
-            logger.warning("the job store is unavailable; delivering webhooks again shortly")
+        except StoreUnavailable as exc:
+            store_away.warn("the job store is unavailable; delivering webhooks again shortly", exc)
             return 0
         except Exception:
             logger.exception("claiming webhook deliveries failed")

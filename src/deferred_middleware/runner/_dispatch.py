@@ -19,6 +19,7 @@ from datetime import timedelta
 
 from .. import _joblog as joblog
 from .. import _policy as policy
+from .._causes import store_away
 from .._config import Config
 from .._context import set_current
 from .._jobs import (
@@ -261,8 +262,8 @@ class Dispatcher:
                 lease = self.config.lease_seconds
                 self._last_claim = now
                 claimed = self.store.claim(self.worker, free, lease, self.queues)
-        except StoreUnavailable:
-            logger.warning("the job store is unavailable; claiming again shortly")
+        except StoreUnavailable as exc:
+            store_away.warn("the job store is unavailable; claiming again shortly", exc)
         except Exception:
             logger.exception("claiming jobs failed")
         for job in claimed:
@@ -308,8 +309,8 @@ class Dispatcher:
             held = {job_id: a.number for job_id, a in self.running.items()}
         try:
             owned = self.store.renew(self.worker, held, self.config.lease_seconds)
-        except StoreUnavailable:
-            logger.warning("could not renew leases: the job store is unavailable")
+        except StoreUnavailable as exc:
+            store_away.warn("could not renew leases: the job store is unavailable", exc)
             return False
         for job_id in held.keys() - owned:
             attempt = self.running.get(job_id)

@@ -17,8 +17,17 @@ def translate_errors() -> Iterator[None]:
     try:
         yield
     except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
-        raise StoreUnavailable(exc.__class__.__name__) from exc
+        raise StoreUnavailable(cause_of(exc)) from exc
     except sa.exc.DBAPIError as exc:
         if exc.connection_invalidated:
-            raise StoreUnavailable(exc.__class__.__name__) from exc
+            raise StoreUnavailable(cause_of(exc)) from exc
         raise
+
+
+def cause_of(error: BaseException) -> str:
+    """The driver's own first line (host, port, file and reason), under the
+    driver's exception name: what an operator needs to fix it."""
+    original = getattr(error, "orig", None) or error
+    lines = str(original).strip().splitlines()
+    name = type(original).__name__
+    return f"{name}: {lines[0].strip()}" if lines else name

@@ -19,7 +19,7 @@ from . import _codec as codec
 from ._accept import AcceptQueries
 from ._base import Clock, QueueCount, StoreUnavailable
 from ._dialects import Dialect, for_url
-from ._errors import translate_errors
+from ._errors import cause_of, translate_errors
 from ._migrate import migrate
 from ._schema import jobs
 from ._sqlite_file import DatabaseFile, checkpoint
@@ -100,7 +100,7 @@ class SQLJobStore(AcceptQueries, WebhookQueries):
         except (dbapi.OperationalError, dbapi.InterfaceError) as exc:
             self._readers.held = None
             connection.invalidate()
-            raise StoreUnavailable(exc.__class__.__name__) from exc
+            raise StoreUnavailable(cause_of(exc)) from exc
         return None if row is None else codec.job_from_row(dict(zip(names, row, strict=True)))
 
     def _select_statement(self, request: bool, response: bool) -> tuple[str, list[str], bool]:
@@ -127,7 +127,7 @@ class SQLJobStore(AcceptQueries, WebhookQueries):
                 with translate_errors():
                     connection = engine.raw_connection()
             except (dbapi.OperationalError, dbapi.InterfaceError) as exc:
-                raise StoreUnavailable(exc.__class__.__name__) from exc
+                raise StoreUnavailable(cause_of(exc)) from exc
             held = self._readers.held = (engine, connection)
         return held[1]
 

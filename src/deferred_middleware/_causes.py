@@ -1,0 +1,50 @@
+"""Why the job store is away, said once per cause rather than once per poll.
+
+A database that is down makes every request, claim and renewal fail the same
+way; logging each would bury the one line that matters. Each distinct cause
+is logged at WARNING once per interval, with how often it repeated since;
+the repeats in between go to DEBUG.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+logger = logging.getLogger("deferred_middleware")
+
+INTERVAL = 60.0
+MAX_CAUSES = 256
+
+
+class CauseLog:
+    def __init__(
+        self, interval: float = INTERVAL, monotonic: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.interval = interval
+        self.monotonic = monotonic
+        self._seen: dict[tuple[str, str], tuple[float, int]] = {}
+        self._lock = threading.Lock()
+
+    def warn(self, what: str, error: BaseException) -> None:
+        """``what`` failed because of ``error`` (its text names the cause)."""
+        cause = str(error) or type(error).__name__
+        key, now = (what, cause), self.monotonic()
+        with self._lock:
+            last, repeats = self._seen.get(key, (None, 0))
+            due = last is None or now - last >= self.interval
+            if len(self._seen) >= MAX_CAUSES and key not in self._seen:
+                self._seen.clear()
+            self._seen[key] = (now, 0) if due else (last, repeats + 1)  # type: ignore[assignment]
+        if not due:
+            logger.debug("%s: %s", what, cause)
+        elif repeats:
+            logger.warning("%s: %s (%d more times since)", what, cause, repeats)
+        else:
+            logger.warning("%s: %s", what, cause)
+
+
+store_away = CauseLog()
+"""The process's one log of store outages, shared by every part that meets one."""

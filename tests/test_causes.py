@@ -1,0 +1,85 @@
+"""A store that is away is explained once per cause, with the driver's own
+words (host, port, file), not once per request or poll."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from deferred_middleware._causes import CauseLog
+from deferred_middleware._jobs import Status
+from deferred_middleware.store import SQLJobStore, StoreUnavailable
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+
+def test_each_cause_is_a_warning_once_per_interval(caplog):
+    caplog.set_level(logging.DEBUG, "deferred_middleware")
+    clock = Clock()
+    causes = CauseLog(interval=60, monotonic=clock)
+    refused = StoreUnavailable('connection to server at "db", port 5432 failed: refused')
+    for _ in range(5):
+        causes.warn("claiming", refused)
+    assert warnings(caplog) == [f"claiming: {refused}"]
+    assert len([r for r in caplog.records if r.levelno == logging.DEBUG]) == 4
+
+    causes.warn("claiming", StoreUnavailable("database is locked"))  # a new cause: said at once
+    causes.warn("renewing", refused)  # the same cause elsewhere: said too
+    assert warnings(caplog)[1:] == ["claiming: database is locked", f"renewing: {refused}"]
+
+    clock.now += 60
+    causes.warn("claiming", refused)
+    assert warnings(caplog)[-1] == f"claiming: {refused} (4 more times since)"
+    clock.now += 60
+    causes.warn("claiming", refused)
+    assert warnings(caplog)[-1] == f"claiming: {refused}"
+
+
+def test_a_cause_without_words_is_named_by_its_type(caplog):
+    caplog.set_level(logging.WARNING, "deferred_middleware")
+    CauseLog().warn("writing", StoreUnavailable())
+    assert warnings(caplog) == ["writing: StoreUnavailable"]
+
+
+def test_a_server_that_is_not_there_is_named_with_its_host_and_port():
+    store = SQLJobStore("postgresql://postgres@127.0.0.1:1/test")
+    with pytest.raises(StoreUnavailable) as away:
+        store.count(Status.QUEUED)
+    assert str(away.value).startswith("OperationalError: ")
+    assert "127.0.0.1" in str(away.value) and "port 1" in str(away.value)
+    with pytest.raises(StoreUnavailable) as away:
+        store.get("0" * 32)  # the hot read's own path
+    assert "port 1" in str(away.value)
+    store.close()
+
+
+def test_a_missing_sqlite_folder_is_named(tmp_path):
+    store = SQLJobStore(f"sqlite:///{tmp_path}/no/such/folder/jobs.db")
+    with pytest.raises(StoreUnavailable) as away:
+        store.migrate()
+    assert "unable to open database file" in str(away.value)
+    store.close()
+
+
+def test_the_cli_names_the_cause_and_exits_6():
+    import os
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "deferred_middleware.cli", "jobs", "list"]
+    env = {**os.environ, "DEFERRED_DATABASE_URL": "postgresql://postgres@127.0.0.1:1/test"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 6
+    assert "the job store is unavailable: OperationalError:" in done.stderr
+    assert "port 1" in done.stderr
