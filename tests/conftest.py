@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from deferred_middleware._causes import store_away
 from deferred_middleware._jobs import DEFAULT_CREDENTIAL_HEADERS
 from deferred_middleware.runner._dispatch import Dispatcher
 from deferred_middleware.store import JobStore, MemoryJobStore, SQLJobStore
@@ -26,6 +27,13 @@ from .support import (
     require,
     reset_tables,
 )
+
+
+@pytest.fixture(autouse=True)
+def each_test_hears_every_cause() -> None:
+    """The process's log of store outages says each cause once a minute; a
+    test must not miss its own line because an earlier test met the cause."""
+    store_away.forget()
 
 
 @pytest.fixture(autouse=True)

@@ -83,3 +83,12 @@ def test_the_cli_names_the_cause_and_exits_6():
     assert done.returncode == 6
     assert "the job store is unavailable: OperationalError:" in done.stderr
     assert "port 1" in done.stderr
+
+
+def test_a_forgotten_cause_is_said_again(caplog):
+    caplog.set_level(logging.WARNING, "deferred_middleware")
+    causes = CauseLog(interval=60, monotonic=Clock())
+    causes.warn("claiming", StoreUnavailable("down"))
+    causes.forget()
+    causes.warn("claiming", StoreUnavailable("down"))
+    assert warnings(caplog) == ["claiming: down", "claiming: down"]

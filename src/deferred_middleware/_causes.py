@@ -45,6 +45,11 @@ class CauseLog:
         else:
             logger.warning("%s: %s", what, cause)
 
+    def forget(self) -> None:
+        """Say every cause again at its next occurrence."""
+        with self._lock:
+            self._seen.clear()
+
 
 store_away = CauseLog()
 """The process's one log of store outages, shared by every part that meets one."""
