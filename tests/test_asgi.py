@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 
 import httpx
 import pytest
@@ -293,3 +294,24 @@ def test_one_app_serves_jobs_across_two_test_client_sessions(sqlite_url):
             job_id = client.post("/work").json()["id"]
             result = client.get(f"/jobs/{job_id}/result", params={"wait": 10})
             assert (result.status_code, result.text) == (200, "done 1")
+
+
+async def test_a_marker_on_a_websocket_route_is_called_out_once(caplog):
+    from starlette.routing import WebSocketRoute
+
+    @deferred
+    async def socket(websocket):
+        await websocket.close()
+
+    async def plain(request: Request) -> Response:
+        return PlainTextResponse("plain")
+
+    app = Starlette(
+        routes=[Route("/plain", plain, methods=["POST"]), WebSocketRoute("/live", socket)],
+        middleware=[Middleware(DeferredMiddleware, database_url="memory://", execute=False)],
+    )
+    async with client_for(app) as client:
+        for _ in range(3):
+            assert (await client.post("/plain")).text == "plain"
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert said == ["@deferred on the websocket route /live: a websocket is never deferred"]

@@ -7,15 +7,17 @@ Starlette routes (Starlette, FastAPI); plain ASGI apps name their routes.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from typing import Any
 
-from starlette.routing import Host, Match
+from starlette.routing import Host, Match, WebSocketRoute
 
 from ._jobs import DeferredOptions
 from ._routes import options_of
 
 Scope = Any  # an HTTP scope, as the router reads it
+logger = logging.getLogger("deferred_middleware")
 
 
 def matched(routes: Iterable[Any], scope: Scope) -> tuple[Any, Scope] | None:
@@ -65,6 +67,8 @@ class MarkedRoutes:
     def lookup(self, routes: Any, scope: Scope, method: str, path: str) -> DeferredOptions | None:
         fingerprint = (id(routes), len(routes))
         if fingerprint != self._routes_seen:
+            for mistake in never_deferred(routes):  # said once, when the routes are new
+                logger.warning(mistake)
             self._answers.clear()
             self._routes_seen = fingerprint
             self._cacheable = not has_host_routes(routes)
@@ -79,6 +83,16 @@ class MarkedRoutes:
             self._answers.clear()
         answer = self._answers[key] = marked_options(routes, scope)
         return answer
+
+
+def never_deferred(routes: Iterable[Any]) -> list[str]:
+    """Marked endpoints that no request can reach as a deferred one: a
+    websocket route is served as it is, whatever its marker says."""
+    return [
+        f"@deferred on the websocket route {route.path}: a websocket is never deferred"
+        for route, endpoint in endpoints_with_routes(routes)
+        if isinstance(route, WebSocketRoute) and options_of(endpoint) is not None
+    ]
 
 
 def endpoints(routes: Iterable[Any]) -> Iterable[Any]:
