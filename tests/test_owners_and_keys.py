@@ -18,6 +18,7 @@ from deferred_middleware._jobs import (
     owner_key,
 )
 from deferred_middleware._refusals import BadRequest, KeyReused, NoOwner
+from deferred_middleware.store import StoreUnavailable, Unstorable
 
 from .policy_harness import Harness
 
@@ -306,3 +307,18 @@ def test_options_on_a_job_route_answers_the_same_on_the_async_face(h):
     tail = f"/{'0' * 32}/result"
     reply = asyncio.run(h.core.answer_async(tail, "OPTIONS", b"", ""))
     assert (reply.status, reply.headers) == (204, [("allow", "GET, HEAD, OPTIONS")])
+
+
+@pytest.mark.parametrize(
+    ("raised", "answered"),
+    [(ValueError("refused"), Unstorable), (StoreUnavailable("down"), StoreUnavailable)],
+)
+def test_a_key_the_store_cannot_take_fails_that_submit_alone(h, monkeypatch, raised, answered):
+    def insert_once(job):
+        raise raised
+
+    monkeypatch.setattr(h.store, "insert_once", insert_once)
+    with pytest.raises(answered):
+        submit(h, key="k1")
+    assert submit(h) is not None  # a plain submit beside it is stored
+    assert h.store.count(Status.QUEUED) == 1

@@ -113,28 +113,23 @@ class BatchWriter:
             self._together(self.store.insert, inserts)
         for kind, job, waiter in items:
             if kind == INSERT_ONCE:
-                self._once(job, waiter)
+                self._together(self._insert_once, [(job, waiter)])
         if writes:
             self._together(self.store.write, writes)
 
-    def _once(self, job: Job, waiter: Waiter) -> None:
-        try:
-            stored = self.store.insert_once(job)
-        except StoreUnavailable as exc:
-            _resolve([(waiter, None)], exc)
-        except Exception:
-            logger.exception("the job store refused a write")
-            _resolve([(waiter, None)], Unstorable())
-        else:
-            _resolve([(waiter, stored)], None)
+    def _insert_once(self, jobs: Sequence[Job]) -> list[Job]:
+        """The job stored under the one job's key: its waiter's result."""
+        [job] = jobs
+        return [self.store.insert_once(job)]
 
     def _together(
         self, store: Callable[[Sequence[T]], object], items: list[tuple[T, Waiter]]
     ) -> None:
         """One transaction for all; if it fails for any reason but the store
-        being unavailable, each item alone, so one bad item fails only itself."""
+        being unavailable, each item alone, so one bad item fails only itself.
+        A store that answers a list gives each waiter its own result."""
         try:
-            store([item for item, _ in items])
+            results = store([item for item, _ in items])
         except StoreUnavailable as exc:
             _resolve([(waiter, None) for _, waiter in items], exc)
             return
@@ -146,7 +141,11 @@ class BatchWriter:
             for item in items:
                 self._together(store, [item])
             return
-        _resolve([(waiter, None) for _, waiter in items], None)
+        if not isinstance(results, list):
+            results = [None] * len(items)
+        _resolve(
+            [(waiter, result) for (_, waiter), result in zip(items, results, strict=True)], None
+        )
 
 
 def _resolve(outcomes: list[tuple[Waiter, Any]], error: BaseException | None) -> None:
