@@ -715,16 +715,16 @@ def test_the_writer_outlives_a_waiter_that_gave_up():
     writer = BatchWriter(store)
     abandoned: Future[None] = Future()
     abandoned.cancel()
-    first = Harness().core._new_job(StoredRequest("POST", "/a"), OPTIONS)
+    first = Harness().core.admission.new_job(StoredRequest("POST", "/a"), OPTIONS)
     writer.insert(first, abandoned)
     later: Future[None] = Future()
-    second = Harness().core._new_job(StoredRequest("POST", "/b"), OPTIONS)
+    second = Harness().core.admission.new_job(StoredRequest("POST", "/b"), OPTIONS)
     writer.insert(second, later)
     assert later.result(timeout=10) is None
     assert store.count(Status.QUEUED) == 2
     writer.stop()
     third: Future[None] = Future()
-    writer.insert(Harness().core._new_job(StoredRequest("POST", "/c"), OPTIONS), third)
+    writer.insert(Harness().core.admission.new_job(StoredRequest("POST", "/c"), OPTIONS), third)
     assert third.result(timeout=10) is None  # a stopped writer starts again
     writer.stop()
 
@@ -873,7 +873,7 @@ def test_the_executor_threads_enforce_timeouts_and_see_jobs_from_elsewhere():
     ticks = spy(pytest.MonkeyPatch(), h.dispatcher, "tend_step")
     h.dispatcher.start()
     eventually(lambda: ticks.count >= 2, timeout=10)  # idle ticks: the loop keeps going
-    job = h.core._new_job(StoredRequest("POST", "/r"), DeferredOptions(timeout=0.2))
+    job = h.core.admission.new_job(StoredRequest("POST", "/r"), DeferredOptions(timeout=0.2))
     h.store.insert([job])  # straight into the table: nobody wakes the executor
     failed = eventually(lambda: (j := h.job(job.id)).status.finished and j, timeout=10)
     assert failed.error == "The job timed out after 0.2 seconds."
@@ -894,7 +894,7 @@ def test_a_store_that_pushes_wakes_the_executor_at_once(monkeypatch):
     monkeypatch.setattr(h.store, "listen", listen)
     h.dispatcher.start()
     eventually(lambda: h.dispatcher._wake.is_set() is False, timeout=10)  # idle, waiting
-    job = h.core._new_job(StoredRequest("POST", "/r"), DeferredOptions())
+    job = h.core.admission.new_job(StoredRequest("POST", "/r"), DeferredOptions())
     h.store.insert([job])
     pushed.set()
     eventually(lambda: h.launcher.count(job.id) == 1, timeout=10)

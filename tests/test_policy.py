@@ -583,7 +583,7 @@ def test_one_unstorable_job_does_not_fail_the_others_in_its_batch(h, monkeypatch
     good, bad = Future(), Future()
     items = []
     for path, future in (("/good", good), ("/bad", bad)):
-        job = h.core._new_job(StoredRequest("POST", path), DeferredOptions())
+        job = h.core.admission.new_job(StoredRequest("POST", path), DeferredOptions())
         items.append((INSERT, job, future))
     h.writer._write(items)
     assert good.result() is None

@@ -101,7 +101,7 @@ class JobCore:
         if self.admission.count_due():
             self.admission.count_queued()
         callback = self.callbacks.url_for(request, options)
-        job = self._new_job(request, options, owner, callback)
+        job = self.admission.new_job(request, options, owner, callback)
         if job.idempotency is not None:
             held: Future[Job] = Future()
             self.writer.insert_once(job, held)
@@ -123,7 +123,7 @@ class JobCore:
         callback = None
         if self.callbacks.asked(request, options):  # may look up a host name: off the loop
             callback = await self.offload(self.callbacks.url_for, request, options)
-        job = self._new_job(request, options, owner, callback)
+        job = self.admission.new_job(request, options, owner, callback)
         loop = asyncio.get_running_loop()
         if job.idempotency is not None:
             held: asyncio.Future[Job] = loop.create_future()
@@ -134,15 +134,6 @@ class JobCore:
         await committed
         self._committed(job)
         return job
-
-    def _new_job(
-        self,
-        request: StoredRequest,
-        options: DeferredOptions,
-        owner: str | None = None,
-        callback: str | None = None,
-    ) -> Job:
-        return self.admission.new_job(request, options, owner, callback)
 
     def _stored_once(self, job: Job, stored: Job) -> Job:
         """The job to answer for a request that named an Idempotency-Key."""

@@ -62,15 +62,16 @@ class FastAPISupport:
             errors = await request_errors(route, request)
         except Exception:  # as FastAPI answers a body it cannot parse
             unreadable = HTTPException(400, "There was an error parsing the body")
-            handler = self.app.exception_handlers.get(HTTPException, http_exception_handler)
-            return await handler(request, unreadable)  # type: ignore[no-any-return]
+            return await self._answer(request, unreadable, http_exception_handler)
         if not errors:
             return None
-        handler = self.app.exception_handlers.get(
-            RequestValidationError, request_validation_exception_handler
-        )
         invalid = RequestValidationError(errors, body=body)
-        return await handler(request, invalid)  # type: ignore[no-any-return]
+        return await self._answer(request, invalid, request_validation_exception_handler)
+
+    async def _answer(self, request: Request, error: Exception, default: Any) -> ASGIApp:
+        """The app's own handler for ``error``, or FastAPI's ``default``."""
+        handler = self.app.exception_handlers.get(type(error), default)
+        return await handler(request, error)  # type: ignore[no-any-return]
 
 
 async def request_errors(route: APIRoute, request: Request) -> list[Any]:

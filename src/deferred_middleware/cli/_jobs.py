@@ -27,6 +27,7 @@ from ._output import (
     emit,
     fields,
     job_row,
+    span,
     table,
 )
 
@@ -220,7 +221,7 @@ def _stats_text(rows: list[dict[str, Any]]) -> str:
             **r,
             "oldest_queued": ""
             if r["oldest_queued_seconds"] is None
-            else age(utcnow() - timedelta(seconds=r["oldest_queued_seconds"])),
+            else span(r["oldest_queued_seconds"]),
         }
         for r in rows
     ]

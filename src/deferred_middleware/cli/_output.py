@@ -70,10 +70,15 @@ def _iso(value: datetime | None) -> str | None:
 
 
 def age(value: datetime | None, now: datetime | None = None) -> str:
-    """``42s``, ``7m``, ``3h``, ``2d``: how long ago, to the largest unit."""
+    """How long ago ``value`` was, as :func:`span` writes it."""
     if value is None:
         return ""
-    seconds = max(0, int(((now or datetime.now(timezone.utc)) - value).total_seconds()))
+    return span(((now or datetime.now(timezone.utc)) - value).total_seconds())
+
+
+def span(seconds: float) -> str:
+    """``42s``, ``7m``, ``3h``, ``2d``: to the largest unit."""
+    seconds = max(0, int(seconds))
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size:
             return f"{seconds // size}{unit}"
@@ -86,10 +91,10 @@ def table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
     widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
     header = "  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True))
     lines = [click.style(header.rstrip(), bold=True)]
+    at = list(columns).index("status") if "status" in columns else None
     for row in cells:
         padded = [value.ljust(width) for value, width in zip(row, widths, strict=True)]
-        if "status" in columns:
-            at = list(columns).index("status")
+        if at is not None:
             padded[at] = click.style(padded[at], fg=STATUS_COLOURS.get(row[at].strip()))
         lines.append("  ".join(padded).rstrip())
     return "\n".join(lines)

@@ -12,11 +12,7 @@ from .._jobs import Headers
 def split_credentials(
     headers: Headers, credential_names: frozenset[str]
 ) -> tuple[Headers, list[tuple[int, str, str]]]:
-    """Separate credentials from other headers, remembering their positions.
-
-    The credentials are stored apart so that finishing a job can forget them
-    with one column update, and replay can put them back in order.
-    """
+    """Separate credentials from other headers, remembering their positions."""
     kept: Headers = []
     secrets_: list[tuple[int, str, str]] = []
     for index, (name, value) in enumerate(headers):
