@@ -11,8 +11,8 @@ except ImportError:  # pragma: no cover - the [cli] extra is not installed
     sys.exit("deferred-middleware's commands need click: pip install 'deferred-middleware[cli]'")
 
 from ..store import StoreUnavailable
-from ._jobs import DATABASE_URL, jobs, migrate_to_head
-from ._output import EXIT_UNAVAILABLE, Refused, emit
+from ._jobs import DATABASE_URL, JSON_FLAG, jobs, migrate_to_head
+from ._output import EXIT_UNAVAILABLE, Refused
 
 
 @click.group()
@@ -58,11 +58,10 @@ def worker(
 
 @main.command()
 @DATABASE_URL
-@click.option("--json", "as_json", is_flag=True, help="One JSON object, for scripts.")
+@JSON_FLAG
 def migrate(database_url: str, as_json: bool) -> None:
     """Create the job table, or upgrade it in place: for deploy scripts."""
-    done = migrate_to_head(database_url)
-    emit(done, as_json, lambda d: f"the job table at {d['database']} is up to date")
+    migrate_to_head(database_url, as_json)
 
 
 main.add_command(jobs)

@@ -63,7 +63,8 @@ def _open(database_url: str) -> SQLJobStore:
         raise click.ClickException(str(exc)) from exc
 
 
-def migrate_to_head(database_url: str) -> dict[str, str]:
+def migrate_to_head(database_url: str, as_json: bool) -> None:
+    """Create or upgrade the table, and say so: both ``migrate`` commands."""
     store = _open(database_url)
     try:
         store.migrate()
@@ -71,7 +72,8 @@ def migrate_to_head(database_url: str) -> dict[str, str]:
         raise Refused(f"the job store is unavailable: {exc}", EXIT_UNAVAILABLE) from exc
     finally:
         store.close()
-    return {"database": store.url.render_as_string(), "schema": "up to date"}
+    done = {"database": store.url.render_as_string(), "schema": "up to date"}
+    emit(done, as_json, lambda d: f"the job table at {d['database']} is up to date")
 
 
 @click.group()
@@ -113,8 +115,7 @@ def _has_job_table(store: SQLJobStore) -> bool:
 @click.pass_obj
 def jobs_migrate(database_url: str, as_json: bool) -> None:
     """Create the job table, or upgrade it to this release's schema."""
-    done = migrate_to_head(database_url)
-    emit(done, as_json, lambda d: f"the job table at {d['database']} is up to date")
+    migrate_to_head(database_url, as_json)
 
 
 def _resolve(store: SQLJobStore, id_or_prefix: str) -> str:
