@@ -67,10 +67,11 @@ def _status(description: str, headers: dict[str, Any] | None = None) -> dict[str
     return answer
 
 
-def _problem(description: str) -> dict[str, Any]:
+def _problem(description: str, also: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A problem answer; ``also``: other media types it may come as."""
     return {
         "description": description,
-        "content": {"application/problem+json": {"schema": PROBLEM_REF}},
+        "content": {"application/problem+json": {"schema": PROBLEM_REF}, **(also or {})},
     }
 
 
@@ -88,7 +89,8 @@ UNPARSEABLE = {  # the framework's own answer to a body it cannot parse
 REFUSALS = {
     "400": _problem(
         "A malformed Idempotency-Key, a body that cannot be parsed, "
-        "or a request that cannot be stored."
+        "or a request that cannot be stored.",
+        {"application/json": UNPARSEABLE},
     ),
     "403": _problem("The request names no owner for its job."),
     "413": _problem("The body is over the size limit; no job was made."),
@@ -137,9 +139,6 @@ def document_jobs(
         if operation is not None:
             _defer(operation, options)
     paths.update(job_routes(prefix))
-
-
-REFUSALS["400"]["content"]["application/json"] = UNPARSEABLE
 
 
 def _defer(operation: dict[str, Any], options: DeferredOptions) -> None:
