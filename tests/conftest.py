@@ -4,6 +4,7 @@ held to one contract. Helpers live in ``tests/support.py``."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,6 +18,7 @@ from deferred_middleware.store import JobStore, MemoryJobStore, SQLJobStore
 from deferred_middleware.store._writer import BatchWriter
 
 from .support import (
+    IN_CI,
     MYSQL_URL,
     POSTGRES_URL,
     ROOT,
@@ -211,3 +213,26 @@ def effects(workdir: Path) -> Callable[[], list[list[str]]]:
         return [line.split() for line in path.read_text().splitlines()] if path.exists() else []
 
     return read
+
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[object]:
+    """Headless Chromium (Debian's), driven by Selenium; one for the whole run."""
+    if shutil.which(CHROMIUM) is None or shutil.which(CHROMEDRIVER) is None:
+        message = "Debian's chromium and chromium-driver are not installed (README, test command)"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage"):
+        options.add_argument(argument)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    yield driver
+    driver.quit()

@@ -20,7 +20,9 @@ from deferred_middleware._jobs import (
     StoredRequest,
     StoredResponse,
 )
+from deferred_middleware._metrics import Metrics
 from deferred_middleware._notify import Notifier
+from deferred_middleware._operator import OperatorRoutes
 from deferred_middleware.runner._dispatch import Dispatcher, Ended
 from deferred_middleware.store import MemoryJobStore
 from deferred_middleware.store._writer import BatchWriter
@@ -106,6 +108,9 @@ class Harness:
         self.writer = InlineWriter(self.store)
         self.notifier = Notifier()
         self.launcher = ScriptedLauncher(interruptible)
+        self.metrics = Metrics()
+        if self.config.metrics:
+            self.metrics.switch_on(self.store, self.clock)
         self.dispatcher = Dispatcher(
             self.config,
             self.store,
@@ -114,6 +119,7 @@ class Harness:
             self.launcher,
             clock=self.clock,
             monotonic=lambda: self.now,
+            metrics=self.metrics,
         )
         self.core = JobCore(
             self.config,
@@ -123,7 +129,9 @@ class Harness:
             self.dispatcher,
             clock=self.clock,
             monotonic=lambda: self.now,
+            metrics=self.metrics,
         )
+        self.operator = OperatorRoutes(self.core)
 
     def submit(
         self,
@@ -131,9 +139,13 @@ class Harness:
         retries: int = 0,
         timeout: float | None = None,
         headers: list[tuple[str, str]] | None = None,
+        queue: str | None = None,
+        owner: str | None = None,
+        query: bytes = b"",
     ) -> str:
-        request = StoredRequest("POST", "/reports", headers=headers or [], body=b"{}")
-        return self.core.accept(request, DeferredOptions(retries=retries, timeout=timeout)).id
+        request = StoredRequest("POST", "/reports", query, headers or [], b"{}")
+        options = DeferredOptions(retries=retries, timeout=timeout, queue=queue)
+        return self.core.accept(request, options, owner).id
 
     def claim(self) -> int:
         return self.dispatcher.claim_step()

@@ -7,17 +7,14 @@ from __future__ import annotations
 
 import http.server
 import json
-import shutil
 import threading
 from collections.abc import Iterator
 
 import pytest
 
-from .support import IN_CI, free_port
+from .support import free_port
 
 pytestmark = pytest.mark.servers
-
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
 PAGE = """<!doctype html>
 <html><body><pre id="out">working</pre><script>
@@ -51,25 +48,6 @@ run().then(
 );
 </script></body></html>
 """
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[object]:
-    if shutil.which(CHROMIUM) is None or shutil.which(CHROMEDRIVER) is None:
-        message = "Debian's chromium and chromium-driver are not installed (README, test command)"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage"):
-        options.add_argument(argument)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    yield driver
-    driver.quit()
 
 
 @pytest.fixture

@@ -316,6 +316,19 @@ def test_list_is_newest_first_and_filters(any_store, new, clock):
     assert all(j.request is None for j in any_store.list())
 
 
+def test_list_filters_by_queue_and_status_together(any_store, new, clock):
+    mailing, default = new(), new()
+    mailing.queue = "mail"
+    any_store.insert([mailing, default])
+    any_store.cancel(default.id)
+    assert [j.id for j in any_store.list(queues=["mail"])] == [mailing.id]
+    both = {j.id for j in any_store.list(queues=["default", "mail"])}
+    assert both == {mailing.id, default.id}
+    assert any_store.list([Status.CANCELED], queues=["mail"]) == []
+    assert [j.id for j in any_store.list([Status.QUEUED], queues=["mail"])] == [mailing.id]
+    assert any_store.list(queues=["other"]) == []
+
+
 def test_the_memory_store_refuses_a_duplicate_id():
     store = MemoryJobStore()
     job = make_job()

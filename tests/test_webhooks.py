@@ -25,6 +25,7 @@ from deferred_middleware._jobs import (
     StoredRequest,
     StoredResponse,
 )
+from deferred_middleware._metrics import Metrics
 from deferred_middleware.runner._deliver import WebhookDeliverer
 from deferred_middleware.store import MemoryJobStore
 
@@ -246,12 +247,15 @@ def deliveries(clock):
             webhook_retry_for=retry_for,
         )
         receiver = Receiver(*answers)
+        metrics = Metrics()
+        metrics.switch_on(store, clock)
         deliverer = WebhookDeliverer(
             config,
             store,
             clock=clock,
             resolve=resolve or resolving_to(PUBLIC),
             transport=httpx.MockTransport(receiver),
+            metrics=metrics,
         )
         job = make_job(created_at=clock(), callback_url="https://hooks.example.com/done")
         store.insert([job])
@@ -298,6 +302,12 @@ def test_anything_else_is_tried_again_after_the_backoff(deliveries, clock, answe
     assert store.get(job_id).webhook_state == WEBHOOK_DELIVERED
     first, second = store.webhook_attempts_of(job_id)
     assert (first.attempt, second.attempt, second.status_code) == (1, 2, 200)
+    registry = deliverer.metrics.registry
+    for outcome, count in (("retry", 1), ("delivered", 1), ("failed", None)):
+        counted = registry.get_sample_value(
+            "deferred_webhook_deliveries_total", {"outcome": outcome}
+        )
+        assert counted == count
     assert (first.status_code is None) == (first.error is not None)
 
 
@@ -316,6 +326,9 @@ def test_a_target_that_now_resolves_inward_fails_without_being_contacted(deliver
     assert store.get(job_id).webhook_state == WEBHOOK_FAILED
     [attempt] = store.webhook_attempts_of(job_id)
     assert "private" in attempt.error
+    failed = {"outcome": "failed"}
+    registry = deliverer.metrics.registry
+    assert registry.get_sample_value("deferred_webhook_deliveries_total", failed) == 1
 
 
 def run_until_delivered(deliverer: WebhookDeliverer, store, job_id: str) -> None:

@@ -122,6 +122,25 @@ class Admission:
         return False
 
 
+def refusal_reason(error: Refusal | StoreUnavailable | Unstorable) -> str:
+    """The ``reason`` label a refusal is counted under."""
+    for kind, reason in _REASONS:
+        if isinstance(error, kind):
+            return reason
+    return "unavailable"
+
+
+_REASONS: tuple[tuple[type[Exception], str], ...] = (
+    (QueueFull, "queue_full"),
+    (HeadersTooLarge, "headers_too_large"),
+    (NotStorable, "unstorable"),
+    (BadRequest, "bad_request"),
+    (NoOwner, "no_owner"),
+    (KeyReused, "key_reused"),
+    (Unstorable, "unstorable"),
+)
+
+
 def refusal_reply(error: Refusal | StoreUnavailable | Unstorable, config: Config) -> protocol.Reply:
     """The problem a request that got no job is answered with."""
     if isinstance(error, QueueFull):

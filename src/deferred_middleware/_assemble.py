@@ -11,7 +11,9 @@ from collections.abc import Iterable
 from ._config import Config
 from ._core import JobCore
 from ._jobs import DeferredOptions
+from ._metrics import Metrics
 from ._notify import Notifier
+from ._operator import OperatorRoutes
 from ._routes import RoutePatterns
 from .runner._deliver import WebhookDeliverer
 from .runner._dispatch import Dispatcher, Launcher
@@ -25,6 +27,8 @@ class Parts:
     patterns: RoutePatterns
     core: JobCore
     dispatcher: Dispatcher
+    metrics: Metrics
+    operator: OperatorRoutes
 
 
 def assemble(
@@ -46,13 +50,21 @@ def assemble(
     notifier = Notifier(
         functools.partial(store.listen, JOB_CHANGES) if store.pushes_wakeups else None
     )
-    side_loops = [WebhookDeliverer(config, store)] if config.webhook_secret else []
-    dispatcher = Dispatcher(config, store, writer, notifier, launcher, side_loops=side_loops)
+    metrics = Metrics()
+    if config.metrics:
+        metrics.switch_on(store)
+    side_loops = [WebhookDeliverer(config, store, metrics=metrics)] if config.webhook_secret else []
+    dispatcher = Dispatcher(
+        config, store, writer, notifier, launcher, side_loops=side_loops, metrics=metrics
+    )
+    core = JobCore(config, store, writer, notifier, dispatcher, metrics=metrics)
     return Parts(
         config=config,
         patterns=RoutePatterns(
             routes, DeferredOptions(retries=retries, timeout=timeout), config.prefix
         ),
-        core=JobCore(config, store, writer, notifier, dispatcher),
+        core=core,
         dispatcher=dispatcher,
+        metrics=metrics,
+        operator=OperatorRoutes(core),
     )

@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, TypedDict
 
 from ._jobs import DEFAULT_CREDENTIAL_HEADERS, DEFAULT_QUEUE, RequestInfo, check_queue_name
+from ._metrics import require_prometheus_client
 
 DEFAULT_DATABASE_FILE = "deferred_jobs.db"
 
@@ -49,6 +50,8 @@ class Config:
     webhook_retry_for: float = 24 * 3600
     webhook_timeout: float = 10.0
     owner: Callable[[RequestInfo], Any] | None = None
+    metrics: bool = False
+    dashboard: Callable[[RequestInfo], Any] | None = None
 
     def __post_init__(self) -> None:
         if not self.prefix.startswith("/") or self.prefix.endswith("/"):
@@ -63,6 +66,8 @@ class Config:
         self.webhook_allowlist = tuple(self.webhook_allowlist)
         if self.webhook_secret is not None:
             _check_webhook_secret(self.webhook_secret)
+        if self.metrics:
+            require_prometheus_client()
 
     @classmethod
     def build(cls, credential_headers: Iterable[str] = (), **options: object) -> Config:
@@ -148,6 +153,12 @@ class Options(TypedDict, total=False):
     its routes answer 404 to anyone else; a submit that names nobody gets 403.
     On ASGI it may be a coroutine function; under Flask it runs in a request
     context (``session``, ``flask_login.current_user``)."""
+    metrics: bool
+    """Serve ``GET {prefix}/metrics`` in Prometheus text format (the
+    ``[metrics]`` extra): this process's counters and the table's depth."""
+    dashboard: Callable[[RequestInfo], bool] | None
+    """``fn(request)``: who may see the dashboard at ``{prefix}/``, and cancel
+    or retry jobs there; off without it. Called like ``owner``."""
     queue: str
     """The queue jobs go to (``@deferred(queue=...)`` picks another) and that
     this process's executor runs, with the queues its marked routes name."""

@@ -18,9 +18,10 @@ from typing import Protocol, TypeVar
 from . import _events as events
 from . import _joblog as joblog
 from . import _protocol as protocol
-from ._admission import Admission, refusal_reply
+from ._admission import Admission, refusal_reason, refusal_reply
 from ._config import Config
 from ._jobs import DeferredOptions, Job, RequestInfo, Status, StoredRequest, owner_key, utcnow
+from ._metrics import Metrics
 from ._notify import Notifier
 from ._prefer import NONE, Preferences
 from ._refusals import Refusal
@@ -55,8 +56,10 @@ class JobCore:
         *,
         clock: Clock = utcnow,
         monotonic: Callable[[], float] = time.monotonic,
+        metrics: Metrics | None = None,
     ) -> None:
         self.config = config
+        self.metrics = metrics or Metrics()
         self.store = store
         self.writer = writer
         self.notifier = notifier
@@ -150,6 +153,7 @@ class JobCore:
 
     def _committed(self, job: Job) -> None:
         joblog.accepted(job)
+        self.metrics.accepted(job)
         if self.executor is not None:
             self.executor.wake()
 
@@ -191,7 +195,13 @@ class JobCore:
 
     def refused(self, error: Refusal | StoreUnavailable | Unstorable) -> protocol.Reply:
         """The problem a request that got no job is answered with."""
+        self.metrics.refused(refusal_reason(error))
         return refusal_reply(error, self.config)
+
+    def too_large(self) -> protocol.Reply:
+        """The answer to a body over ``max_body_size``: 413, and no job."""
+        self.metrics.refused("body_too_large")
+        return protocol.too_large(self.config.max_body_size)
 
     def urls(self, root_path: str) -> protocol.JobURLs:
         config = self.config
@@ -217,7 +227,7 @@ class JobCore:
         try:
             self.prepare()
             if not self._visible_to(route.job_id, owner):
-                return _unknown(method)
+                return protocol.unknown(method)
             if route.action == "events" and method in protocol.ALLOWED["events"]:
                 resumed = conditions.last_event_id
                 return events.answer(self, route.job_id, method, resumed, self.urls(root_path))
@@ -246,7 +256,7 @@ class JobCore:
                 await self.offload(self.prepare)
             owned = self.config.owner is not None
             if owned and not await self.read(self._visible_to, route.job_id, owner):
-                return _unknown(method)
+                return protocol.unknown(method)
             if route.action == "events" and method in protocol.ALLOWED["events"]:
                 resumed, urls = conditions.last_event_id, self.urls(root_path)
                 return await events.answer_async(self, route.job_id, method, resumed, urls)
@@ -308,6 +318,15 @@ class JobCore:
             self.notifier.notify(job_id)
         return job
 
+    def retry(self, job_id: str) -> bool:
+        """Queue a failed or canceled job again (False for any other)."""
+        if not self.store.retry(job_id):
+            return False
+        self.notifier.notify(job_id)
+        if self.executor is not None:
+            self.executor.wake()
+        return True
+
     # -- waiting -----------------------------------------------------------
 
     def is_finished(self, job_id: str) -> bool:
@@ -367,11 +386,3 @@ class JobCore:
         if self.store.reads_are_local:
             return fn(*args)
         return await self.offload(fn, *args)
-
-
-def _unknown(method: str) -> protocol.Reply:
-    """The answer for a job that is not there (for this asker), as for any unknown id."""
-    reply = protocol.not_found()
-    if method == "HEAD":
-        reply.body = b""
-    return reply

@@ -127,6 +127,15 @@ def not_found() -> Reply:
     return problem(404, "Not Found", "No job with this id.")
 
 
+def unknown(method: str) -> Reply:
+    """The answer for a job that is not there (for this asker), as for any
+    unknown id: for HEAD, without its body."""
+    reply = not_found()
+    if method == "HEAD":
+        reply.body = b""
+    return reply
+
+
 QUEUE_FULL = "Too many jobs are waiting; try again later."
 
 
@@ -242,19 +251,24 @@ def result_reply(job: Job, urls: JobURLs, retry_after: int) -> Reply:
     return problem(500, "Internal Server Error", job.error or "The job failed without a response.")
 
 
+UNROUTABLE = "//"
+"""The tail of a path under the prefix that is no route at all (404): not
+``"/"``, which is the dashboard's."""
+
+
 def job_route_tail(prefix: str, path: str, raw_path: str | bytes | None = None) -> str | None:
     """The path after the prefix when ``path`` is one of the job routes.
 
     Job routes are routed on the path as sent: a tail that only exists
     after percent-decoding (``/jobs/{id}%2Fresult``) is not a route, so it
-    becomes ``"/"``, which no job route matches (404)."""
+    becomes :data:`UNROUTABLE` (404)."""
     if not (path == prefix or path.startswith(prefix + "/")):
         return None
     tail = path[len(prefix) :]
     if isinstance(raw_path, bytes):
         raw_path = raw_path.decode("latin-1")
     if raw_path is not None and not raw_path.endswith(tail):
-        return "/"
+        return UNROUTABLE
     return tail
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from asgiref.typing import (
@@ -19,9 +19,22 @@ from asgiref.typing import (
 )
 
 from . import _protocol as protocol
+from ._asgi_io import (
+    conditions,
+    has_header,
+    preferences,
+    request_info,
+    route_path,
+    send_reply,
+    send_stream,
+    stored_request,
+    varying_on_prefer,
+)
 from ._assemble import assemble
-from ._jobs import DeferredOptions, RequestInfo, StoredRequest, owner_key
-from ._prefer import Preferences, parse_prefer
+from ._dashboard import ACTION_HEADER
+from ._jobs import DeferredOptions, StoredRequest, owner_key
+from ._operator import METRICS
+from ._prefer import Preferences
 from ._refusals import Refusal
 from ._routes import NEVER_DEFERRED, queues_of
 from .runner.asgi import TaskLauncher
@@ -31,69 +44,6 @@ if TYPE_CHECKING:
     from typing_extensions import Unpack
 
     from ._config import Options
-
-
-def route_path(scope: HTTPScope) -> str:
-    """The path below ``root_path``, as the app's router sees it."""
-    path = scope["path"]
-    root_path = scope.get("root_path", "")
-    if root_path and path.startswith(root_path) and path[len(root_path) :][:1] in ("", "/"):
-        return path[len(root_path) :]
-    return path
-
-
-def stored_request(scope: HTTPScope, body: bytes) -> StoredRequest:
-    server, client = scope.get("server"), scope.get("client")
-    return StoredRequest(
-        method=scope["method"],
-        path=route_path(scope),
-        query_string=scope.get("query_string", b""),
-        headers=[(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in scope["headers"]],
-        body=body,
-        scheme=scope.get("scheme", "http"),
-        root_path=scope.get("root_path", ""),
-        http_version=scope.get("http_version", "1.1"),
-        server=(server[0], server[1] or 0) if server else None,
-        client=(client[0], client[1]) if client else None,
-    )
-
-
-def request_info(scope: HTTPScope, request: StoredRequest | None = None) -> RequestInfo:
-    """What ``owner=fn`` sees: the stored request, or the request line and headers."""
-    if request is not None:
-        return RequestInfo.of(request, scope=scope)  # type: ignore[arg-type]
-    headers = [(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in scope["headers"]]
-    path, query = route_path(scope), scope.get("query_string", b"")
-    return RequestInfo(scope["method"], path, query, headers, scope=scope)  # type: ignore[arg-type]
-
-
-def preferences(scope: HTTPScope) -> Preferences:
-    return parse_prefer(v.decode("latin-1") for k, v in scope["headers"] if k.lower() == b"prefer")
-
-
-def conditions(scope: HTTPScope) -> protocol.Conditions:
-    """The headers the job routes read, in one pass."""
-    if_none_match = last_event_id = None
-    for name, value in scope["headers"]:
-        name = name.lower()
-        if name == b"if-none-match":
-            if_none_match = value.decode("latin-1")
-        elif name == b"last-event-id":
-            last_event_id = value.decode("latin-1")
-    return protocol.Conditions(if_none_match, last_event_id)
-
-
-def varying_on_prefer(send: ASGISendCallable) -> ASGISendCallable:
-    """``send`` adding ``Vary: Prefer`` to the response: the answer of a
-    ``mode="prefer"`` route depends on that header."""
-
-    async def send_varying(message: ASGISendEvent) -> None:
-        if message["type"] == "http.response.start":
-            headers = [*message.get("headers", ()), (b"vary", b"Prefer")]
-            message = {**message, "headers": headers}  # type: ignore[assignment]
-        await send(message)
-
-    return send_varying
 
 
 def find_routes(app: Any) -> Any:
@@ -106,54 +56,6 @@ def find_routes(app: Any) -> Any:
         if app is None:
             break
     return None
-
-
-async def send_reply(send: ASGISendCallable, reply: protocol.Reply) -> None:
-    await _start(send, reply)
-    await send({"type": "http.response.body", "body": reply.body, "more_body": False})
-
-
-async def _start(send: ASGISendCallable, reply: protocol.Reply) -> None:
-    headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in reply.headers]
-    await send(
-        {
-            "type": "http.response.start",
-            "status": reply.status,
-            "headers": headers,
-            "trailers": False,
-        }
-    )
-
-
-async def send_stream(
-    receive: ASGIReceiveCallable, send: ASGISendCallable, reply: protocol.Reply
-) -> None:
-    """Send an event stream until it ends or the client disconnects, then
-    stop it at once (which drops its subscription)."""
-    stream = reply.stream
-    assert isinstance(stream, AsyncIterator)
-    await _start(send, reply)
-
-    async def pump() -> None:
-        async for chunk in stream:
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
-
-    async def disconnected() -> None:
-        while (await receive())["type"] != "http.disconnect":
-            pass
-
-    sending = asyncio.ensure_future(pump())
-    watching = asyncio.ensure_future(disconnected())
-    try:
-        await asyncio.wait({sending, watching}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in (sending, watching):
-            task.cancel()
-        await asyncio.gather(sending, watching, return_exceptions=True)
-        await stream.aclose()  # type: ignore[attr-defined]
-    if not sending.cancelled() and sending.exception() is not None:
-        raise sending.exception()  # type: ignore[misc]
 
 
 class DeferredMiddleware:
@@ -174,6 +76,8 @@ class DeferredMiddleware:
         self.patterns = parts.patterns
         self.core = parts.core
         self.dispatcher = parts.dispatcher
+        self.operator = parts.operator
+        self.metrics = parts.metrics
         self._executing = False
         self._marked: Any = None
         self._fastapi: Any = _UNSEEN
@@ -212,6 +116,10 @@ class DeferredMiddleware:
     async def _answer_job_route(
         self, scope: HTTPScope, receive: ASGIReceiveCallable, send: ASGISendCallable, tail: str
     ) -> None:
+        operator_route = self.operator.route_of(tail)
+        if operator_route is not None:
+            await send_reply(send, await self._answer_operator(scope, operator_route))
+            return
         reply = await self.core.answer_async(
             tail,
             scope["method"],
@@ -225,15 +133,34 @@ class DeferredMiddleware:
         else:
             await send_stream(receive, send, reply)
 
+    async def _answer_operator(self, scope: HTTPScope, route: str) -> protocol.Reply:
+        method, operator = scope["method"], self.operator
+        if route == METRICS:
+            return await self.core.offload(operator.metrics, method)
+        allowed = bool(await self._ask(self.config.dashboard, scope))
+        from_page = has_header(scope, ACTION_HEADER)
+        query = scope.get("query_string", b"")
+        return await self.core.offload(operator.dashboard, method, query, allowed, from_page)
+
     async def owner_of(self, scope: HTTPScope, request: StoredRequest | None = None) -> str | None:
-        """Who is asking; ``owner=fn`` may be a coroutine function here, to
-        reuse an async authentication backend."""
+        """Who is asking, as ``owner=fn`` names them (None without one)."""
         if self.config.owner is None:
             return None
-        named = self.config.owner(request_info(scope, request))
-        if inspect.isawaitable(named):
-            named = await named
-        return owner_key(named)
+        return owner_key(await self._ask(self.config.owner, scope, request))
+
+    @staticmethod
+    async def _ask(
+        fn: Callable[..., Any] | None, scope: HTTPScope, request: StoredRequest | None = None
+    ) -> Any:
+        """What ``owner=fn`` or ``dashboard=fn`` says of this request; either
+        may be a coroutine function here, to reuse an async authentication
+        backend."""
+        if fn is None:
+            return None
+        said = fn(request_info(scope, request))
+        if inspect.isawaitable(said):
+            said = await said
+        return said
 
     def _deferred_options(self, scope: HTTPScope, path: str) -> DeferredOptions | None:
         method = scope["method"]
@@ -347,7 +274,7 @@ class DeferringResponder:
         except ClientDisconnected:
             return  # the client left before sending its body: nothing was promised
         if body is None:
-            await send_reply(send, protocol.too_large(limit))
+            await send_reply(send, core.too_large())
             return
         fastapi = self.middleware._fastapi
         if fastapi is not None:

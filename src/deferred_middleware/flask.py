@@ -10,7 +10,7 @@ import contextlib
 import dataclasses
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from flask import Flask, got_request_exception
 from werkzeug.exceptions import HTTPException
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
 EXTENSION_KEY = "deferred_middleware"
 logger = logging.getLogger("deferred_middleware")
+T = TypeVar("T")
 
 
 class FlaskDeferred:
@@ -48,8 +49,9 @@ class FlaskDeferred:
         if EXTENSION_KEY in app.extensions:
             raise RuntimeError("FlaskDeferred is already set up on this app")
         merged: dict[str, Any] = {**self.options, **options}
-        if merged.get("owner") is not None:
-            merged["owner"] = _in_request_context(app, merged["owner"])
+        for asker in ("owner", "dashboard"):
+            if merged.get(asker) is not None:
+                merged[asker] = _in_request_context(app, merged[asker])
         middleware = DeferredWSGIMiddleware(
             app.wsgi_app,  # type: ignore[arg-type]
             find_options=_ViewOptions(app),
@@ -111,17 +113,15 @@ class _ThroughAfterRequest:
 FRAMING = ("content-type", "content-length")
 
 
-def _in_request_context(
-    app: Flask, owner: Callable[[RequestInfo], str | None]
-) -> Callable[[RequestInfo], str | None]:
-    """``owner`` run as a view would be, so that it can ask Flask who is
-    asking (``session``, ``flask_login.current_user``)."""
+def _in_request_context(app: Flask, ask: Callable[[RequestInfo], T]) -> Callable[[RequestInfo], T]:
+    """``owner`` or ``dashboard`` run as a view would be, so that it can ask
+    Flask who is asking (``session``, ``flask_login.current_user``)."""
 
-    def owner_in_context(request: RequestInfo) -> str | None:
+    def asked_in_context(request: RequestInfo) -> T:
         with app.request_context(request.environ):  # type: ignore[arg-type]
-            return owner(request)
+            return ask(request)
 
-    return owner_in_context
+    return asked_in_context
 
 
 def _mark_raised(sender: Flask, exception: BaseException, **_: Any) -> None:

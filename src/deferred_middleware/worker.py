@@ -63,10 +63,14 @@ def run(
     concurrency: int | None = None,
     grace: float | None = None,
     queues: tuple[str, ...] = (),
+    metrics_port: int | None = None,
+    metrics_host: str = "0.0.0.0",
 ) -> None:
     """Run jobs until SIGTERM or SIGINT; then let running jobs finish within
     the grace period and return the rest to the queue. ``queues``: exactly
-    these (default: the app's own queue and those its marked routes name)."""
+    these (default: the app's own queue and those its marked routes name).
+    ``metrics_port``: serve Prometheus metrics there, whatever the app's
+    ``metrics`` option says."""
     app = load_app(target)
     middleware = find_middleware(app)
     config = middleware.config
@@ -76,6 +80,8 @@ def run(
     if grace is not None:
         config.grace_seconds = grace
     middleware.run_queues = frozenset(check_queue_name(name) for name in queues)
+    if metrics_port is not None:
+        serve_metrics(middleware, metrics_host, metrics_port)
     # No database check here: a worker started while its database is down
     # waits for it, claiming (and creating the table) once it is back.
     logger.warning(
@@ -88,6 +94,16 @@ def run(
         asyncio.run(_run_asgi(app))
     else:
         _run_wsgi(middleware)
+
+
+def serve_metrics(middleware: Middleware, host: str, port: int) -> None:
+    """Prometheus metrics of this worker at ``http://host:port/``, from a thread."""
+    metrics = middleware.metrics
+    metrics.switch_on(middleware.core.store)
+    from prometheus_client import start_http_server
+
+    start_http_server(port, addr=host, registry=metrics.registry)
+    logger.warning("worker: metrics at http://%s:%d/metrics", host, port)
 
 
 def _stop_event_on_signals() -> threading.Event:

@@ -11,7 +11,9 @@ from typing import TYPE_CHECKING, Any
 
 from . import _protocol as protocol
 from ._assemble import assemble
+from ._dashboard import ACTION_HEADER
 from ._jobs import DeferredOptions, RequestInfo, StoredRequest
+from ._operator import METRICS
 from ._prefer import Preferences, parse_prefer
 from ._refusals import Refusal
 from ._routes import NEVER_DEFERRED
@@ -29,6 +31,7 @@ OptionsFinder = Callable[[Environ], "DeferredOptions | None"]
 ReplyFinisher = Callable[[Environ, protocol.Reply], protocol.Reply]
 
 READ_CHUNK = 64 * 1024
+ACTION_ENVIRON_KEY = "HTTP_" + ACTION_HEADER.upper().replace("-", "_")
 
 
 def from_wsgi_string(text: str) -> str:
@@ -164,6 +167,8 @@ class DeferredWSGIMiddleware:
         self.patterns = parts.patterns
         self.core = parts.core
         self.dispatcher = parts.dispatcher
+        self.operator = parts.operator
+        self.metrics = parts.metrics
         self._pid = 0
         self._lock = threading.Lock()
 
@@ -172,6 +177,8 @@ class DeferredWSGIMiddleware:
             self.start_executor()
         path = from_wsgi_string(environ.get("PATH_INFO", ""))
         tail = protocol.job_route_tail(self.config.prefix, path, raw_path(environ))
+        if tail is not None and (route := self.operator.route_of(tail)) is not None:
+            return self._respond(environ, start_response, self._answer_operator(environ, route))
         if tail is not None:
             reply = self.core.answer(
                 tail,
@@ -199,6 +206,17 @@ class DeferredWSGIMiddleware:
             reply = self.finish_reply(environ, reply)
         return respond(start_response, reply)
 
+    def _answer_operator(self, environ: Environ, route: str) -> protocol.Reply:
+        method = environ["REQUEST_METHOD"]
+        if route == METRICS:
+            return self.operator.metrics(method)
+        dashboard = self.config.dashboard
+        assert dashboard is not None  # the route is there only with it
+        allowed = bool(dashboard(RequestInfo.of(stored_request(environ, b""), environ=environ)))
+        query = environ.get("QUERY_STRING", "").encode("latin-1")
+        from_page = ACTION_ENVIRON_KEY in environ
+        return self.operator.dashboard(method, query, allowed, from_page)
+
     def owner_of(self, environ: Environ, request: StoredRequest | None = None) -> str | None:
         if self.config.owner is None:
             return None
@@ -222,7 +240,7 @@ class DeferredWSGIMiddleware:
         try:
             body = read_body(environ, limit)
         except BodyTooLarge:
-            return protocol.too_large(limit)
+            return self.core.too_large()
         except ClientDisconnected:
             return protocol.problem(400, "Bad Request", "The request body was incomplete.")
         request = stored_request(environ, body)

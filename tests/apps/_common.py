@@ -47,6 +47,10 @@ def middleware_options() -> dict:
         options["routes"] = env["ROUTES"].split(";")
     if env.get("OWNER") == "api-key":
         options["owner"] = owner_from_api_key
+    if env.get("METRICS") == "1":
+        options["metrics"] = True
+    if env.get("DASHBOARD") == "open":
+        options["dashboard"] = lambda request: True  # a test server on loopback only
     return options
 
 

@@ -63,6 +63,18 @@ async def tiny(request: Request) -> Response:
     return Response(b"ok")
 
 
+@deferred
+async def stepped(request: Request) -> Response:
+    """Progress that moves as the test opens ``{gate}-1`` and then ``{gate}-2``."""
+    job = current_job()
+    gate = request.query_params["gate"]
+    job.progress(0.25, "first step")
+    await wait_gate_async(f"{gate}-1")
+    job.progress(0.75, "second step")
+    await wait_gate_async(f"{gate}-2")
+    return Response(b"stepped")
+
+
 @deferred(queue="nightly")
 async def nightly(request: Request) -> Response:
     job = current_job()
@@ -138,6 +150,7 @@ app = Starlette(
         Route("/report-retry", report_retry, methods=["POST"]),
         Route("/sync-report", sync_report, methods=["POST"]),
         Route("/tiny", tiny, methods=["POST"]),
+        Route("/stepped", stepped, methods=["POST"]),
         Route("/nightly", nightly, methods=["POST"]),
         Route("/binary", binary, methods=["POST"]),
         Route("/stream", stream, methods=["POST"]),

@@ -42,15 +42,35 @@ def main(log_level: str) -> None:
     help="Run only this queue's jobs; repeat for several. "
     "Default: the app's queue and those its @deferred routes name.",
 )
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(min=0, max=65535),
+    help="Serve Prometheus metrics on this port (the [metrics] extra).",
+)
+@click.option(
+    "--metrics-host", default="0.0.0.0", show_default=True, help="Address for --metrics-port."
+)
 def worker(
-    target: str, concurrency: int | None, grace: float | None, queues: tuple[str, ...]
+    target: str,
+    concurrency: int | None,
+    grace: float | None,
+    queues: tuple[str, ...],
+    metrics_port: int | None,
+    metrics_host: str,
 ) -> None:
     """Run the deferred jobs of the app at TARGET (MODULE:ATTR), out of process."""
     from .. import worker as worker_module
 
     try:
-        worker_module.run(target, concurrency=concurrency, grace=grace, queues=queues)
-    except (ValueError, LookupError, ImportError) as exc:
+        worker_module.run(
+            target,
+            concurrency=concurrency,
+            grace=grace,
+            queues=queues,
+            metrics_port=metrics_port,
+            metrics_host=metrics_host,
+        )
+    except (ValueError, LookupError, ImportError, OSError) as exc:
         raise click.ClickException(str(exc)) from exc
     except StoreUnavailable as exc:
         raise Refused(f"the job store is unavailable: {exc}", EXIT_UNAVAILABLE) from exc

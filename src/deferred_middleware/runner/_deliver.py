@@ -34,6 +34,7 @@ from .._jobs import (
     WebhookDue,
     utcnow,
 )
+from .._metrics import Metrics
 from ..store import Clock, JobStore, StoreUnavailable
 from ._identity import worker_name
 
@@ -56,6 +57,7 @@ class WebhookDeliverer:
         clock: Clock = utcnow,
         resolve: webhooks.Resolve = webhooks.resolve_host,
         transport: Any = None,
+        metrics: Metrics | None = None,
     ) -> None:
         """``resolve`` and ``transport`` (an httpx transport) are the tests'
         way in; by default names are looked up and sent over the network."""
@@ -63,6 +65,7 @@ class WebhookDeliverer:
         self.config = config
         self.secret = config.webhook_secret
         self.store = store
+        self.metrics = metrics or Metrics()
         self.clock = clock
         self.resolve = resolve
         self.allowlist = webhooks.Allowlist(config.webhook_allowlist)
@@ -129,6 +132,7 @@ class WebhookDeliverer:
         )
         state, due_at = self.next_state(due, attempt, refused)
         _log(attempt, state)
+        self.metrics.webhook(state if state != WEBHOOK_PENDING else "retry")
         try:
             self.store.record_webhook(attempt, state, due_at)
         except StoreUnavailable:

@@ -36,6 +36,7 @@ from .._jobs import (
     timed_out,
     utcnow,
 )
+from .._metrics import Metrics
 from .._notify import Notifier
 from ..store import NEW_JOBS, Clock, JobStore, StoreUnavailable
 from ..store._writer import BatchWriter
@@ -64,6 +65,7 @@ class Dispatcher:
         side_loops: Sequence[SideLoop] = (),
         clock: Clock = utcnow,
         monotonic: Callable[[], float] = time.monotonic,
+        metrics: Metrics | None = None,
     ) -> None:
         """``side_loops`` run beside the claiming (webhook deliveries) until
         the executor stops. ``clock`` and ``monotonic`` are the wall and the
@@ -76,6 +78,7 @@ class Dispatcher:
         self.notifier = notifier
         self.launcher = launcher
         self.side_loops = side_loops
+        self.metrics = metrics or Metrics()
         self.worker = worker_name()
         self.queues: frozenset[str] = frozenset({config.queue})
         self.running: dict[str, Attempt] = {}
@@ -209,7 +212,9 @@ class Dispatcher:
             return
         attempt.unwritten = None
         if isinstance(write, (Finish, RetryLater)):
-            joblog.settled(attempt.job, write, self.monotonic() - attempt.started)
+            seconds = self.monotonic() - attempt.started
+            joblog.settled(attempt.job, write, seconds)
+            self.metrics.settled(attempt.job, write, seconds)
         self.notifier.notify(write.job_id)
         self._release(attempt)
 
@@ -272,10 +277,10 @@ class Dispatcher:
 
     def _reap(self) -> None:
         retried, failed = self.store.reap_expired(LOST_WORKER)
-        for job_id in retried:
-            joblog.reaped(job_id, requeued=True)
-        for job_id in failed:
-            joblog.reaped(job_id, requeued=False)
+        for job_ids, requeued in ((retried, True), (failed, False)):
+            for job_id in job_ids:
+                joblog.reaped(job_id, requeued=requeued)
+                self.metrics.reaped(requeued)
         for job_id in (*retried, *failed):
             self.notifier.notify(job_id)
 

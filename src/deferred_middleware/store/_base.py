@@ -74,9 +74,11 @@ class JobStore(Protocol):
         statuses: Iterable[Status] = (),
         *,
         created_before: datetime | None = None,
+        queues: Iterable[str] = (),
         limit: int = 100,
     ) -> list[Job]:
-        """Jobs newest first, without their request and response."""
+        """Jobs newest first, without their request and response; only
+        those of ``statuses`` and ``queues`` where either is given."""
 
     def count(self, status: Status) -> int: ...
 

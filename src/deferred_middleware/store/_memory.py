@@ -106,14 +106,16 @@ class MemoryJobStore:
         statuses: Iterable[Status] = (),
         *,
         created_before: datetime | None = None,
+        queues: Iterable[str] = (),
         limit: int = 100,
     ) -> list[Job]:
-        wanted = set(statuses)
+        wanted, in_queues = set(statuses), set(queues)
         with self._lock:
             rows = [
                 row
                 for row in self._rows.values()
                 if (not wanted or row.job.status in wanted)
+                and (not in_queues or row.job.queue in in_queues)
                 and (created_before is None or row.job.created_at < created_before)
             ]
             rows.sort(key=lambda row: row.job.created_at, reverse=True)

@@ -136,6 +136,7 @@ class SQLJobStore(AcceptQueries, WebhookQueries):
         statuses: Iterable[Status] = (),
         *,
         created_before: datetime | None = None,
+        queues: Iterable[str] = (),
         limit: int = 100,
     ) -> list[Job]:
         columns = (*codec.STATUS_COLUMNS, *codec.ROUTE_COLUMNS)
@@ -144,6 +145,8 @@ class SQLJobStore(AcceptQueries, WebhookQueries):
             query = query.where(jobs.c.status.in_([s.value for s in statuses]))
         if created_before is not None:
             query = query.where(jobs.c.created_at < created_before)
+        if queues := list(queues):
+            query = query.where(jobs.c.queue.in_(queues))
         with translate_errors(), self.engine.connect() as connection:
             return codec.jobs_from_result(connection.execute(query))
 
