@@ -302,7 +302,12 @@ SERVERS: dict[str, tuple[Callable[[int], list[str]], str]] = {
         "",
     ),
 }
-WORKER_APPS = {"starlette": "tests.apps.starlette_app:app", "flask": "tests.apps.flask_app:app"}
+WORKER_APPS = {
+    "starlette": "tests.apps.starlette_app:app",
+    "flask": "tests.apps.flask_app:app",
+    "django-wsgi": "tests.apps.django_project.wsgi:application",
+    "django-asgi": "tests.apps.django_project.asgi:application",
+}
 
 
 class Process:

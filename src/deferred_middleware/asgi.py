@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from asgiref.typing import (
@@ -68,8 +68,19 @@ class DeferredMiddleware:
     :class:`deferred_middleware._config.Options`.
     """
 
-    def __init__(self, app: ASGI3Application, **options: Unpack[Options]) -> None:
+    def __init__(
+        self,
+        app: ASGI3Application,
+        *,
+        find_options: Callable[[HTTPScope], DeferredOptions | None] | None = None,
+        find_queues: Callable[[], Iterable[str]] | None = None,
+        **options: Unpack[Options],
+    ) -> None:
+        """``find_options`` and ``find_queues`` let a framework other than
+        Starlette tell which views are marked (see :mod:`deferred_middleware.django`)."""
         self.app = app
+        self.find_options = find_options
+        self.find_queues = find_queues
         self.launcher = TaskLauncher(app)
         parts = assemble(self.launcher, **options)
         self.config = parts.config
@@ -167,6 +178,8 @@ class DeferredMiddleware:
         if method in NEVER_DEFERRED:
             return None
         options = self.patterns.match(method, path) if self.patterns else None
+        if options is None and self.find_options is not None:
+            return self.find_options(scope)
         if options is None:
             options = self._marked_options(scope, method, path)
         return options
@@ -211,8 +224,10 @@ class DeferredMiddleware:
         self.dispatcher.start(self.run_queues or self._queues_to_run())
 
     def _queues_to_run(self) -> set[str]:
-        """Its own queue, and those its marked Starlette endpoints name."""
+        """Its own queue, and those its marked endpoints name."""
         queues = {self.config.queue}
+        if self.find_queues is not None:
+            queues |= set(self.find_queues())
         routes = find_routes(self.app)
         if routes is not None:
             from .starlette import endpoints
