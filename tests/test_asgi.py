@@ -220,7 +220,8 @@ async def test_progress_is_clamped_and_visible(sqlite_url):
         routes=[Route("/work", work, methods=["POST"])],
         middleware=[Middleware(DeferredMiddleware, database_url=sqlite_url)],
     )
-    async with client_for(app) as client:
+    # With a lifespan, jobs run on the test's loop, so the handler can wait on its event.
+    async with running_lifespan(app), client_for(app) as client:
         accepted = await client.post("/work")
         status_url = accepted.headers["operation-location"]
         for _ in range(400):

@@ -121,7 +121,7 @@ class DeferredMiddleware:
             await self.app(scope, receive, varying_on_prefer(send))
             return
         if self.config.execute and not self._executing:
-            self._start_executor(scope.get("state"))  # type: ignore[arg-type]
+            self.start_executor(scope.get("state"))  # type: ignore[arg-type]
         await DeferringResponder(self, options, wanted)(scope, receive, send)
 
     async def _answer_job_route(
@@ -217,11 +217,28 @@ class DeferredMiddleware:
         await self.app(scope, lifespan_receive, lifespan_send)
 
     def _start_executor(self, state: dict[str, Any] | None) -> None:
+        """From the lifespan: jobs run on the server's loop."""
+        if not self._executing:
+            self._executing = True
+            self.launcher.bind(asyncio.get_running_loop(), state)
+            self.dispatcher.start(self.run_queues or self._queues_to_run())
+
+    def start_executor(self, state: dict[str, Any] | None = None) -> None:
+        """Without a lifespan: jobs run on an event loop of their own, in a
+        thread, since nothing says how long the caller's loop lives (a test
+        client makes one per request)."""
+        if not self._executing:
+            self._executing = True
+            self.launcher.bind_own_loop(state)
+            self.dispatcher.start(self.run_queues or self._queues_to_run())
+
+    def stop_executor(self) -> None:
+        """Let running jobs finish within the grace period, return the rest
+        to the queue, and stop claiming (blocking)."""
         if self._executing:
-            return
-        self._executing = True
-        self.launcher.bind(asyncio.get_running_loop(), state)
-        self.dispatcher.start(self.run_queues or self._queues_to_run())
+            self._executing = False
+            self.dispatcher.stop(self.config.grace_seconds)
+            self.launcher.close()
 
     def _queues_to_run(self) -> set[str]:
         """Its own queue, and those its marked endpoints name."""
@@ -237,9 +254,7 @@ class DeferredMiddleware:
 
     async def shutdown(self) -> None:
         """Let running jobs finish within the grace period; return the rest to the queue."""
-        if self._executing:
-            self._executing = False
-            await self.core.offload(self.dispatcher.stop, self.config.grace_seconds)
+        await self.core.offload(self.stop_executor)
         await self.core.offload(self.core.close)
 
 

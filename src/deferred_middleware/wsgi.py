@@ -268,9 +268,16 @@ class DeferredWSGIMiddleware:
         found = set(self.find_queues()) if self.find_queues is not None else set()
         return {self.config.queue, *found}
 
-    def shutdown(self) -> None:
-        """Let running jobs finish within the grace period; return the rest to the queue."""
-        if self._pid == os.getpid():
+    def stop_executor(self) -> None:
+        """Let running jobs finish within the grace period, return the rest
+        to the queue, and stop claiming."""
+        with self._lock:
+            if self._pid != os.getpid():
+                return
             self._pid = 0
-            self.dispatcher.stop(self.config.grace_seconds)
+        self.dispatcher.stop(self.config.grace_seconds)
+
+    def shutdown(self) -> None:
+        """Stop the executor and write what is queued."""
+        self.stop_executor()
         self.core.close()

@@ -141,8 +141,17 @@ class Dispatcher:
         except StoreUnavailable:
             logger.error("job %s: not returned to the queue; its lease will expire", attempt.job.id)
 
+    def wait_released(self, timeout: float) -> None:
+        """Block until an attempt ends here, or ``timeout`` passes."""
+        with self._lock:
+            self._released.wait(timeout)
+
+    @property
+    def started(self) -> bool:
+        return bool(self._threads)
+
     def wake(self) -> None:
-        if self._threads:  # an executor that was never started has nothing to wake
+        if self.started:  # an executor that was never started has nothing to wake
             self._wake.set()
 
     def cancel_local(self, job_id: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import threading
 from concurrent.futures import Future
 from typing import Any
 
@@ -94,11 +95,37 @@ class TaskLauncher:
         self.app = app
         self.loop: asyncio.AbstractEventLoop | None = None
         self.state: dict[str, Any] | None = None
+        self._own_thread: threading.Thread | None = None
 
     def bind(self, loop: asyncio.AbstractEventLoop, state: dict[str, Any] | None) -> None:
         """The loop the app runs on, and its lifespan state for the jobs."""
         self.loop = loop
         self.state = state
+
+    def bind_own_loop(self, state: dict[str, Any] | None) -> None:
+        """Run the jobs on an event loop of the launcher's own, in a thread.
+
+        For an app called without a lifespan: nothing says how long the
+        caller's loop lives (a test client makes one per request), and a job
+        must not die with it."""
+        if self._own_thread is not None:
+            return
+        loop = asyncio.new_event_loop()
+        self._own_thread = threading.Thread(
+            target=loop.run_forever, name="deferred-jobs-loop", daemon=True
+        )
+        self._own_thread.start()
+        self.bind(loop, state)
+
+    def close(self) -> None:
+        """Stop the launcher's own loop, if it has one (after the executor stopped)."""
+        thread, loop = self._own_thread, self.loop
+        if thread is None or loop is None:
+            return
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=5)
+        loop.close()
+        self._own_thread = self.loop = None
 
     def launch(
         self, request: StoredRequest, context: contextvars.Context, ended: Ended
