@@ -92,3 +92,72 @@ def test_a_forgotten_cause_is_said_again(caplog):
     causes.forget()
     causes.warn("claiming", StoreUnavailable("down"))
     assert warnings(caplog) == ["claiming: down", "claiming: down"]
+
+
+@pytest.mark.parametrize("execute", [True, False], ids=["executing", "enqueue-only"])
+def test_a_database_unreachable_at_start_up_is_said_at_once_with_where_and_why(caplog, execute):
+    """Even a web tier that only enqueues says so when its lifespan starts,
+    before any request, naming the host and port but never the password."""
+    import asyncio
+
+    from deferred_middleware import DeferredMiddleware
+
+    from .support import eventually
+
+    caplog.set_level(logging.WARNING, "deferred_middleware")
+
+    async def app(scope, receive, send):
+        while (await receive())["type"] != "lifespan.shutdown":
+            await send({"type": "lifespan.startup.complete"})
+        await send({"type": "lifespan.shutdown.complete"})
+
+    url = "postgresql://someone:hunter2@127.0.0.1:1/test"
+    middleware = DeferredMiddleware(app, database_url=url, execute=execute)
+
+    async def start_up() -> None:
+        inbox: asyncio.Queue = asyncio.Queue()
+        await inbox.put({"type": "lifespan.startup"})
+        outbox: asyncio.Queue = asyncio.Queue()
+        task = asyncio.ensure_future(middleware({"type": "lifespan"}, inbox.get, outbox.put))
+        assert (await outbox.get())["type"] == "lifespan.startup.complete"
+        await asyncio.to_thread(eventually, lambda: _said_at_start_up(caplog), 10)
+        await inbox.put({"type": "lifespan.shutdown"})
+        await task
+
+    asyncio.run(start_up())
+    [line] = _said_at_start_up(caplog)
+    assert "postgresql://someone:***@127.0.0.1:1/test" in line
+    assert 'connection to server at "127.0.0.1", port 1 failed' in line
+    assert "hunter2" not in caplog.text
+
+
+def _said_at_start_up(caplog) -> list[str]:
+    return [line for line in warnings(caplog) if "unreachable at start-up" in line]
+
+
+def test_a_lost_listen_connection_names_its_cause_once(caplog):
+    import threading
+
+    from deferred_middleware.store import NEW_JOBS
+
+    caplog.set_level(logging.DEBUG, "deferred_middleware")
+    store = SQLJobStore("postgresql://postgres@127.0.0.1:1/test")
+    stopped = threading.Event()
+    tries = []
+
+    def heard(payload):
+        raise AssertionError("nothing can be heard from a server that is not there")
+
+    original_wait = stopped.wait
+
+    def wait(timeout=None):  # the reconnect pause, counted; three tries, then stop
+        tries.append(timeout)
+        if len(tries) == 3:
+            stopped.set()
+        return original_wait(0)
+
+    stopped.wait = wait
+    store.listen(NEW_JOBS, heard, stopped)
+    said = [line for line in warnings(caplog) if "LISTEN connection" in line]
+    assert len(said) == 1 and "port 1 failed" in said[0]
+    assert said[0].startswith("LISTEN connection for new jobs lost; reconnecting: OperationalError")

@@ -19,6 +19,7 @@ from . import _events as events
 from . import _joblog as joblog
 from . import _protocol as protocol
 from ._admission import Admission, refusal_reason, refusal_reply
+from ._causes import store_away
 from ._config import Config
 from ._jobs import DeferredOptions, Job, RequestInfo, Status, StoredRequest, owner_key, utcnow
 from ._metrics import Metrics
@@ -26,7 +27,7 @@ from ._notify import Notifier
 from ._prefer import NONE, Preferences
 from ._refusals import Refusal
 from ._webhooks import Callbacks
-from .store import Clock, JobStore, StoreUnavailable, Unstorable
+from .store import Clock, JobStore, StoreUnavailable, Unstorable, safe_url
 from .store._writer import BatchWriter
 
 logger = logging.getLogger("deferred_middleware")
@@ -79,6 +80,20 @@ class JobCore:
             if not self.ready:
                 self.store.migrate()
                 self.ready = True
+
+    def check_store_soon(self) -> None:
+        """At start-up, from a thread: say at once, naming the database and
+        the cause, when the job store cannot be reached. Requests get 503
+        and the executor tries again until it can."""
+
+        def check() -> None:
+            try:
+                self.prepare()
+            except StoreUnavailable as exc:
+                where = safe_url(self.config.database_url)
+                store_away.warn(f"the job store {where} is unreachable at start-up", exc)
+
+        threading.Thread(target=check, name="deferred-check", daemon=True).start()
 
     def close(self) -> None:
         """Write what is queued; end the writer, the offloading threads and

@@ -210,8 +210,10 @@ class DeferredMiddleware:
             return message
 
         async def lifespan_send(message: ASGISendEvent) -> None:
-            if message["type"] == "lifespan.startup.complete" and self.config.execute:
-                self._start_executor(state)  # type: ignore[arg-type]
+            if message["type"] == "lifespan.startup.complete":
+                self.core.check_store_soon()
+                if self.config.execute:
+                    self._start_executor(state)  # type: ignore[arg-type]
             await send(message)
 
         await self.app(scope, lifespan_receive, lifespan_send)

@@ -260,6 +260,7 @@ class DeferredWSGIMiddleware:
             if self._pid == os.getpid():
                 return
             self._pid = os.getpid()
+            self.core.check_store_soon()
             self.dispatcher.start(self.run_queues or self._queues_to_run())
             atexit.register(self.shutdown)
 

@@ -16,6 +16,7 @@ from ._base import (
 from ._memory import MemoryJobStore
 from ._schema import metadata
 from ._sql import SQLJobStore
+from ._urls import safe_url
 
 __all__ = [
     "JOB_CHANGES",
@@ -29,6 +30,7 @@ __all__ = [
     "Unstorable",
     "metadata",
     "open_store",
+    "safe_url",
 ]
 
 MEMORY_URL = "memory://"

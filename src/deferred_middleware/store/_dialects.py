@@ -15,7 +15,9 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.pool import StaticPool
 
-from ._base import JOB_CHANGES, NEW_JOBS
+from .._causes import store_away
+from ._base import JOB_CHANGES, NEW_JOBS, StoreUnavailable
+from ._errors import cause_of
 from ._schema import jobs
 
 logger = logging.getLogger("deferred_middleware")
@@ -213,8 +215,9 @@ class PostgreSQL(Dialect):
                     while not stopped.is_set():
                         for notification in connection.notifies(timeout=1.0):
                             heard(notification.payload)
-            except psycopg.Error:
-                logger.warning("LISTEN connection for %s lost; reconnecting", HEARD_ON[channel])
+            except psycopg.Error as exc:
+                what = f"LISTEN connection for {HEARD_ON[channel]} lost; reconnecting"
+                store_away.warn(what, StoreUnavailable(cause_of(exc)))
                 stopped.wait(1.0)
 
 

@@ -21,6 +21,14 @@ DRIVERS = {
 EXTRAS = {"postgresql": "postgres", "mysql": "mysql", "mariadb": "mysql"}
 
 
+def safe_url(text: str) -> str:
+    """A database URL fit for a log line: its password hidden."""
+    try:
+        return sa.make_url(text).render_as_string(hide_password=True)
+    except sa.exc.ArgumentError:
+        return "(not a database URL)"
+
+
 def database_url(text: str) -> sa.URL:
     """The URL to connect with; raises ValueError for one that is not a
     database URL and ImportError, naming the extra, for a missing driver."""
