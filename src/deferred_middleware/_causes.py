@@ -53,3 +53,19 @@ class CauseLog:
 
 store_away = CauseLog()
 """The process's one log of store outages, shared by every part that meets one."""
+
+
+def check_soon(
+    prepare: Callable[[], None], where: str, unavailable: type[BaseException]
+) -> None:
+    """Run ``prepare`` (reaching the job store at ``where``) in a thread and
+    say at once, naming the database and the cause, if it raises
+    ``unavailable``: requests get 503 and the executor tries again until it can."""
+
+    def check() -> None:
+        try:
+            prepare()
+        except unavailable as exc:  # its text is the driver's own words
+            store_away.warn(f"the job store {where} is unreachable at start-up", exc)
+
+    threading.Thread(target=check, name="deferred-check", daemon=True).start()

@@ -19,7 +19,7 @@ from . import _events as events
 from . import _joblog as joblog
 from . import _protocol as protocol
 from ._admission import Admission, refusal_reason, refusal_reply
-from ._causes import store_away
+from ._causes import check_soon
 from ._config import Config
 from ._jobs import DeferredOptions, Job, RequestInfo, Status, StoredRequest, owner_key, utcnow
 from ._metrics import Metrics
@@ -82,18 +82,8 @@ class JobCore:
                 self.ready = True
 
     def check_store_soon(self) -> None:
-        """At start-up, from a thread: say at once, naming the database and
-        the cause, when the job store cannot be reached. Requests get 503
-        and the executor tries again until it can."""
-
-        def check() -> None:
-            try:
-                self.prepare()
-            except StoreUnavailable as exc:
-                where = safe_url(self.config.database_url)
-                store_away.warn(f"the job store {where} is unreachable at start-up", exc)
-
-        threading.Thread(target=check, name="deferred-check", daemon=True).start()
+        """At start-up: say at once when the job store cannot be reached."""
+        check_soon(self.prepare, safe_url(self.config.database_url), StoreUnavailable)
 
     def close(self) -> None:
         """Write what is queued; end the writer, the offloading threads and
