@@ -197,6 +197,20 @@ def test_stats_counts_jobs_per_queue_and_status(store, database_url):
     assert "10m" in text
 
 
+def test_workers_shows_who_holds_running_jobs_and_whose_lease_ran_out(store, database_url):
+    assert cli(database_url, "workers").stdout.strip() == "no worker holds a running job"
+    store.insert([make_job() for _ in range(3)])
+    store.claim("web-1:11", 2, 300)
+    store.claim("gone:7", 1, -60)  # a lease that ran out a minute ago: that worker is lost
+    rows = json.loads(cli(database_url, "workers", "--json").stdout)
+    assert [(r["worker"], r["running"]) for r in rows] == [("gone:7", 1), ("web-1:11", 2)]
+    assert rows[0]["lease_seconds_left"] < -55 and 290 < rows[1]["lease_seconds_left"] <= 300
+    text = cli(database_url, "workers").stdout.splitlines()
+    assert text[0].split() == ["WORKER", "RUNNING", "LEASE"]
+    assert text[1].split() == ["gone:7", "1", "lost", "1m", "ago"]
+    assert text[2].split()[:3] == ["web-1:11", "2", "4m"]
+
+
 def test_a_list_that_is_cut_says_so(store, database_url):
     enqueue(store, "/tiny", 3)
     cut = cli(database_url, "list", "--limit", "2", "--json")

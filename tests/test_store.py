@@ -496,6 +496,24 @@ def test_counts_per_queue_and_status_with_the_oldest(any_store, new, clock):
     }
 
 
+def test_workers_are_the_executors_holding_running_jobs_with_their_soonest_lease(
+    any_store, new, clock
+):
+    jobs = [new() for _ in range(4)]
+    any_store.insert(jobs)
+    any_store.claim("alpha", 2, 30)
+    clock.advance(10)
+    any_store.claim("beta", 1, 30)
+    done = any_store.claim("alpha", 1, 5)
+    any_store.write([Finish(done[0].id, 1, Status.SUCCEEDED, StoredResponse(200, [], b""))])
+    start = clock() - timedelta(seconds=10)
+    assert [(w.worker, w.running, w.lease_expires_at) for w in any_store.workers()] == [
+        ("alpha", 2, start + timedelta(seconds=30)),
+        ("beta", 1, clock() + timedelta(seconds=30)),
+    ]
+    assert any_store.workers()[0].lease_expires_at.tzinfo is not None
+
+
 def test_ids_starting_a_prefix(any_store, new):
     jobs = [new() for _ in range(3)]
     for job, job_id in zip(jobs, ("ab" + "1" * 30, "ab" + "2" * 30, "cd" + "3" * 30), strict=True):

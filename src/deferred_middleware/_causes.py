@@ -55,9 +55,7 @@ store_away = CauseLog()
 """The process's one log of store outages, shared by every part that meets one."""
 
 
-def check_soon(
-    prepare: Callable[[], None], where: str, unavailable: type[BaseException]
-) -> None:
+def check_soon(prepare: Callable[[], None], where: str, unavailable: type[BaseException]) -> None:
     """Run ``prepare`` (reaching the job store at ``where``) in a thread and
     say at once, naming the database and the cause, if it raises
     ``unavailable``: requests get 503 and the executor tries again until it can."""

@@ -230,6 +230,41 @@ def _stats_text(rows: list[dict[str, Any]]) -> str:
 
 
 @jobs.command()
+@JSON_FLAG
+@click.pass_obj
+def workers(store: SQLJobStore, as_json: bool) -> None:
+    """The executors holding running jobs: how many each, and when the
+    soonest of its leases runs out (in the past: it stopped renewing, and its
+    jobs are taken back at the next reap)."""
+    now = utcnow()
+    data = [
+        {
+            "worker": load.worker,
+            "running": load.running,
+            "lease_expires_at": load.lease_expires_at.isoformat(),
+            "lease_seconds_left": round((load.lease_expires_at - now).total_seconds(), 3),
+        }
+        for load in store.workers()
+    ]
+    emit(data, as_json, _workers_text)
+
+
+def _workers_text(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "no worker holds a running job"
+    shown = [
+        {
+            **row,
+            "lease": f"{span(left)} left"
+            if (left := row["lease_seconds_left"]) >= 0
+            else f"lost {span(-left)} ago",
+        }
+        for row in rows
+    ]
+    return table(shown, ["worker", "running", "lease"])
+
+
+@jobs.command()
 @click.argument("job_id")
 @JSON_FLAG
 @click.pass_obj

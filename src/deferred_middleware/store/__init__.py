@@ -12,6 +12,7 @@ from ._base import (
     QueueCount,
     StoreUnavailable,
     Unstorable,
+    WorkerLoad,
 )
 from ._memory import MemoryJobStore
 from ._schema import metadata
@@ -28,6 +29,7 @@ __all__ = [
     "SQLJobStore",
     "StoreUnavailable",
     "Unstorable",
+    "WorkerLoad",
     "metadata",
     "open_store",
     "safe_url",

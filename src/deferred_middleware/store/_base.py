@@ -34,6 +34,16 @@ class QueueCount:
     oldest_created_at: datetime
 
 
+@dataclasses.dataclass(frozen=True)
+class WorkerLoad:
+    """An executor that holds running jobs, as the table knows it."""
+
+    worker: str
+    running: int
+    lease_expires_at: datetime
+    """The soonest of its leases: in the past, it stopped renewing (lost)."""
+
+
 class StoreUnavailable(Exception):
     """The database could not be reached or stayed locked: answer 503, never 202."""
 
@@ -84,6 +94,9 @@ class JobStore(Protocol):
 
     def counts(self) -> list[QueueCount]:
         """Jobs per queue and status, for operators."""
+
+    def workers(self) -> list[WorkerLoad]:
+        """The executors holding running jobs, by name, for operators."""
 
     def ids_starting(self, prefix: str, limit: int = 2) -> list[str]:
         """Ids that start with ``prefix`` (lower-case hex), at most ``limit``."""

@@ -14,33 +14,17 @@ from .._jobs import (
     DEFAULT_QUEUE,
     WEBHOOK_PENDING,
     AttemptWrite,
-    Finish,
     Job,
-    Progress,
-    Requeue,
-    RetryLater,
     Status,
     WebhookAttempt,
     WebhookDue,
     utcnow,
 )
-from ._base import Clock, QueueCount
-from ._credentials import merge_credentials, split_credentials
+from ._base import Clock, QueueCount, WorkerLoad
+from ._credentials import split_credentials
+from ._memory_rows import Row, apply, back_in_the_queue, detached, end, webhook_due
 
 ACTIVE = (Status.QUEUED, Status.RUNNING)
-
-
-@dataclasses.dataclass
-class _Row:
-    job: Job
-    run_after: datetime
-    credentials: list[tuple[int, str, str]]
-    worker: str | None = None
-    lease_expires_at: datetime | None = None
-    webhook_due_at: datetime | None = None
-    webhook_lease_until: datetime | None = None
-    webhook_worker: str | None = None
-    error_detail: str | None = None
 
 
 class MemoryJobStore:
@@ -52,7 +36,7 @@ class MemoryJobStore:
     ) -> None:
         self.credential_headers = credential_headers
         self.clock = clock
-        self._rows: dict[str, _Row] = {}
+        self._rows: dict[str, Row] = {}
         self._webhook_attempts: list[WebhookAttempt] = []
         self._lock = threading.Lock()
 
@@ -71,11 +55,11 @@ class MemoryJobStore:
         with self._lock:
             held = self._holding(job.idempotency.key)
             if held is not None:
-                return _copy(held)
+                return detached(held)
             self._insert([job])
             return job
 
-    def _holding(self, key: str) -> _Row | None:
+    def _holding(self, key: str) -> Row | None:
         for row in self._rows.values():
             if row.job.idempotency is not None and row.job.idempotency.key == key:
                 return row
@@ -94,12 +78,12 @@ class MemoryJobStore:
             headers, credentials = split_credentials(job.request.headers, self.credential_headers)
             request = dataclasses.replace(job.request, headers=headers)
             stored = dataclasses.replace(job, request=request, attempts=0, revision=0)
-            self._rows[job.id] = _Row(stored, job.created_at, credentials)
+            self._rows[job.id] = Row(stored, job.created_at, credentials)
 
     def get(self, job_id: str, *, request: bool = False, response: bool = False) -> Job | None:
         with self._lock:
             row = self._rows.get(job_id)
-            return None if row is None else _copy(row, request=request, response=response)
+            return None if row is None else detached(row, request=request, response=response)
 
     def list(
         self,
@@ -119,7 +103,7 @@ class MemoryJobStore:
                 and (created_before is None or row.job.created_at < created_before)
             ]
             rows.sort(key=lambda row: row.job.created_at, reverse=True)
-            return [_copy(row, route=True) for row in rows[:limit]]
+            return [detached(row, route=True) for row in rows[:limit]]
 
     def count(self, status: Status) -> int:
         with self._lock:
@@ -133,6 +117,15 @@ class MemoryJobStore:
                 count, oldest = found.get(key, (0, row.job.created_at))
                 found[key] = (count + 1, min(oldest, row.job.created_at))
         return [QueueCount(q, s, n, oldest) for (q, s), (n, oldest) in sorted(found.items())]
+
+    def workers(self) -> list[WorkerLoad]:
+        found: dict[str, tuple[int, datetime]] = {}
+        with self._lock:
+            for row in self._rows.values():
+                if row.job.status is Status.RUNNING and row.worker and row.lease_expires_at:
+                    count, soonest = found.get(row.worker, (0, row.lease_expires_at))
+                    found[row.worker] = (count + 1, min(soonest, row.lease_expires_at))
+        return [WorkerLoad(w, n, lease) for w, (n, lease) in sorted(found.items())]
 
     def ids_starting(self, prefix: str, limit: int = 2) -> list[str]:
         with self._lock:
@@ -164,7 +157,7 @@ class MemoryJobStore:
                 job.started_at = now
                 row.worker = worker
                 row.lease_expires_at = now + timedelta(seconds=lease_seconds)
-                claimed.append(_copy(row, request=True))
+                claimed.append(detached(row, request=True))
             return claimed
 
     def renew(self, worker: str, held: dict[str, int], lease_seconds: float) -> set[str]:
@@ -190,7 +183,7 @@ class MemoryJobStore:
                     continue
                 if row.job.attempts != write.attempt:
                     continue
-                _apply(row, write, now)
+                apply(row, write, now)
                 landed += 1
         return landed
 
@@ -206,11 +199,11 @@ class MemoryJobStore:
                     continue
                 job.error, row.error_detail = error, None
                 if job.attempts < job.max_attempts:
-                    _back_in_the_queue(row)
+                    back_in_the_queue(row)
                     row.run_after = now
                     retried.append(job.id)
                 else:
-                    _end(row, Status.FAILED, now)
+                    end(row, Status.FAILED, now)
                     failed.append(job.id)
         return retried, failed
 
@@ -221,8 +214,8 @@ class MemoryJobStore:
             if row is None:
                 return None
             if row.job.status in ACTIVE:
-                _end(row, Status.CANCELED, now)
-            return _copy(row)
+                end(row, Status.CANCELED, now)
+            return detached(row)
 
     def retry(self, job_id: str) -> bool:
         with self._lock:
@@ -280,7 +273,7 @@ class MemoryJobStore:
                 row.webhook_worker = worker
                 row.webhook_lease_until = now + timedelta(seconds=lease_seconds)
                 root_path = row.job.request.root_path if row.job.request else ""
-                claimed.append(WebhookDue(_copy(row), root_path, worker))
+                claimed.append(WebhookDue(detached(row), root_path, worker))
             return claimed
 
     def record_webhook(self, attempt: WebhookAttempt, state: str, due_at: datetime | None) -> bool:
@@ -308,7 +301,7 @@ class MemoryJobStore:
             row = self._rows.get(job_id)
             if row is None or not row.job.status.finished or row.job.callback_url is None:
                 return False
-            _webhook_due(row, self.clock())
+            webhook_due(row, self.clock())
             return True
 
     def _forget_attempts(self, job_ids: set[str]) -> None:
@@ -329,65 +322,3 @@ class MemoryJobStore:
         with self._lock:
             row = self._rows.get(job_id)
             return list(row.credentials) if row is not None else []
-
-
-def _apply(row: _Row, write: AttemptWrite, now: datetime) -> None:
-    job = row.job
-    if isinstance(write, Progress):
-        job.progress, job.message = write.progress, write.message
-        job.revision += 1
-    elif isinstance(write, Finish):
-        _end(row, write.status, now)
-        job.error, row.error_detail = write.error, write.detail
-        job.response = write.response
-    else:
-        _back_in_the_queue(row)
-        if isinstance(write, RetryLater):
-            row.run_after = now + timedelta(seconds=write.delay)
-            job.error, row.error_detail = write.error, write.detail
-        elif isinstance(write, Requeue):
-            row.run_after = now
-            job.attempts -= 1
-
-
-def _back_in_the_queue(row: _Row) -> None:
-    """A job back in the queue shows nothing of the run that ended."""
-    job = row.job
-    job.status = Status.QUEUED
-    job.revision += 1
-    job.started_at = job.progress = job.message = None
-    row.worker = row.lease_expires_at = None
-
-
-def _end(row: _Row, status: Status, now: datetime) -> None:
-    """A job ended: no lease to keep, no credentials to keep."""
-    row.job.status = status
-    row.job.revision += 1
-    row.job.finished_at = now
-    row.lease_expires_at = None
-    row.credentials = []
-    if row.job.callback_url is not None:
-        _webhook_due(row, now)
-
-
-def _webhook_due(row: _Row, now: datetime) -> None:
-    row.job.webhook_state = WEBHOOK_PENDING
-    row.job.webhook_attempts = 0
-    row.webhook_due_at = now
-    row.webhook_lease_until = None
-
-
-def _copy(row: _Row, *, request: bool = False, response: bool = False, route: bool = False) -> Job:
-    """A detached copy, shaped like a SQL read: only what was asked for."""
-    job = row.job
-    stored = job.request
-    if request and stored is not None:
-        headers = merge_credentials(stored.headers, row.credentials)
-        stored = dataclasses.replace(stored, headers=headers)
-    line = f"{stored.method} {stored.path}" if stored is not None else None
-    return dataclasses.replace(
-        job,
-        request=stored if request else None,
-        response=job.response if response else None,
-        route=line if request or route else None,
-    )

@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from .._jobs import DEFAULT_QUEUE, AttemptWrite, Finish, Job, Status, utcnow
 from . import _codec as codec
 from ._accept import AcceptQueries
-from ._base import Clock, QueueCount, StoreUnavailable
+from ._base import Clock, QueueCount, StoreUnavailable, WorkerLoad
 from ._dialects import Dialect, for_url
 from ._errors import cause_of, translate_errors
 from ._migrate import migrate
@@ -164,6 +164,18 @@ class SQLJobStore(AcceptQueries, WebhookQueries):
         with translate_errors(), self.engine.connect() as connection:
             rows = connection.execute(query).all()
         return [QueueCount(q, Status(s), n, codec.utc(oldest)) for q, s, n, oldest in rows]  # type: ignore[arg-type]
+
+    def workers(self) -> list[WorkerLoad]:
+        running = jobs.c.status == Status.RUNNING.value
+        query = (
+            sa.select(jobs.c.worker, sa.func.count(), sa.func.min(jobs.c.lease_expires_at))
+            .where(running)
+            .group_by(jobs.c.worker)
+            .order_by(jobs.c.worker)
+        )
+        with translate_errors(), self.engine.connect() as connection:
+            rows = connection.execute(query).all()
+        return [WorkerLoad(w, n, codec.utc(lease)) for w, n, lease in rows]  # type: ignore[arg-type]
 
     def ids_starting(self, prefix: str, limit: int = 2) -> list[str]:
         if not all(c in "0123456789abcdef" for c in prefix):
