@@ -17,12 +17,18 @@ IDS = ["wsgi-gunicorn", "asgi-uvicorn"]
 
 @pytest.fixture(scope="module")
 def django_project() -> None:
+    """Django set up in this process for the test project. The settings
+    module is named only while Django reads it: servers started by later
+    tests inherit the environment and must find their own."""
     import os
 
     import django
 
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tests.apps.django_project.settings")
-    django.setup()
+    os.environ["DJANGO_SETTINGS_MODULE"] = "tests.apps.django_project.settings"
+    try:
+        django.setup()
+    finally:
+        del os.environ["DJANGO_SETTINGS_MODULE"]
 
 
 def test_the_resolver_finds_marked_function_and_class_views(django_project):
