@@ -68,6 +68,7 @@ class JobCore:
         self.callbacks = Callbacks(config.webhook_secret, config.webhook_allowlist)
         self.ready = False
         self._ready_lock = threading.Lock()
+        self.clock = clock
         self.admission = Admission(config, store, clock=clock, monotonic=monotonic)
         self._pool: ThreadPoolExecutor | None = None
 

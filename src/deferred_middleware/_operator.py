@@ -77,7 +77,7 @@ class OperatorRoutes:
         return reply
 
     def _show(self, params: dict[str, str]) -> protocol.Reply:
-        now = self.core.admission.clock()
+        now = self.core.clock()
         store = self.core.store
         if "job" in params:
             job_id = params["job"]
