@@ -4,15 +4,19 @@ adapters asking ``fn`` as they ask ``owner``."""
 
 from __future__ import annotations
 
+import dataclasses
 import html
+import json
 import re
+from datetime import datetime, timedelta, timezone
 
 import httpx
 import pytest
 
+from deferred_middleware import _dashboard as dashboard
 from deferred_middleware import _policy as policy
 from deferred_middleware._dashboard import ACTION_HEADER, age
-from deferred_middleware._jobs import Status
+from deferred_middleware._jobs import DeferredOptions, Job, Status, StoredRequest
 from deferred_middleware.store import StoreUnavailable
 
 from .policy_harness import Harness
@@ -244,3 +248,156 @@ def test_flask_asks_fn_inside_a_request_context(sqlite_url):
         assert sent.status_code == 404
         assert client.post(f"/jobs/?action=retry&{job}").status_code == 403
     app.extensions["deferred_middleware"].shutdown()
+
+
+# -- the HTML, exactly: what an operator reads, and what the page's script and
+# -- the browser test select on -------------------------------------------
+
+NOW = datetime(2026, 11, 27, 12, 0, 0, tzinfo=timezone.utc)
+HEAD = (
+    "<table><thead><tr><th>Job</th><th>Status</th><th>Route</th><th>Queue</th><th>Owner</th>"
+    "<th>Progress</th><th>Tries</th><th>Age</th><th></th></tr></thead><tbody>"
+)
+
+
+def test_a_row_shows_a_running_job_with_its_cancel_button():
+    job = Job(
+        id="a" * 32,
+        status=Status.RUNNING,
+        created_at=NOW - timedelta(seconds=75),
+        attempts=1,
+        options=DeferredOptions(retries=2),
+        progress=0.256,
+        message="step <2>",
+        queue="mail",
+        owner="ann",
+        route="POST /r",
+    )
+    a = "a" * 32
+    assert dashboard.job_rows([job], NOW) == (
+        f'{HEAD}<tr data-job="{a}" data-status="running">'
+        f'<td><a href="?job={a}"><code>aaaaaaaaaaaa</code></a></td>'
+        '<td><span class="status running">running</span></td><td><code>POST /r</code></td>'
+        "<td>mail</td><td>ann</td>"
+        '<td><progress max="100" value="26"></progress> 26% step &lt;2&gt;</td>'
+        "<td>1/3</td><td>1 min</td>"
+        f'<td><button type="button" data-action="cancel" data-job="{a}">Cancel</button></td>'
+        "</tr></tbody></table>"
+    )
+    assert (
+        dashboard.job_rows([], NOW)
+        == f'{HEAD}<tr><td colspan="9">No jobs.</td></tr></tbody></table>'
+    )
+
+
+def test_a_job_s_facts_with_its_retry_button_and_traceback():
+    job = Job(
+        id="b" * 32,
+        status=Status.FAILED,
+        created_at=NOW - timedelta(hours=2),
+        started_at=NOW - timedelta(hours=2),
+        finished_at=NOW - timedelta(hours=1),
+        attempts=1,
+        error="The handler raised an exception.",
+        request=StoredRequest("PUT", "/x/é", b"a=1&b=2"),
+    )
+    b = "b" * 32
+    assert dashboard.job_detail(job, "Traceback...\nValueError: <x>", NOW) == (
+        f"<dl><dt>Id</dt><dd><code>{b}</code></dd>"
+        '<dt>Status</dt><dd><span class="status failed">failed</span></dd>'
+        "<dt>Request</dt><dd><code>PUT /x/é?a=1&amp;b=2</code></dd>"
+        "<dt>Queue</dt><dd>default</dd><dt>Owner</dt><dd></dd><dt>Progress</dt><dd></dd>"
+        "<dt>Attempts</dt><dd>1 of 1</dd>"
+        "<dt>Created</dt><dd>2026-11-27 10:00:00 UTC (2 h ago)</dd>"
+        "<dt>Started</dt><dd>2026-11-27 10:00:00 UTC (2 h ago)</dd>"
+        "<dt>Finished</dt><dd>2026-11-27 11:00:00 UTC (1 h ago)</dd>"
+        "<dt>Error</dt><dd>The handler raised an exception.</dd></dl>"
+        f'<p><button type="button" data-action="retry" data-job="{b}">Retry</button></p>'
+        "<h2>Traceback</h2><pre>Traceback...\nValueError: &lt;x&gt;</pre>"
+    )
+    listed = dataclasses.replace(job, request=None, route="PUT /x/é", status=Status.SUCCEEDED)
+    facts = dashboard.job_detail(listed, None, NOW)
+    assert "<dd><code>PUT /x/é</code></dd>" in facts  # read from a list: the route alone
+    assert "<h2>" not in facts and "<button" not in facts  # no traceback; nothing to do
+
+
+def test_the_filters_keep_what_was_chosen():
+    form = dashboard._filter_form(dashboard.Filters(Status.FAILED, "mail"), ["default", "b"])
+    assert form == (
+        '<form method="get"><label>Status <select name="status"><option value="">all</option>'
+        "<option>queued</option><option>running</option><option>succeeded</option>"
+        "<option selected>failed</option><option>canceled</option></select></label> "
+        '<label>Queue <select name="queue"><option value="">all</option><option>b</option>'
+        "<option>default</option><option selected>mail</option></select></label> "
+        "<button>Show</button></form>"
+    )
+    assert dashboard.Filters(None, "q 1").query(part="rows") == "?queue=q+1&part=rows"
+    assert dashboard.Filters(Status.QUEUED).query() == "?status=queued"
+    assert dashboard.Filters().query() == "?"
+
+
+def test_the_pages_are_titled_and_refresh_their_own_fragment(h):
+    job_id = h.submit()
+    listing, job = page(h), page(h, f"job={job_id}")
+    assert "<title>Jobs</title>" in listing and f"<title>Job {job_id}</title>" in job
+    assert f'data-src="?job={job_id}&amp;part=job"' in job
+    assert '<a href="./">All jobs</a>' in job
+    for reply in (
+        h.operator.dashboard("GET", b"", True, False),
+        h.operator.dashboard("GET", b"part=rows", True, False),
+    ):
+        assert dict(reply.headers)["content-length"] == str(len(reply.body))
+
+
+def test_a_list_shows_at_most_a_hundred_jobs(h):
+    for _ in range(101):
+        h.submit()
+    assert len(rows(page(h, "part=rows"))) == 100
+
+
+def problem(status: int, title: str, detail: str | None = None) -> dict:
+    document = {"type": "about:blank", "title": title, "status": status}
+    if detail is not None:
+        document["detail"] = detail
+    return document
+
+
+def test_each_refused_action_says_why(h):
+    job_id = h.submit()
+
+    def answer(query: str, from_page: bool = True) -> tuple[int, dict]:
+        reply = h.operator.dashboard("POST", query.encode(), True, from_page)
+        return reply.status, json.loads(reply.body)
+
+    header = f"Send the {ACTION_HEADER} header, as the dashboard does."
+    assert answer(f"action=cancel&job={job_id}", False) == (403, problem(403, "Forbidden", header))
+    expected = "Expected action=cancel or retry and a job id."
+    assert answer(f"action=stop&job={job_id}") == (400, problem(400, "Bad Request", expected))
+    assert answer("action=cancel") == (400, problem(400, "Bad Request", expected))
+    nobody = "No job with this id."
+    assert answer(f"action=cancel&job={'f' * 32}") == (404, problem(404, "Not Found", nobody))
+    assert answer(f"action=retry&job={job_id}") == (
+        409,
+        problem(409, "Conflict", "Only failed or canceled jobs run again."),
+    )
+    h.claim()
+    h.launcher.last(job_id).respond(200)
+    assert answer(f"action=cancel&job={job_id}") == (
+        409,
+        problem(409, "Conflict", "The job has already finished."),
+    )
+    assert json.loads(h.operator.dashboard("GET", b"status=x", True, False).body) == problem(
+        400, "Bad Request", "Unknown status."
+    )
+    done = h.operator.dashboard("POST", f"action=retry&job={job_id}".encode(), True, True)
+    assert done.status == 409
+    refused = h.operator.dashboard("PATCH", b"", True, True)
+    assert json.loads(refused.body) == problem(405, "Method Not Allowed")
+    h.route(f"/jobs/{job_id}", "DELETE")
+    assert answer(f"action=retry&job={job_id}") == (404, problem(404, "Not Found", nobody))
+
+
+def test_a_done_action_answers_204_with_nothing_more(h):
+    job_id = h.submit()
+    done = h.operator.dashboard("POST", f"action=cancel&job={job_id}".encode(), True, True)
+    assert (done.status, done.headers, done.body) == (204, [], b"")

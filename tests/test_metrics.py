@@ -135,10 +135,24 @@ def test_the_table_s_depth_and_oldest_queued_age_are_read_at_each_scrape(h):
     assert value(h, "deferred_jobs", queue="default", status="running") == 1
     assert value(h, "deferred_jobs", queue="mail", status="queued") == 1
     assert value(h, "deferred_jobs", queue="mail", status="running") == 0  # absent reads 0
-    h.advance(12)
+    assert value(h, "deferred_oldest_queued_job_age_seconds", queue="mail") == 0
+    h.advance(0.5)
+    assert value(h, "deferred_oldest_queued_job_age_seconds", queue="mail") == 0.5
+    h.advance(11.5)
     assert value(h, "deferred_oldest_queued_job_age_seconds", queue="default") == 12
     assert value(h, "deferred_oldest_queued_job_age_seconds", queue="mail") == 12
     assert value(h, "deferred_job_store_up") == 1
+
+
+def test_a_scrape_before_the_table_could_be_made_says_the_store_is_down(monkeypatch):
+    h = Harness(metrics=True)
+
+    def down(*_args, **_kwargs):
+        raise StoreUnavailable("down")
+
+    monkeypatch.setattr(h.store, "migrate", down)
+    monkeypatch.setattr(h.store, "counts", down)
+    assert value(h, "deferred_job_store_up") == 0
 
 
 def test_a_scrape_while_the_store_is_down_says_so_and_still_counts(h, monkeypatch):
@@ -158,6 +172,7 @@ def test_the_metrics_route_answers_head_without_a_body_and_refuses_writes(h):
     assert head.status == 200 and head.body == b""
     assert dict(head.headers)["content-type"] == dict(get.headers)["content-type"]
     assert ("cache-control", "no-store") in get.headers
+    assert dict(get.headers)["content-length"] == str(len(get.body))
     refused = h.operator.metrics("POST")
     assert refused.status == 405 and ("allow", "GET, HEAD") in refused.headers
 
