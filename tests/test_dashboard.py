@@ -401,3 +401,31 @@ def test_a_done_action_answers_204_with_nothing_more(h):
     job_id = h.submit()
     done = h.operator.dashboard("POST", f"action=cancel&job={job_id}".encode(), True, True)
     assert (done.status, done.headers, done.body) == (204, [], b"")
+
+
+def test_rows_without_a_route_or_an_owner_leave_their_cells_empty():
+    plain = Job(id="c" * 32, status=Status.SUCCEEDED, created_at=NOW)
+    other = dataclasses.replace(plain, id="d" * 32)
+    table = dashboard.job_rows([plain, other], NOW)
+    cells = re.findall(r"<td>(.*?)</td>", table)
+    assert cells[2:7] == ["<code></code>", "default", "", "", "0/1"]
+    assert "</tr><tr " in table  # two rows, side by side
+    facts = dashboard.job_detail(plain, None, NOW)
+    assert facts.endswith("<dt>Error</dt><dd></dd></dl><p></p>")  # no button, no traceback
+    assert "<dt>Request</dt><dd><code></code></dd>" in facts
+
+
+def test_a_form_without_filters_chooses_nothing():
+    form = dashboard._filter_form(dashboard.Filters(), ["a"])
+    assert "selected" not in form
+    assert re.findall(r"<option[^>]*>([^<]*)</option>", form)[-2:] == ["all", "a"]
+
+
+def test_a_retry_from_the_page_wakes_the_executor_and_whoever_waits(h, monkeypatch):
+    job_id = h.submit()
+    act(h, "cancel", job_id)
+    woken, heard = [], []
+    monkeypatch.setattr(h.dispatcher, "wake", lambda: woken.append(True))
+    h.notifier.subscribe(job_id, lambda: heard.append(True))
+    assert act(h, "retry", job_id) == 204
+    assert woken == [True] and heard == [True]
