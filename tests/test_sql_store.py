@@ -97,6 +97,21 @@ def test_an_unreachable_database_is_reported_as_unavailable():
         store.get(new_job_id())
 
 
+def test_every_sqlite_connection_is_set_up_for_the_job_table(sqlite_url):
+    """WAL, NORMAL sync, zeroed free space (erased credentials), and temporary
+    data in memory: a multi-row INSERT's statement journal is no file opened
+    and removed on every commit."""
+    store = SQLJobStore(sqlite_url)
+    store.migrate()
+    with store.engine.connect() as connection:
+        pragmas = {
+            name: connection.exec_driver_sql(f"PRAGMA {name}").scalar()
+            for name in ("journal_mode", "synchronous", "secure_delete", "temp_store")
+        }
+    assert pragmas == {"journal_mode": "wal", "synchronous": 1, "secure_delete": 1, "temp_store": 2}
+    store.close()
+
+
 def test_a_locked_sqlite_database_is_reported_as_unavailable(sqlite_url):
     store = SQLJobStore(sqlite_url, lock_timeout=0.2)
     store.migrate()

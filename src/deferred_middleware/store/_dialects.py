@@ -117,6 +117,9 @@ class SQLite(Dialect):
             if not in_memory:
                 _enable_wal(cursor, lock_timeout)
             cursor.execute("PRAGMA synchronous=NORMAL")
+            # A multi-row INSERT keeps a statement journal: in memory, not in
+            # a temporary file opened and removed on every commit.
+            cursor.execute("PRAGMA temp_store=MEMORY")
             # Freed and overwritten content is zeroed, so erased credentials
             # do not linger in the file's free space.
             cursor.execute("PRAGMA secure_delete=ON")
