@@ -10,10 +10,10 @@ import dataclasses
 import enum
 import hashlib
 import re
-import secrets
 from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime, timezone
 
+from ._random import token_hex
 from ._refusals import BadRequest
 
 Headers = list[tuple[str, str]]
@@ -57,7 +57,7 @@ def utcnow() -> datetime:
 
 def new_job_id() -> str:
     """128 random bits as 32 hex digits: unguessable, URL-safe, fixed length."""
-    return secrets.token_hex(16)
+    return token_hex(16)
 
 
 def is_job_id(text: str) -> bool:
