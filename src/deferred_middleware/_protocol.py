@@ -98,8 +98,12 @@ def _timestamp(value: datetime | None) -> str | None:
     return value.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
+_COMPACT = json.JSONEncoder(separators=(",", ":"))
+"""Built once: ``json.dumps`` with any argument builds an encoder per call."""
+
+
 def compact_json(data: Any) -> bytes:
-    return json.dumps(data, separators=(",", ":")).encode()
+    return _COMPACT.encode(data).encode()
 
 
 def _json_reply(status: int, data: Any, extra: Headers | None = None) -> Reply:
