@@ -15,7 +15,7 @@ from datetime import datetime
 from html import escape
 from urllib.parse import urlencode
 
-from ._jobs import Job, Status
+from ._jobs import Job, Status, request_line
 
 ACTION_HEADER = "x-deferred-dashboard"
 """Sent by the page's buttons. A form on another site cannot set it, so a
@@ -106,7 +106,7 @@ def job_rows(jobs: Sequence[Job], now: datetime) -> str:
 def job_detail(job: Job, detail: str | None, now: datetime) -> str:
     """One job's facts: the fragment its page refreshes."""
     request = job.request
-    line = f"{request.method} {request.path}" if request is not None else job.route or ""
+    line = request_line(request.method, request.path) if request is not None else job.route or ""
     if request is not None and request.query_string:
         line += "?" + request.query_string.decode("latin-1")
     facts = [

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 
-from ._jobs import Finish, Job, RetryLater
+from ._jobs import Finish, Job, RetryLater, request_line
 
 logger = logging.getLogger("deferred_middleware")
 
@@ -21,7 +21,7 @@ def route_of(job: Job) -> str | None:
     if job.route is not None:
         return job.route
     request = job.request
-    return None if request is None else f"{request.method} {request.path}"
+    return None if request is None else request_line(request.method, request.path)
 
 
 def _fields(job: Job, **more: object) -> dict[str, object]:

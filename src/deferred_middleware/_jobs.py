@@ -60,6 +60,11 @@ def new_job_id() -> str:
     return token_hex(16)
 
 
+def request_line(method: str, path: str) -> str:
+    """A job's route as operators read it: ``POST /reports``."""
+    return f"{method} {path}"
+
+
 def is_job_id(text: str) -> bool:
     return len(text) == 32 and all(c in "0123456789abcdef" for c in text)
 

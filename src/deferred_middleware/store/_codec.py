@@ -27,6 +27,7 @@ from .._jobs import (
     StoredResponse,
     WebhookAttempt,
     WebhookDue,
+    request_line,
 )
 from ._credentials import merge_credentials, split_credentials
 from ._schema import jobs
@@ -358,7 +359,7 @@ def job_from_row(row: Mapping[str, Any]) -> Job:
     if row.get("idempotency_key") is not None:
         job.idempotency = Idempotency(row["idempotency_key"], row["request_digest"])
     if "request_method" in row:
-        job.route = f"{row['request_method']} {row['request_path']}"
+        job.route = request_line(row["request_method"], row["request_path"])
     if "request_body" in row:
         job.request = _request_from_row(row)
     if row.get("response_status") is not None:

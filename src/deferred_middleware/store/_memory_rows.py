@@ -15,6 +15,7 @@ from .._jobs import (
     Requeue,
     RetryLater,
     Status,
+    request_line,
 )
 from ._credentials import merge_credentials
 
@@ -87,7 +88,7 @@ def detached(
     if request and stored is not None:
         headers = merge_credentials(stored.headers, row.credentials)
         stored = dataclasses.replace(stored, headers=headers)
-    line = f"{stored.method} {stored.path}" if stored is not None else None
+    line = request_line(stored.method, stored.path) if stored is not None else None
     return dataclasses.replace(
         job,
         request=stored if request else None,
