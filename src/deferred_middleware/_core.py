@@ -304,9 +304,7 @@ class JobCore:
         else:
             reply = protocol.status_reply(job, urls, retry_after)
             reply = protocol.unless_unchanged(reply, conditions.if_none_match)
-        if method == "HEAD":
-            reply.body = b""
-        return reply
+        return protocol.for_method(reply, method)
 
     def _visible_to(self, job_id: str, owner: str | None) -> bool:
         """With owners, a job exists only for the one who submitted it: to

@@ -51,7 +51,7 @@ class OperatorRoutes:
         body, media_type = self.core.metrics.exposition()
         headers = [("content-type", media_type), ("cache-control", "no-store")]
         headers.append(("content-length", str(len(body))))
-        return protocol.Reply(200, headers, b"" if method == "HEAD" else body)
+        return protocol.for_method(protocol.Reply(200, headers, body), method)
 
     def dashboard(
         self, method: str, query: bytes, allowed: bool, from_page: bool
@@ -72,9 +72,7 @@ class OperatorRoutes:
                 return _not_allowed("GET, HEAD, POST")
         except StoreUnavailable:
             return protocol.unavailable(self.config.retry_after)
-        if method == "HEAD":
-            reply.body = b""
-        return reply
+        return protocol.for_method(reply, method)
 
     def _show(self, params: dict[str, str]) -> protocol.Reply:
         now = self.core.clock()

@@ -131,13 +131,17 @@ def not_found() -> Reply:
     return problem(404, "Not Found", "No job with this id.")
 
 
-def unknown(method: str) -> Reply:
-    """The answer for a job that is not there (for this asker), as for any
-    unknown id: for HEAD, without its body."""
-    reply = not_found()
+def for_method(reply: Reply, method: str) -> Reply:
+    """``reply`` as sent to ``method``: a HEAD gets the headers alone."""
     if method == "HEAD":
         reply.body = b""
     return reply
+
+
+def unknown(method: str) -> Reply:
+    """The answer for a job that is not there (for this asker), as for any
+    unknown id."""
+    return for_method(not_found(), method)
 
 
 QUEUE_FULL = "Too many jobs are waiting; try again later."
