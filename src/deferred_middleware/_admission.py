@@ -124,21 +124,9 @@ class Admission:
 
 def refusal_reason(error: Refusal | StoreUnavailable | Unstorable) -> str:
     """The ``reason`` label a refusal is counted under."""
-    for kind, reason in _REASONS:
-        if isinstance(error, kind):
-            return reason
-    return "unavailable"
-
-
-_REASONS: tuple[tuple[type[Exception], str], ...] = (
-    (QueueFull, "queue_full"),
-    (HeadersTooLarge, "headers_too_large"),
-    (NotStorable, "unstorable"),
-    (BadRequest, "bad_request"),
-    (NoOwner, "no_owner"),
-    (KeyReused, "key_reused"),
-    (Unstorable, "unstorable"),
-)
+    if isinstance(error, Refusal):
+        return error.reason
+    return "unstorable" if isinstance(error, Unstorable) else "unavailable"
 
 
 def refusal_reply(error: Refusal | StoreUnavailable | Unstorable, config: Config) -> protocol.Reply:
