@@ -175,8 +175,7 @@ class _TableCollector:
         for count in counts:
             jobs.add_metric([count.queue, count.status.value], count.count)
             if count.status is Status.QUEUED:
-                age = (now - count.oldest_created_at).total_seconds()
-                oldest.add_metric([count.queue], max(0.0, age))
+                oldest.add_metric([count.queue], count.waited(now))
         for queue in sorted({queue for queue, _ in seen}):
             for status in (Status.QUEUED, Status.RUNNING):  # an empty queue reads 0, not absent
                 if (queue, status) not in seen:

@@ -207,8 +207,7 @@ def stats(store: SQLJobStore, as_json: bool) -> None:
         )
         queue[found.status.value] = found.count
         if found.status is Status.QUEUED:
-            waited = (now - found.oldest_created_at).total_seconds()
-            queue["oldest_queued_seconds"] = round(max(0.0, waited), 3)
+            queue["oldest_queued_seconds"] = round(found.waited(now), 3)
     data = [{"oldest_queued_seconds": None, **q} for q in queues.values()]
     emit(data, as_json, _stats_text)
 
@@ -302,9 +301,7 @@ def _id_and_status(data: dict[str, str]) -> str:
 @click.pass_obj
 def webhooks(store: SQLJobStore, job_id: str, as_json: bool) -> None:
     """Show every delivery attempt of a job's completion webhook."""
-    job = _get(store, job_id)
-    if job.callback_url is None:
-        raise Refused(f"job {job.id} has no callback", EXIT_REFUSED)
+    job = _with_callback(store, job_id)
     attempts = [
         {
             "attempt": a.attempt,
@@ -318,6 +315,13 @@ def webhooks(store: SQLJobStore, job_id: str, as_json: bool) -> None:
     ]
     data = {"url": job.callback_url, "state": job.webhook_state, "attempts": attempts}
     emit(data, as_json, _webhooks_text)
+
+
+def _with_callback(store: SQLJobStore, job_id: str) -> Job:
+    job = _get(store, job_id)
+    if job.callback_url is None:
+        raise Refused(f"job {job.id} has no callback", EXIT_REFUSED)
+    return job
 
 
 def _webhooks_text(data: dict[str, Any]) -> str:
@@ -334,9 +338,7 @@ def _webhooks_text(data: dict[str, Any]) -> str:
 @click.pass_obj
 def redeliver(store: SQLJobStore, job_id: str, as_json: bool) -> None:
     """Send a finished job's completion webhook again (a fresh set of attempts)."""
-    job = _get(store, job_id)
-    if job.callback_url is None:
-        raise Refused(f"job {job.id} has no callback", EXIT_REFUSED)
+    job = _with_callback(store, job_id)
     if not store.redeliver(job.id):
         raise Refused("only a finished job's webhook can be sent again", EXIT_REFUSED)
     emit({"id": job.id, "webhook": "due"}, as_json, lambda d: f"{d['id']} webhook due")

@@ -33,6 +33,10 @@ class QueueCount:
     count: int
     oldest_created_at: datetime
 
+    def waited(self, now: datetime) -> float:
+        """Seconds since the oldest one was made (never below 0: clocks differ)."""
+        return max(0.0, (now - self.oldest_created_at).total_seconds())
+
 
 @dataclasses.dataclass(frozen=True)
 class WorkerLoad:
