@@ -75,6 +75,12 @@ def stored_request(environ: Environ, body: bytes) -> StoredRequest:
     )
 
 
+def request_info(environ: Environ, request: StoredRequest | None = None) -> RequestInfo:
+    """What ``owner=fn`` and ``dashboard=fn`` see: the stored request, or
+    the request line and headers."""
+    return RequestInfo.of(request or stored_request(environ, b""), environ=environ)
+
+
 class BodyTooLarge(Exception):
     pass
 
@@ -212,7 +218,7 @@ class DeferredWSGIMiddleware:
             return self.operator.metrics(method)
         dashboard = self.config.dashboard
         assert dashboard is not None  # the route is there only with it
-        allowed = bool(dashboard(RequestInfo.of(stored_request(environ, b""), environ=environ)))
+        allowed = bool(dashboard(request_info(environ)))
         query = environ.get("QUERY_STRING", "").encode("latin-1")
         from_page = ACTION_ENVIRON_KEY in environ
         return self.operator.dashboard(method, query, allowed, from_page)
@@ -220,9 +226,7 @@ class DeferredWSGIMiddleware:
     def owner_of(self, environ: Environ, request: StoredRequest | None = None) -> str | None:
         if self.config.owner is None:
             return None
-        if request is None:
-            request = stored_request(environ, b"")
-        return self.core.owner_of(RequestInfo.of(request, environ=environ))
+        return self.core.owner_of(request_info(environ, request))
 
     def _deferred_options(self, environ: Environ, path: str) -> DeferredOptions | None:
         method = environ["REQUEST_METHOD"]
