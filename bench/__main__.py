@@ -151,26 +151,32 @@ def write_results(results: dict[str, Any], info: dict[str, str], command: str) -
         "",
         "## Accept: a deferred POST answered 202 (row committed) vs the same app's plain POST",
         "",
-        "| server, database | plain req/s | deferred req/s | ratio | p50 plain / deferred ms |",
-        "|---|---:|---:|---:|---:|",
+        "Server CPU is user plus system time of the server's processes per request.",
+        "",
+        "| server, database | plain req/s | deferred req/s | ratio "
+        "| server CPU µs plain / deferred (ratio) | p50 plain / deferred ms |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for name in ("accept uvicorn sqlite", "accept uvicorn postgresql", "accept gunicorn sqlite"):
         lines.append(
             f"| {name.removeprefix('accept ')} | {r(name, 'plain_rps'):,.0f} | "
             f"{r(name, 'deferred_rps'):,.0f} | **{r(name, 'ratio'):.2f}** | "
+            f"{r(name, 'plain_cpu_us'):.0f} / {r(name, 'deferred_cpu_us'):.0f} "
+            f"({r(name, 'cpu_ratio'):.2f}) | "
             f"{r(name, 'plain_p50_ms'):.1f} / {r(name, 'deferred_p50_ms'):.1f} |"
         )
     lines += [
         "",
         "## Status poll: GET /jobs/{id} vs a plain GET on the same server",
         "",
-        "| server | plain req/s | status req/s | ratio |",
-        "|---|---:|---:|---:|",
+        "| server | plain req/s | status req/s | ratio | server CPU µs plain / status |",
+        "|---|---:|---:|---:|---:|",
     ]
     for name in ("status uvicorn sqlite", "status gunicorn sqlite"):
         lines.append(
             f"| {name.removeprefix('status ')} | {r(name, 'plain_rps'):,.0f} | "
-            f"{r(name, 'status_rps'):,.0f} | **{r(name, 'ratio'):.2f}** |"
+            f"{r(name, 'status_rps'):,.0f} | **{r(name, 'ratio'):.2f}** | "
+            f"{r(name, 'plain_cpu_us'):.0f} / {r(name, 'status_cpu_us'):.0f} |"
         )
     ours_sqlite = r("e2e ours sqlite (worker)", "jobs_per_s")
     ours_pg = r("e2e ours postgresql (worker)", "jobs_per_s")

@@ -106,12 +106,28 @@ def rss_mib(pid: int) -> float:
     raise RuntimeError(f"no VmRSS for {pid}")
 
 
-def wrk(url: str, seconds: int, post: bool, connections: int = 64) -> dict[str, float]:
-    """Requests/s and the count of non-2xx answers (a run with errors is void)."""
+def cpu_seconds(pids: list[int]) -> float:
+    """User plus system CPU the processes have used so far."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / ticks
+
+
+def wrk(
+    url: str, seconds: int, post: bool, connections: int = 64, server: Server | None = None
+) -> dict[str, float]:
+    """Requests/s, the count of non-2xx answers (a run with errors is void)
+    and, given the server, its CPU time per request in microseconds."""
+    pids = server.pids() if server is not None else []
+    cpu_before = cpu_seconds(pids)
     command = ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency"]
     if post:
         command += ["-s", str(BENCH / "post.lua")]
     out = subprocess.run([*command, url], capture_output=True, text=True, check=True).stdout
+    cpu = cpu_seconds(pids) - cpu_before
     rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out)[1])
     bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
     total = re.search(r"(\d+) requests in", out)
@@ -122,4 +138,5 @@ def wrk(url: str, seconds: int, post: bool, connections: int = 64) -> dict[str, 
         "errors": float(bad[1]) if bad else 0.0,
         "requests": float(total[1]),
         "p50_ms": float(p50[1]) * scale[p50[2]] if p50 else float("nan"),
+        "cpu_us": cpu / float(total[1]) * 1e6 if pids else float("nan"),
     }

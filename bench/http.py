@@ -26,8 +26,8 @@ def accept(kind: str, database_url: str, seconds: int, rounds: int) -> dict[str,
         wrk(server.base + "/deferred", 2, post=True)
         plain, deferred = [], []
         for _ in range(rounds):
-            plain.append(wrk(server.base + "/plain", seconds, post=True))
-            deferred.append(wrk(server.base + "/deferred", seconds, post=True))
+            plain.append(wrk(server.base + "/plain", seconds, post=True, server=server))
+            deferred.append(wrk(server.base + "/deferred", seconds, post=True, server=server))
     p, d = _median(plain), _median(deferred)
     return {
         "plain_rps": p["rps"],
@@ -35,6 +35,9 @@ def accept(kind: str, database_url: str, seconds: int, rounds: int) -> dict[str,
         "ratio": d["rps"] / p["rps"],
         "plain_p50_ms": p["p50_ms"],
         "deferred_p50_ms": d["p50_ms"],
+        "plain_cpu_us": p["cpu_us"],
+        "deferred_cpu_us": d["cpu_us"],
+        "cpu_ratio": d["cpu_us"] / p["cpu_us"],
     }
 
 
@@ -51,7 +54,13 @@ def status_poll(kind: str, database_url: str, seconds: int, rounds: int) -> dict
         wrk(job_url, 2, post=False)
         plain, status = [], []
         for _ in range(rounds):
-            plain.append(wrk(server.base + "/plain-get", seconds, post=False))
-            status.append(wrk(job_url, seconds, post=False))
+            plain.append(wrk(server.base + "/plain-get", seconds, post=False, server=server))
+            status.append(wrk(job_url, seconds, post=False, server=server))
     p, s = _median(plain), _median(status)
-    return {"plain_rps": p["rps"], "status_rps": s["rps"], "ratio": s["rps"] / p["rps"]}
+    return {
+        "plain_rps": p["rps"],
+        "status_rps": s["rps"],
+        "ratio": s["rps"] / p["rps"],
+        "plain_cpu_us": p["cpu_us"],
+        "status_cpu_us": s["cpu_us"],
+    }
