@@ -375,3 +375,19 @@ def test_an_unchanged_status_document_is_304(server, gates):
     assert finished.status_code == 200
     assert finished.json()["status"] == "succeeded"
     assert finished.headers["etag"] != tag
+
+
+@pytest.mark.parametrize("kind", ["uvicorn", "gunicorn-gthread"])
+def test_a_job_deleted_through_another_server_is_gone_from_this_one(serve, kind):
+    """Two servers on one SQLite file: a finished job polled often on one,
+    then deleted through the other, is 404 on the next poll of the first."""
+    polled = serve(kind, extra=["-w", "1"] if kind.startswith("gunicorn") else [])
+    other = serve(kind, extra=["-w", "1"] if kind.startswith("gunicorn") else [])
+    job_id = httpx.post(polled.base + "/report").json()["id"]
+    assert result_of(polled, job_id).status_code == 201  # the handler's own answer
+    for _ in range(3):
+        assert status_of(polled, job_id)["status"] == "succeeded"
+        assert result_of(polled, job_id).status_code == 201
+    assert httpx.delete(f"{other.base}/jobs/{job_id}").status_code == 204
+    assert httpx.get(f"{polled.base}/jobs/{job_id}").status_code == 404
+    assert httpx.get(f"{polled.base}/jobs/{job_id}/result").status_code == 404

@@ -290,3 +290,132 @@ def test_postgres_announces_every_change_to_other_processes(store):
     finally:
         stopped.set()
         listener.join(10)
+
+
+# -- reads remembered while nothing changed ------------------------------------
+
+
+def finished_job(store: SQLJobStore, body: bytes = b"done"):
+    from deferred_middleware._jobs import StoredResponse
+
+    job = make_job()
+    store.insert([job])
+    store.claim("w", 1, 30)
+    store.write([Finish(job.id, 1, Status.SUCCEEDED, StoredResponse(200, [], body))])
+    return job
+
+
+def statements_on_this_threads_reader(store: SQLJobStore) -> list[str]:
+    statements: list[str] = []
+    connection = store._readers.held.connection.dbapi_connection
+    connection.set_trace_callback(statements.append)
+    return statements
+
+
+def in_another_process(sqlite_url: str, code: str) -> None:
+    import subprocess
+    import sys
+
+    script = f"from deferred_middleware.store import SQLJobStore\nstore = SQLJobStore({sqlite_url!r})\n"
+    subprocess.run([sys.executable, "-c", script + code], check=True, timeout=60)
+
+
+def test_a_job_unchanged_since_it_was_read_costs_no_select(sqlite_url):
+    store = SQLJobStore(sqlite_url)
+    store.migrate()
+    job = finished_job(store)
+    assert store.get(job.id, response=True).response.body == b"done"
+    statements = statements_on_this_threads_reader(store)
+    assert store.get(job.id, response=True).response.body == b"done"
+    assert store.get(job.id, response=True).status is Status.SUCCEEDED
+    assert statements == ["PRAGMA data_version"] * 2
+    store.get(job.id)  # a read of other columns is a read of its own
+    assert len(statements) == 4 and statements[3].startswith("SELECT")
+    store.close()
+
+
+@pytest.mark.parametrize("change", ["delete", "retry", "prune"])
+def test_a_job_changed_by_another_process_is_read_again(sqlite_url, change):
+    """DELETE, retry and pruning are the only changes a finished job sees,
+    and each may come from any process sharing the file."""
+    store = SQLJobStore(sqlite_url)
+    store.migrate()
+    job = finished_job(store, body=b"first")
+    assert store.get(job.id, response=True).status is Status.SUCCEEDED
+    if change == "delete":
+        in_another_process(sqlite_url, f"assert store.delete({job.id!r})")
+        assert store.get(job.id) is None
+        assert store.get(job.id, response=True) is None
+    elif change == "retry":
+        failed = make_job()
+        store.insert([failed])
+        store.claim("w", 1, 30)
+        store.write([Finish(failed.id, 1, Status.FAILED, None, error="boom")])
+        assert store.get(failed.id).status is Status.FAILED
+        in_another_process(sqlite_url, f"assert store.retry({failed.id!r})")
+        again = store.get(failed.id)
+        assert again.status is Status.QUEUED and again.error is None
+    else:
+        code = "from datetime import datetime, timezone, timedelta\n"
+        code += "assert store.prune(datetime.now(timezone.utc) + timedelta(days=1)) == 1"
+        in_another_process(sqlite_url, code)
+        assert store.get(job.id, response=True) is None
+    store.close()
+
+
+def test_what_a_caller_sets_on_a_job_read_is_not_remembered(sqlite_url):
+    store = SQLJobStore(sqlite_url)
+    store.migrate()
+    job = finished_job(store)
+    store.get(job.id).status = Status.FAILED
+    assert store.get(job.id).status is Status.SUCCEEDED
+    store.close()
+
+
+def test_large_results_and_stored_requests_are_read_each_time(sqlite_url):
+    """Memory holds small documents only, and never a request's credentials."""
+    from deferred_middleware.store._connections import REMEMBERED_BODY
+
+    store = SQLJobStore(sqlite_url)
+    store.migrate()
+    large = finished_job(store, body=b"x" * (REMEMBERED_BODY + 1))
+    at_limit = finished_job(store, body=b"x" * REMEMBERED_BODY)
+    store.get(large.id, response=True)
+    statements = statements_on_this_threads_reader(store)
+    for _ in range(2):
+        store.get(large.id, response=True)
+        store.get(large.id, request=True)
+    assert sum(s.startswith("SELECT") for s in statements) == 4
+    store.get(at_limit.id, response=True)
+    store.get(at_limit.id, response=True)
+    assert sum(s.startswith("SELECT") for s in statements) == 5
+    store.close()
+
+
+def test_an_in_memory_database_is_read_each_time():
+    """One connection serves every thread there: its data_version never
+    moves for its own writes, so nothing read can be remembered."""
+    store = SQLJobStore("sqlite://")
+    store.migrate()
+    job = finished_job(store)
+    assert store.get(job.id).status is Status.SUCCEEDED
+    store.delete(job.id)
+    assert store.get(job.id) is None
+    store.close()
+
+
+def test_remembered_jobs_are_bounded(sqlite_url, monkeypatch):
+    from deferred_middleware.store import _connections
+
+    monkeypatch.setattr(_connections, "REMEMBERED_JOBS", 2)
+    store = SQLJobStore(sqlite_url)
+    store.migrate()
+    first, second, third = (finished_job(store) for _ in range(3))
+    for job in (first, second, third):
+        store.get(job.id)
+    statements = statements_on_this_threads_reader(store)
+    store.get(third.id)
+    store.get(second.id)
+    store.get(first.id)  # the oldest made room
+    assert sum(s.startswith("SELECT") for s in statements) == 1
+    store.close()

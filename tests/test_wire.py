@@ -207,6 +207,34 @@ def test_only_a_200_with_a_tag_is_ever_turned_into_a_304():
     assert protocol.unless_unchanged(untagged, "*") is untagged
 
 
+def test_a_status_rendered_before_is_the_same_reply_until_the_job_changes():
+    replies = protocol.StatusReplies()
+    running = job(Status.RUNNING, started_at=STARTED, attempts=1, progress=0.5)
+    running.revision = 7
+    first = replies.reply(running, URLS, 4)
+    assert first == protocol.status_reply(running, URLS, 4)
+    first.headers.append(("x-added", "by a caller"))  # not kept for the next one
+    assert replies.reply(running, URLS, 4) == protocol.status_reply(running, URLS, 4)
+    running.progress, running.revision = 0.75, 8
+    assert json.loads(replies.reply(running, URLS, 4).body)["progress"] == 0.75
+    other_urls = protocol.JobURLs.for_request("/jobs", "/other", None)
+    assert replies.reply(running, other_urls, 4) == protocol.status_reply(running, other_urls, 4)
+    assert replies.reply(running, URLS, 9) == protocol.status_reply(running, URLS, 9)
+    done = job(Status.SUCCEEDED, started_at=STARTED, finished_at=FINISHED, attempts=1)
+    done.revision = 8  # a revision names one state: this says so only for the test's sake
+    assert replies.reply(done, URLS, 4) == protocol.status_reply(done, URLS, 4)
+
+
+def test_rendered_statuses_are_bounded():
+    replies = protocol.StatusReplies(size=2)
+    jobs = [job(Status.QUEUED) for _ in range(3)]
+    for number, queued in enumerate(jobs):
+        queued.revision = number
+        replies.reply(queued, URLS, 4)
+    assert len(replies._rendered) == 2
+    assert {key[1] for key in replies._rendered} == {1, 2}
+
+
 def test_only_a_failed_job_s_status_has_an_error():
     failed = job(Status.FAILED, finished_at=FINISHED, attempts=1, error="It broke.")
     document = json.loads(protocol.status_reply(failed, URLS, 1).body)

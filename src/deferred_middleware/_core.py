@@ -71,6 +71,7 @@ class JobCore:
         self.clock = clock
         self.admission = Admission(config, store, clock=clock, monotonic=monotonic)
         self._pool: ThreadPoolExecutor | None = None
+        self.status_replies = protocol.StatusReplies()
 
     def prepare(self) -> None:
         """Create or upgrade the table on first use. Raises StoreUnavailable
@@ -302,7 +303,7 @@ class JobCore:
         if route.action == "result":
             reply = protocol.result_reply(job, urls, retry_after)
         else:
-            reply = protocol.status_reply(job, urls, retry_after)
+            reply = self.status_replies.reply(job, urls, retry_after)
             reply = protocol.unless_unchanged(reply, conditions.if_none_match)
         return protocol.for_method(reply, method)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import threading
 from collections.abc import AsyncIterator, Iterator
 from datetime import datetime
 from typing import Any
@@ -229,6 +230,29 @@ def entity_tag(job: Job) -> str:
 def status_reply(job: Job, urls: JobURLs, retry_after: int) -> Reply:
     headers = [("etag", entity_tag(job)), *_pending_headers(job, retry_after)]
     return _json_reply(200, status_document(job, urls), headers)
+
+
+class StatusReplies:
+    """Status documents already rendered. A document is a function of the
+    job's id and revision and of its URLs (the ETag says as much), and a
+    client polling a job asks for the same one many times."""
+
+    def __init__(self, size: int = 1024) -> None:
+        self._size = size
+        self._rendered: dict[tuple[object, ...], tuple[Headers, bytes]] = {}
+        self._lock = threading.Lock()
+
+    def reply(self, job: Job, urls: JobURLs, retry_after: int) -> Reply:
+        key = (job.id, job.revision, job.status, urls.base, retry_after)
+        rendered = self._rendered.get(key)
+        if rendered is None:
+            fresh = status_reply(job, urls, retry_after)
+            rendered = (fresh.headers, fresh.body)
+            with self._lock:
+                if len(self._rendered) >= self._size:
+                    del self._rendered[next(iter(self._rendered))]
+                self._rendered[key] = rendered
+        return Reply(200, list(rendered[0]), rendered[1])
 
 
 def unless_unchanged(reply: Reply, if_none_match: str | None) -> Reply:

@@ -146,13 +146,15 @@ class SQLite(Dialect):
         named: bool,
         rows: Sequence[tuple[Any, ...]],
     ) -> None:
-        # One multi-row statement rather than executemany: sqlite3 lets go of
-        # the GIL around every statement it steps, and each hand-back waits on
-        # a busy event loop.
+        connection.exec_driver_sql(*self.many_rows(sql, rows))
+
+    @staticmethod
+    def many_rows(sql: str, rows: Sequence[tuple[Any, ...]]) -> tuple[str, tuple[Any, ...]]:
+        """One multi-row statement rather than executemany: sqlite3 lets go of
+        the GIL around every statement it steps, and each hand-back waits on
+        a busy event loop."""
         head, _, values = sql.partition("VALUES")
-        connection.exec_driver_sql(
-            f"{head}VALUES{', '.join([values] * len(rows))}", tuple(v for row in rows for v in row)
-        )
+        return f"{head}VALUES{', '.join([values] * len(rows))}", tuple(v for r in rows for v in r)
 
 
 class PostgreSQL(Dialect):

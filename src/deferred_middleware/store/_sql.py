@@ -17,9 +17,10 @@ import sqlalchemy as sa
 from .._jobs import DEFAULT_QUEUE, AttemptWrite, Finish, Job, Status, utcnow
 from . import _codec as codec
 from ._accept import AcceptQueries
-from ._base import Clock, QueueCount, StoreUnavailable, WorkerLoad
+from ._base import Clock, QueueCount, WorkerLoad
+from ._connections import DriverConnections
 from ._dialects import Dialect, for_url
-from ._errors import cause_of, translate_errors
+from ._errors import translate_errors
 from ._migrate import migrate
 from ._schema import jobs
 from ._sqlite_file import DatabaseFile, checkpoint
@@ -33,7 +34,7 @@ def _fenced(job_id: str, attempt: int) -> Any:
     )
 
 
-class SQLJobStore(AcceptQueries, WebhookQueries):
+class SQLJobStore(AcceptQueries, WebhookQueries, DriverConnections):
     """The job table in any database SQLAlchemy reaches."""
 
     def __init__(
@@ -58,6 +59,8 @@ class SQLJobStore(AcceptQueries, WebhookQueries):
         self._selects: dict[tuple[bool, bool], tuple[str, list[str], bool]] = {}
         self._readers = threading.local()
         self._file = DatabaseFile.of(self.url)
+        # Only a file's connections are separate: in memory, all share one.
+        self._remembers = self._file is not None
 
     @property
     def engine(self) -> sa.Engine:
@@ -88,19 +91,23 @@ class SQLJobStore(AcceptQueries, WebhookQueries):
     def get(self, job_id: str, *, request: bool = False, response: bool = False) -> Job | None:
         """The hot read behind every status poll: a statement compiled once,
         on a connection this thread keeps."""
+        key = (job_id, request, response)
+        with self._own_connection() as held:
+            job = held.recall(key)
+            if job is None:
+                job = self._select(held.connection, job_id, request, response)
+                if job is None:
+                    return None
+                held.keep(key, job)
+        return held.copy_of(job)
+
+    def _select(self, connection: Any, job_id: str, request: bool, response: bool) -> Job | None:
         sql, names, positional = self._select_statement(request, response)
-        dbapi = self.engine.dialect.loaded_dbapi
-        connection = self._reader()
-        try:
-            cursor = connection.cursor()
-            cursor.execute(sql, (job_id,) if positional else {"b_id": job_id})
-            row = cursor.fetchone()
-            cursor.close()
-            connection.rollback()  # end the read: the next one sees new commits
-        except (dbapi.OperationalError, dbapi.InterfaceError) as exc:
-            self._readers.held = None
-            connection.invalidate()
-            raise StoreUnavailable(cause_of(exc)) from exc
+        cursor = connection.cursor()
+        cursor.execute(sql, (job_id,) if positional else {"b_id": job_id})
+        row = cursor.fetchone()
+        cursor.close()
+        connection.rollback()  # end the read: the next one sees new commits
         return None if row is None else codec.job_from_row(dict(zip(names, row, strict=True)))
 
     def _select_statement(self, request: bool, response: bool) -> tuple[str, list[str], bool]:
@@ -116,20 +123,6 @@ class SQLJobStore(AcceptQueries, WebhookQueries):
             names = [column.name for column in columns]
             self._selects[key] = (str(compiled), names, compiled.positiontup is not None)
         return self._selects[key]
-
-    def _reader(self) -> Any:
-        """This thread's own pooled connection for reads, kept between calls."""
-        engine = self.engine
-        held = getattr(self._readers, "held", None)
-        if held is None or held[0] is not engine:
-            dbapi = engine.dialect.loaded_dbapi
-            try:
-                with translate_errors():
-                    connection = engine.raw_connection()
-            except (dbapi.OperationalError, dbapi.InterfaceError) as exc:
-                raise StoreUnavailable(cause_of(exc)) from exc
-            held = self._readers.held = (engine, connection)
-        return held[1]
 
     def list(
         self,
