@@ -298,7 +298,7 @@ def test_an_outcome_is_written_again_while_the_store_is_away(h, monkeypatch):
     replay.respond(200)
     assert failing["left"] == 1
     assert h.job(job_id).status is Status.RUNNING
-    assert job_id in h.dispatcher.running  # keeps its slot and lease
+    assert job_id in h.dispatcher.running  # keeps its lease
     h.tend()
     assert failing["left"] == 1  # not before its delay
     h.advance(0.1)
@@ -453,6 +453,32 @@ def test_claiming_stays_within_the_concurrency():
     assert h.claim() == 0
     h.launcher.last(ids[0]).respond()
     assert h.claim() == 1  # an idle slot is filled even below the minimum batch
+
+
+def test_an_outcome_waiting_for_its_write_frees_its_slot_but_keeps_its_lease(monkeypatch):
+    """The next claim need not wait for a commit; at most ``concurrency``
+    outcomes wait for theirs, so a store that takes no writes stops claims."""
+    h = Harness(concurrency=1)
+    first, second, third = h.submit(), h.submit(), h.submit()
+    assert h.claim() == 1
+    real_write = h.store.write
+
+    def away(writes):
+        raise StoreUnavailable("down")
+
+    monkeypatch.setattr(h.store, "write", away)
+    h.launcher.last(first).respond()
+    assert first in h.dispatcher.running  # its lease is still renewed
+    assert h.claim() == 1
+    h.launcher.last(second).respond()
+    assert h.claim() == 0
+    assert h.job(third).status is Status.QUEUED
+    monkeypatch.setattr(h.store, "write", real_write)
+    h.advance(1)
+    h.tend()
+    assert [h.job(i).status for i in (first, second)] == [Status.SUCCEEDED] * 2
+    assert h.claim() == 1
+    assert h.launcher.count(third) == 1
 
 
 def test_max_queued_refuses_once_that_many_jobs_wait():

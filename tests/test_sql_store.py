@@ -419,3 +419,19 @@ def test_remembered_jobs_are_bounded(sqlite_url, monkeypatch):
     store.get(first.id)  # the oldest made room
     assert sum(s.startswith("SELECT") for s in statements) == 1
     store.close()
+
+
+def test_a_write_waiting_on_another_thread_s_past_the_lock_timeout_is_unavailable(sqlite_url):
+    """The process's own writes queue on a thread lock (handed over the
+    moment it is released); past the lock timeout the answer is a 503's."""
+    store = SQLJobStore(sqlite_url, lock_timeout=0.2)
+    store.migrate()
+    with store._file.one_writer(1):
+        with pytest.raises(StoreUnavailable):
+            store.insert([make_job()])
+        with pytest.raises(StoreUnavailable):
+            store.claim("w", 1, 30)
+    job = make_job()
+    store.insert([job])
+    assert store.get(job.id) is not None
+    store.close()

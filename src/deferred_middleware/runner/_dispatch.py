@@ -206,6 +206,7 @@ class Dispatcher:
             attempt.state = State.SETTLING
         write = policy.settle(attempt.job, attempt.number, outcome, self.config.retry_backoff)
         self._submit(attempt, write)
+        self._wake.set()
 
     def _submit(self, attempt: Attempt, write: AttemptWrite) -> None:
         future = self.writer.write(write)
@@ -236,6 +237,15 @@ class Dispatcher:
             self._released.notify_all()
         self._wake.set()
 
+    def _busy(self) -> int:
+        """Slots taken: attempts whose handler still runs. One whose outcome
+        waits for its write frees its slot at once, so the next claim need
+        not wait a commit; at most ``concurrency`` of those are held."""
+        with self._lock:
+            settling = sum(a.state is State.SETTLING for a in self.running.values())
+            handlers = len(self.running) - settling
+            return max(handlers, handlers + settling - self.config.concurrency)
+
     def _report(self, attempt: Attempt, fraction: float | None, message: str | None) -> None:
         future = self.writer.write(Progress(attempt.job.id, attempt.number, fraction, message))
         future.add_done_callback(lambda _: self.notifier.notify(attempt.job.id))
@@ -246,7 +256,7 @@ class Dispatcher:
         while not self._stopping.is_set():
             self._wake.clear()
             claimed = self.claim_step()
-            if claimed < self._min_claim or len(self.running) >= self.config.concurrency:
+            if claimed < self._min_claim or self._busy() >= self.config.concurrency:
                 self._wake.wait(self.config.poll_interval)
 
     def claim_step(self) -> int:
@@ -270,7 +280,7 @@ class Dispatcher:
                 self._next_prune = now + PRUNE_EVERY
             # A useful batch at once; any free slot at least once a poll interval
             # (long jobs must not keep a queued one waiting for a batch to fit).
-            free = self.config.concurrency - len(self.running)
+            free = self.config.concurrency - self._busy()
             polled = now - self._last_claim >= self.config.poll_interval
             if free >= self._min_claim or (free > 0 and polled):
                 lease = self.config.lease_seconds

@@ -34,6 +34,8 @@ class AcceptQueries:
 
         def _reopen(self) -> None: ...
 
+        def _one_writer(self) -> contextlib.AbstractContextManager[None]: ...
+
         def _transaction(
             self, erasing: Sequence[str] = ()
         ) -> contextlib.AbstractContextManager[sa.Connection]: ...
@@ -61,7 +63,7 @@ class AcceptQueries:
         if self._file.lost:
             self._reopen()
         statement, params = SQLite.many_rows(sql, rows)
-        with self._driver_connection() as connection:
+        with self._one_writer(), self._driver_connection() as connection:
             cursor = connection.cursor()
             try:
                 cursor.execute("BEGIN IMMEDIATE")

@@ -345,7 +345,7 @@ class SQLJobStore(AcceptQueries, WebhookQueries, DriverConnections):
         file that was removed or replaced since it was opened."""
         if self._file is not None and self._file.lost:
             self._reopen()
-        with translate_errors():
+        with self._one_writer(), translate_errors():
             connection = self.engine.connect().execution_options(sqlite_immediate=True)
             try:
                 with connection.begin():
@@ -362,6 +362,11 @@ class SQLJobStore(AcceptQueries, WebhookQueries, DriverConnections):
                 raise
             finally:
                 connection.close()
+
+    def _one_writer(self) -> contextlib.AbstractContextManager[None]:
+        if self._file is None:
+            return contextlib.nullcontext()
+        return self._file.one_writer(self.lock_timeout)
 
     def _erases(self, connection: sa.Connection, job_ids: Sequence[str]) -> bool:
         """On an SQLite file, whether erasing these jobs' stored credentials

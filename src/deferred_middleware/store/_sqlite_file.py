@@ -3,7 +3,10 @@ was opened, and scrubbing its write-ahead log after credentials are erased."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
+from collections.abc import Iterator
 
 import sqlalchemy as sa
 
@@ -18,6 +21,21 @@ class DatabaseFile:
         self.path = path
         self.identity: tuple[int, int] | None = None
         self.lost = False
+        self._writing = threading.Lock()
+
+    @contextlib.contextmanager
+    def one_writer(self, timeout: float) -> Iterator[None]:
+        """One write transaction at a time from this process. Threads that
+        want SQLite's write lock together (the writer, the claims, the
+        leases) would otherwise meet in SQLite's busy handler, which sleeps
+        a millisecond or more while the lock is held for a fraction of
+        one; a thread lock hands over the moment it is released."""
+        if not self._writing.acquire(timeout=timeout):
+            raise StoreUnavailable("the database file stayed locked by this process's writes")
+        try:
+            yield
+        finally:
+            self._writing.release()
 
     @classmethod
     def of(cls, url: sa.URL) -> DatabaseFile | None:
