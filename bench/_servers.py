@@ -22,13 +22,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def server_command(kind: str, port: int) -> list[str]:
+def server_command(kind: str, port: int, app: str | None = None) -> list[str]:
     if kind == "uvicorn":
         return [
             sys.executable,
             "-m",
             "uvicorn",
-            "bench.apps:starlette_app",
+            app or "bench.apps:starlette_app",
             "--port",
             str(port),
             "--log-level",
@@ -52,16 +52,16 @@ def server_command(kind: str, port: int) -> list[str]:
         "warning",
         "-b",
         f"127.0.0.1:{port}",
-        "bench.apps:flask_app",
+        app or "bench.apps:flask_app",
     ]
 
 
 class Server:
-    def __init__(self, kind: str, env: dict[str, str]) -> None:
+    def __init__(self, kind: str, env: dict[str, str], app: str | None = None) -> None:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.process = subprocess.Popen(
-            server_command(kind, self.port),
+            server_command(kind, self.port, app),
             cwd=ROOT,
             env={**os.environ, "PYTHONPATH": str(ROOT), **env},
             stdout=subprocess.DEVNULL,

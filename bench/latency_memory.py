@@ -19,19 +19,34 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 def latency(database_url: str, samples: int = 200) -> dict[str, float]:
-    """One request at a time: submit -> handler start, submit -> result readable
-    (a client long-polling the result with ?wait), in milliseconds."""
+    """One request at a time, jobs run in the web process: submit -> handler
+    start, submit -> result readable (a client long-polling the result with
+    ?wait), in milliseconds."""
     with Server("uvicorn", {"DATABASE_URL": database_url, "EXECUTE": "1"}) as server:
-        start, result = [], []
-        with httpx.Client(base_url=server.base, timeout=30) as client:
-            for i in range(samples + 20):
-                submitted = time.time()
-                location = client.post("/stamp").headers["location"]
-                reply = client.get(location, params={"wait": 10})
-                readable = time.time()
-                if i >= 20:  # warm-up
-                    start.append((reply.json()["started"] - submitted) * 1000)
-                    result.append((readable - submitted) * 1000)
+        return _sample(server, samples)
+
+
+def latency_worker(database_url: str, samples: int = 200) -> dict[str, float]:
+    """As :func:`latency`, with an enqueue-only web process and jobs run by
+    ``deferred-middleware worker``."""
+    with (
+        running_worker(database_url),
+        Server("uvicorn", {"DATABASE_URL": database_url, "EXECUTE": "0"}) as server,
+    ):
+        return _sample(server, samples)
+
+
+def _sample(server: Server, samples: int) -> dict[str, float]:
+    start, result = [], []
+    with httpx.Client(base_url=server.base, timeout=30) as client:
+        for i in range(samples + 20):
+            submitted = time.time()
+            location = client.post("/stamp").headers["location"]
+            reply = client.get(location, params={"wait": 10})
+            readable = time.time()
+            if i >= 20:  # warm-up
+                start.append((reply.json()["started"] - submitted) * 1000)
+                result.append((readable - submitted) * 1000)
     return {
         "start_p50_ms": statistics.median(start),
         "start_p95_ms": _percentile(start, 0.95),
