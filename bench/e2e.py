@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import os
 import sqlite3
 import subprocess
@@ -14,6 +15,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 import psycopg
 
@@ -104,13 +106,20 @@ def _insert(store: SQLJobStore, count: int) -> None:
         store.insert(jobs[start : start + 500])
 
 
+def huey_module(path: str) -> ModuleType:
+    """bench.peer_huey on a fresh file: its SqliteHuey reads HUEY_DB when
+    the module runs, here and in the consumer started after this."""
+    os.environ["HUEY_DB"] = path
+    import bench.peer_huey
+
+    return importlib.reload(bench.peer_huey)
+
+
 def huey_sqlite(jobs: int, workers: int = 8) -> dict[str, float]:
     """huey's SqliteHuey with its own consumer (threads), enqueueing one by one
     as its API does."""
     with tempfile.TemporaryDirectory() as folder:
-        os.environ["HUEY_DB"] = str(Path(folder) / "huey.db")
-        from bench import peer_huey
-
+        peer_huey = huey_module(str(Path(folder) / "huey.db"))
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         consumer = subprocess.Popen(
             [

@@ -19,7 +19,7 @@ import psycopg
 from deferred_middleware._jobs import Status
 
 from ._servers import ROOT, Server
-from .e2e import _wait_until, fresh_postgres_database, running_worker
+from .e2e import _wait_until, fresh_postgres_database, huey_module, running_worker
 from .submit import submit
 
 
@@ -63,9 +63,7 @@ def huey_sqlite(jobs: int, workers: int = 8) -> dict[str, float]:
     tasks; a sync Starlette endpoint enqueues."""
     with tempfile.TemporaryDirectory() as folder:
         env = {"HUEY_DB": str(Path(folder) / "huey.db"), "PEER": "huey"}
-        os.environ["HUEY_DB"] = env["HUEY_DB"]
-        from bench import peer_huey  # its SqliteHuey reads HUEY_DB when imported
-
+        peer_huey = huey_module(env["HUEY_DB"])
         consumer = [sys.executable, "-m", "huey.bin.huey_consumer", "bench.peer_huey.huey"]
         consumer += ["-w", str(workers), "-k", "thread", "-q"]
         with _process(consumer, env), Server("uvicorn", env, app="bench.peer_apps:app") as web:
