@@ -481,6 +481,25 @@ def test_an_outcome_waiting_for_its_write_frees_its_slot_but_keeps_its_lease(mon
     assert h.launcher.count(third) == 1
 
 
+@pytest.mark.parametrize(("concurrency", "claimed", "wakes"), [(4, 4, True), (8, 2, False)])
+def test_a_settle_wakes_the_claims_only_when_they_wait_for_slots(
+    monkeypatch, concurrency, claimed, wakes
+):
+    """With slots to spare a claim now would only contend with the
+    outcome's own write; with claims held back, the freed slot is used."""
+    h = Harness(concurrency=concurrency)
+    ids = [h.submit() for _ in range(claimed)]
+    assert h.claim() == claimed
+
+    def away(writes):
+        raise StoreUnavailable("down")
+
+    monkeypatch.setattr(h.store, "write", away)  # the write stays pending
+    h.dispatcher._wake.clear()
+    h.launcher.last(ids[0]).respond()
+    assert h.dispatcher._wake.is_set() is wakes
+
+
 def test_max_queued_refuses_once_that_many_jobs_wait():
     h = Harness(max_queued=2)
     h.submit()

@@ -206,7 +206,10 @@ class Dispatcher:
             attempt.state = State.SETTLING
         write = policy.settle(attempt.job, attempt.number, outcome, self.config.retry_backoff)
         self._submit(attempt, write)
-        self._wake.set()
+        if self.config.concurrency - self._busy() <= self._min_claim:
+            # Claims were held back for want of slots: one just freed. (With
+            # slots to spare, a claim now would only delay this write.)
+            self._wake.set()
 
     def _submit(self, attempt: Attempt, write: AttemptWrite) -> None:
         future = self.writer.write(write)
