@@ -271,11 +271,11 @@ def plot(results: dict[str, Any]) -> None:
         "accept / plain\nuvicorn PostgreSQL": results["accept uvicorn postgresql"]["ratio"],
         "accept / plain\ngunicorn SQLite": results["accept gunicorn sqlite"]["ratio"],
         "status / plain GET\nuvicorn": results["status uvicorn sqlite"]["ratio"],
-        "HTTP e2e ours / huey\nSQLite": http["http ours sqlite"] / http["http huey sqlite"],
-        "HTTP e2e ours / PGQueuer\nPostgreSQL": http["http ours postgresql"]
+        "HTTP e2e\nours / huey\nSQLite": http["http ours sqlite"] / http["http huey sqlite"],
+        "HTTP e2e\nours / PGQueuer\nPostgreSQL": http["http ours postgresql"]
         / http["http pgqueuer postgresql"],
-        "workers ours / procrastinate\nPostgreSQL": ours_pg
-        / results["e2e procrastinate postgresql"]["jobs_per_s"],
+        "workers alone\nours / PGQueuer\nPostgreSQL": ours_pg
+        / results["e2e pgqueuer postgresql"]["jobs_per_s"],
     }
     figure, axes = plt.subplots(figsize=(11, 4.5))
     axes.bar(range(len(bars)), list(bars.values()), color="#3b6ea8")
