@@ -225,6 +225,20 @@ def test_a_status_rendered_before_is_the_same_reply_until_the_job_changes():
     assert replies.reply(done, URLS, 4) == protocol.status_reply(done, URLS, 4)
 
 
+def test_a_status_is_rendered_once_per_revision(monkeypatch):
+    rendered = []
+    render = protocol.status_reply
+    monkeypatch.setattr(protocol, "status_reply", lambda *a: rendered.append(a) or render(*a))
+    replies = protocol.StatusReplies()
+    queued = job(Status.QUEUED)
+    for _ in range(3):
+        replies.reply(queued, URLS, 4)
+    assert len(rendered) == 1
+    queued.revision = 1
+    replies.reply(queued, URLS, 4)
+    assert len(rendered) == 2
+
+
 def test_rendered_statuses_are_bounded():
     replies = protocol.StatusReplies(size=2)
     jobs = [job(Status.QUEUED) for _ in range(3)]
