@@ -55,10 +55,11 @@ class AcceptQueries:
             self.dialect.insert(connection, sql, keys, named, rows)
 
     def _insert_in_place(self, sql: str, rows: Sequence[tuple[Any, ...]]) -> None:
-        """An SQLite file's inserts on the thread's own driver connection: for
+        """An SQLite file's inserts on a driver connection from the pool: for
         a burst of a few rows, SQLAlchemy's begin and commit cost more than
-        SQLite's. The same promise as :meth:`_transaction`: nothing is
-        committed into a file that was removed or replaced."""
+        SQLite's. The same promises as :meth:`_transaction`: one writer of
+        this process at a time, and nothing committed into a file that was
+        removed or replaced."""
         assert self._file is not None
         if self._file.lost:
             self._reopen()

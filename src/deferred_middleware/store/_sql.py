@@ -99,7 +99,7 @@ class SQLJobStore(AcceptQueries, WebhookQueries, DriverConnections):
                 if job is None:
                     return None
                 held.keep(key, job)
-        return held.copy_of(job)
+        return held.copy_of(job) if held.remembers else job
 
     def _select(self, connection: Any, job_id: str, request: bool, response: bool) -> Job | None:
         sql, names, positional = self._select_statement(request, response)
