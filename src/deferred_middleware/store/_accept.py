@@ -45,7 +45,7 @@ class AcceptQueries:
         credentials = self.credential_headers
         rows = []
         for job in jobs_:
-            created = self.dialect.datetime_param(_naive_utc(job.created_at))
+            created = self.dialect.datetime_param(naive_utc(job.created_at))
             values = codec.insert_values(job, credentials, created)
             rows.append(tuple(values[key] for key in keys))
         if self._file is not None:
@@ -115,5 +115,5 @@ class AcceptQueries:
         return self._insert
 
 
-def _naive_utc(value: datetime) -> datetime:
+def naive_utc(value: datetime) -> datetime:
     return value.astimezone(timezone.utc).replace(tzinfo=None)

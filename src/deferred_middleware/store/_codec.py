@@ -168,18 +168,19 @@ FINISH = (
 )
 
 
-def finish_parameters(write: Finish, now: datetime) -> dict[str, Any]:
-    """Bind parameters of :data:`FINISH`."""
+def finish_parameters(write: Finish, finished_at: Any) -> dict[str, Any]:
+    """Bind parameters of :data:`FINISH` in the driver's own types
+    (``finished_at`` already is): it runs without SQLAlchemy's processing."""
     response = write.response
     return {
         "b_id": write.job_id,
         "b_attempt": write.attempt,
         "b_status": write.status.value,
-        "b_finished_at": now,
+        "b_finished_at": finished_at,
         "b_error": write.error,
         "b_error_detail": write.detail,
         "b_response_status": response.status if response else None,
-        "b_response_headers": response.headers if response else None,
+        "b_response_headers": json.dumps(response.headers) if response else None,
         "b_response_body": response.body if response else None,
     }
 

@@ -16,10 +16,11 @@ import sqlalchemy as sa
 
 from .._jobs import DEFAULT_QUEUE, AttemptWrite, Finish, Job, Status, utcnow
 from . import _codec as codec
-from ._accept import AcceptQueries
+from ._accept import AcceptQueries, naive_utc
 from ._base import Clock, QueueCount, WorkerLoad
 from ._connections import DriverConnections
 from ._dialects import Dialect, for_url
+from ._driver_sql import DriverStatement
 from ._errors import translate_errors
 from ._migrate import migrate
 from ._schema import jobs
@@ -57,6 +58,7 @@ class SQLJobStore(AcceptQueries, WebhookQueries, DriverConnections):
         self._pid = 0
         self._insert: tuple[str, tuple[str, ...], bool] | None = None
         self._selects: dict[tuple[bool, bool], tuple[str, list[str], bool]] = {}
+        self._finish: tuple[sa.Engine, DriverStatement] | None = None
         self._readers = threading.local()
         self._file = DatabaseFile.of(self.url)
         # Only a file's connections are separate: in memory, all share one.
@@ -227,25 +229,33 @@ class SQLJobStore(AcceptQueries, WebhookQueries, DriverConnections):
         """Runs of finishes go in one statement each; order is kept, so a
         handler's last progress lands before the outcome that ends its attempt."""
         now = self.clock()
+        finished_at = self.dialect.datetime_param(naive_utc(now))
+        finish = self._finish_statement()
         landed = 0
         ending = [write.job_id for write in writes if isinstance(write, Finish)]
         with self._transaction(erasing=ending) as connection:
-            finishes: list[dict[str, Any]] = []
+            finishes: list[Any] = []
             for write in writes:
                 if isinstance(write, Finish):
-                    finishes.append(codec.finish_parameters(write, now))
+                    finishes.append(finish.parameters(codec.finish_parameters(write, finished_at)))
                     continue
                 if finishes:
-                    landed += connection.execute(codec.FINISH, finishes).rowcount
+                    landed += connection.exec_driver_sql(finish.sql, finishes).rowcount
                     finishes = []
                 statement = jobs.update().where(_fenced(write.job_id, write.attempt))
                 landed += connection.execute(
                     statement.values(codec.attempt_values(write, now))
                 ).rowcount
             if finishes:
-                landed += connection.execute(codec.FINISH, finishes).rowcount
+                landed += connection.exec_driver_sql(finish.sql, finishes).rowcount
             self.dialect.announce_changes(connection, [write.job_id for write in writes])
         return landed
+
+    def _finish_statement(self) -> DriverStatement:
+        engine = self.engine  # compiled anew for a new engine, as after a fork
+        if self._finish is None or self._finish[0] is not engine:
+            self._finish = (engine, DriverStatement(codec.FINISH, engine.dialect))
+        return self._finish[1]
 
     def reap_expired(self, error: str) -> tuple[list[str], list[str]]:
         now = self.clock()
