@@ -316,7 +316,9 @@ def in_another_process(sqlite_url: str, code: str) -> None:
     import subprocess
     import sys
 
-    script = f"from deferred_middleware.store import SQLJobStore\nstore = SQLJobStore({sqlite_url!r})\n"
+    script = (
+        f"from deferred_middleware.store import SQLJobStore\nstore = SQLJobStore({sqlite_url!r})\n"
+    )
     subprocess.run([sys.executable, "-c", script + code], check=True, timeout=60)
 
 
