@@ -139,7 +139,7 @@ def run(quick: bool) -> dict[str, Any]:
             results,
             latency_memory.worker_memory,
             f"sqlite:///{folder}/memw.db",
-            5_000 if quick else 20_000,
+            5_000 if quick else 100_000,
         )
     return results
 
