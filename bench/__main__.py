@@ -204,12 +204,7 @@ def write_results(results: dict[str, Any], info: dict[str, str], command: str) -
         "| tool | jobs/s | ours ÷ it |",
         "|---|---:|---:|",
     ]
-    for name in [k for k in results if k.startswith("http ")]:
-        rate = r(name, "jobs_per_s")
-        ours = r("http ours " + name.rsplit(" ", 1)[1], "jobs_per_s")
-        lines.append(f"| {name.removeprefix('http ')} | {rate:,.0f} | {ours / rate:.2f} |")
-    ours_sqlite = r("e2e ours sqlite (worker)", "jobs_per_s")
-    ours_pg = r("e2e ours postgresql (worker)", "jobs_per_s")
+    lines += _rate_rows(results, "http ", lambda database: f"http ours {database}")
     lines += [
         "",
         f"## Workers alone: {jobs} trivial jobs inserted at once, to the last one done",
@@ -220,10 +215,7 @@ def write_results(results: dict[str, Any], info: dict[str, str], command: str) -
         "| tool | jobs/s | ours ÷ it |",
         "|---|---:|---:|",
     ]
-    for name in [k for k in results if k.startswith("e2e")]:
-        rate = r(name, "jobs_per_s")
-        ours = ours_pg if "postgresql" in name else ours_sqlite
-        lines.append(f"| {name.removeprefix('e2e ')} | {rate:,.0f} | {ours / rate:.2f} |")
+    lines += _rate_rows(results, "e2e ", lambda database: f"e2e ours {database} (worker)")
     lines += [
         "",
         "## Latency at low load (one request at a time, uvicorn)",
@@ -256,6 +248,18 @@ def write_results(results: dict[str, Any], info: dict[str, str], command: str) -
         "",
     ]
     (HERE / "RESULTS.md").write_text("\n".join(lines))
+
+
+def _rate_rows(results: dict[str, Any], prefix: str, ours: Any) -> list[str]:
+    """A row per tool whose result is named ``prefix`` + tool + database:
+    its jobs/s and how ours (named by ``ours(database)``) compares."""
+    rows = []
+    for name in [k for k in results if k.startswith(prefix)]:
+        rate = results[name]["jobs_per_s"]
+        database = "postgresql" if "postgresql" in name else "sqlite"
+        ratio = results[ours(database)]["jobs_per_s"] / rate
+        rows.append(f"| {name.removeprefix(prefix)} | {rate:,.0f} | {ratio:.2f} |")
+    return rows
 
 
 def plot(results: dict[str, Any]) -> None:

@@ -52,24 +52,12 @@ def running_worker(database_url: str, concurrency: int = 32) -> Iterator[tuple[S
     store.migrate()
     with store.engine.begin() as connection:
         connection.exec_driver_sql("DELETE FROM deferred_jobs")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "DATABASE_URL": database_url}
-    command = [
-        sys.executable,
-        "-m",
-        "deferred_middleware.cli",
-        "worker",
-        "bench.apps:starlette_app",
-        "--concurrency",
-        str(concurrency),
-    ]
-    worker = subprocess.Popen(
-        command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    command = [sys.executable, "-m", "deferred_middleware.cli", "worker"]
+    command += ["bench.apps:starlette_app", "--concurrency", str(concurrency)]
     try:
-        yield store, worker.pid
+        with background(command, {"DATABASE_URL": database_url}) as worker:
+            yield store, worker.pid
     finally:
-        worker.terminate()
-        worker.wait(timeout=60)
         store.close()
 
 
@@ -115,31 +103,37 @@ def huey_module(path: str) -> ModuleType:
     return importlib.reload(bench.peer_huey)
 
 
+@contextlib.contextmanager
+def background(command: list[str], env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
+    """A process of the bench's (a worker, a peer's consumer), stopped with
+    SIGTERM after the block."""
+    process = subprocess.Popen(
+        command,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        yield process
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+
+
+def huey_consumer(workers: int) -> list[str]:
+    """huey's own consumer with threads, as huey documents for I/O-bound tasks."""
+    command = [sys.executable, "-m", "huey.bin.huey_consumer", "bench.peer_huey.huey"]
+    return [*command, "-w", str(workers), "-k", "thread", "-q"]
+
+
 def huey_sqlite(jobs: int, workers: int = 8) -> dict[str, float]:
     """huey's SqliteHuey with its own consumer (threads), enqueueing one by one
     as its API does."""
     with tempfile.TemporaryDirectory() as folder:
         peer_huey = huey_module(str(Path(folder) / "huey.db"))
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        consumer = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "huey.bin.huey_consumer",
-                "bench.peer_huey.huey",
-                "-w",
-                str(workers),
-                "-k",
-                "thread",
-                "-q",
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
         huey = peer_huey.huey
-        try:
+        with background(huey_consumer(workers), {}):
             peer_huey.trivial(0)
             _wait_until(lambda: huey.result_count() >= 1, 60)
             huey.storage.flush_results()
@@ -147,9 +141,6 @@ def huey_sqlite(jobs: int, workers: int = 8) -> dict[str, float]:
             for i in range(jobs):
                 peer_huey.trivial(i)
             finished = _wait_until(lambda: huey.result_count() >= jobs, 600)
-        finally:
-            consumer.terminate()
-            consumer.wait(timeout=60)
     return {"jobs_per_s": jobs / (finished - started)}
 
 

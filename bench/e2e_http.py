@@ -5,31 +5,37 @@ PGQueuer, each behind a Starlette endpoint that enqueues into it."""
 
 from __future__ import annotations
 
-import contextlib
-import os
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import psycopg
 
 from deferred_middleware._jobs import Status
 
-from ._servers import ROOT, Server
-from .e2e import _wait_until, fresh_postgres_database, huey_module, running_worker
+from ._servers import Server
+from .e2e import (
+    _wait_until,
+    background,
+    fresh_postgres_database,
+    huey_consumer,
+    huey_module,
+    running_worker,
+)
 from .submit import submit
 
 
-def _timed(base: str, path: str, jobs: int, done: object) -> dict[str, float]:
-    """Warm up with one job, then submit ``jobs`` and wait for ``done()``."""
+def _timed(base: str, path: str, jobs: int, done: Callable[[int], bool]) -> dict[str, float]:
+    """Warm up with one job, then submit ``jobs`` and wait until
+    ``done(jobs submitted so far)``."""
     submit(base, path, 1)
-    _wait_until(lambda: done(1), 60)  # type: ignore[operator]
+    _wait_until(lambda: done(1), 60)
     started = time.monotonic()
     submit(base, path, jobs)
-    finished = _wait_until(lambda: done(jobs + 1), 600)  # type: ignore[operator]
+    finished = _wait_until(lambda: done(jobs + 1), 600)
     return {"jobs_per_s": jobs / (finished - started)}
 
 
@@ -42,31 +48,16 @@ def ours(database_url: str, jobs: int, concurrency: int = 32) -> dict[str, float
             return _timed(web.base, "/deferred", jobs, lambda n: store.count(Status.SUCCEEDED) >= n)
 
 
-@contextlib.contextmanager
-def _process(command: list[str], env: dict[str, str]) -> Iterator[None]:
-    process = subprocess.Popen(
-        command,
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT), **env},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        yield
-    finally:
-        process.terminate()
-        process.wait(timeout=60)
-
-
 def huey_sqlite(jobs: int, workers: int = 8) -> dict[str, float]:
     """SqliteHuey's consumer with threads, as huey documents for I/O-bound
     tasks; a sync Starlette endpoint enqueues."""
     with tempfile.TemporaryDirectory() as folder:
         env = {"HUEY_DB": str(Path(folder) / "huey.db"), "PEER": "huey"}
         peer_huey = huey_module(env["HUEY_DB"])
-        consumer = [sys.executable, "-m", "huey.bin.huey_consumer", "bench.peer_huey.huey"]
-        consumer += ["-w", str(workers), "-k", "thread", "-q"]
-        with _process(consumer, env), Server("uvicorn", env, app="bench.peer_apps:app") as web:
+        with (
+            background(huey_consumer(workers), env),
+            Server("uvicorn", env, app="bench.peer_apps:app") as web,
+        ):
             storage = peer_huey.huey.storage
             return _timed(web.base, "/submit", jobs, lambda n: storage.result_store_size() >= n)
 
@@ -80,15 +71,11 @@ def pgqueuer_postgres(jobs: int, batch_size: int = 10) -> dict[str, float]:
     subprocess.run(install, check=True, capture_output=True)
     env = {"PGQUEUER_DSN": conninfo, "PEER": "pgqueuer"}
     worker = [sys.executable, "-m", "bench.peer_apps", str(batch_size)]
-    submitted = 0
 
     with psycopg.connect(conninfo, autocommit=True) as connection:
 
-        def done(n: int) -> bool:
-            nonlocal submitted
-            submitted = max(submitted, n)
-            left = connection.execute("SELECT count(*) FROM pgqueuer").fetchone()[0]
-            return left == 0
+        def done(_submitted: int) -> bool:
+            return connection.execute("SELECT count(*) FROM pgqueuer").fetchone()[0] == 0
 
-        with _process(worker, env), Server("uvicorn", env, app="bench.peer_apps:app") as web:
+        with background(worker, env), Server("uvicorn", env, app="bench.peer_apps:app") as web:
             return _timed(web.base, "/submit", jobs, done)

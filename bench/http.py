@@ -18,17 +18,26 @@ def _median(runs: list[dict[str, float]]) -> dict[str, float]:
     return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
 
 
+def _side_by_side(
+    server: Server, plain: str, measured: str, seconds: int, rounds: int, post: bool
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Both routes warmed up, then loaded in turn, so drift hits both alike:
+    the median of each."""
+    urls = [server.base + plain, measured if "://" in measured else server.base + measured]
+    for url in urls:
+        wrk(url, 2, post=post)
+    runs: list[list[dict[str, float]]] = [[], []]
+    for _ in range(rounds):
+        for url, kept in zip(urls, runs, strict=True):
+            kept.append(wrk(url, seconds, post=post, server=server))
+    return _median(runs[0]), _median(runs[1])
+
+
 def accept(kind: str, database_url: str, seconds: int, rounds: int) -> dict[str, float]:
     """Plain POST vs deferred POST, alternated so drift hits both alike. The
     server enqueues only (EXECUTE=0): this measures accepting, not running."""
     with Server(kind, {"DATABASE_URL": database_url, "EXECUTE": "0"}) as server:
-        wrk(server.base + "/plain", 2, post=True)
-        wrk(server.base + "/deferred", 2, post=True)
-        plain, deferred = [], []
-        for _ in range(rounds):
-            plain.append(wrk(server.base + "/plain", seconds, post=True, server=server))
-            deferred.append(wrk(server.base + "/deferred", seconds, post=True, server=server))
-    p, d = _median(plain), _median(deferred)
+        p, d = _side_by_side(server, "/plain", "/deferred", seconds, rounds, post=True)
     return {
         "plain_rps": p["rps"],
         "deferred_rps": d["rps"],
@@ -50,13 +59,7 @@ def status_poll(kind: str, database_url: str, seconds: int, rounds: int) -> dict
         while httpx.get(job_url, params={"wait": 5}, timeout=15).json()["status"] != "succeeded":
             if time.monotonic() > deadline:
                 raise RuntimeError("the job did not finish")
-        wrk(server.base + "/plain-get", 2, post=False)
-        wrk(job_url, 2, post=False)
-        plain, status = [], []
-        for _ in range(rounds):
-            plain.append(wrk(server.base + "/plain-get", seconds, post=False, server=server))
-            status.append(wrk(job_url, seconds, post=False, server=server))
-    p, s = _median(plain), _median(status)
+        p, s = _side_by_side(server, "/plain-get", job_url, seconds, rounds, post=False)
     return {
         "plain_rps": p["rps"],
         "status_rps": s["rps"],
