@@ -35,6 +35,8 @@ class Dialect:
 
     reads_are_local = False
     pushes_wakeups = False
+    updates_returning = True
+    """Whether a claim marks and reads its rows in one ``UPDATE ... RETURNING``."""
 
     def create_engine(self, url: sa.URL, lock_timeout: float) -> sa.Engine:
         """Connections are checked before use: a restarted server must not
@@ -71,8 +73,12 @@ class Dialect:
         columns: Sequence[sa.Column[Any]],
     ) -> sa.CursorResult[Any]:
         """Mark the due rows running and read them back, in one statement."""
-        statement = jobs.update().where(jobs.c.id.in_(due.scalar_subquery()))
+        statement = jobs.update().where(jobs.c.id.in_(self.lock_due(due).scalar_subquery()))
         return connection.execute(statement.values(values).returning(*columns))
+
+    def lock_due(self, due: sa.Select[Any]) -> sa.Select[Any]:
+        """The due rows as a claim selects them."""
+        return due
 
     def lock_migrations(self, connection: sa.Connection) -> None:
         """Serialise processes that migrate at the same moment."""
@@ -186,14 +192,9 @@ class PostgreSQL(Dialect):
                 {"channel": JOB_CHANGES, "payload": payload},
             )
 
-    def claim(
-        self,
-        connection: sa.Connection,
-        due: sa.Select[Any],
-        values: dict[str, Any],
-        columns: Sequence[sa.Column[Any]],
-    ) -> sa.CursorResult[Any]:
-        return super().claim(connection, due.with_for_update(skip_locked=True), values, columns)
+    def lock_due(self, due: sa.Select[Any]) -> sa.Select[Any]:
+        """Rows another worker is claiming are skipped, not waited for."""
+        return due.with_for_update(skip_locked=True)
 
     def lock_migrations(self, connection: sa.Connection) -> None:
         connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK_ID})")
@@ -230,8 +231,13 @@ class MySQL(Dialect):
     """No UPDATE ... RETURNING: lock the due ids (skipping locked ones), then
     update and read them in the same transaction."""
 
+    updates_returning = False
+
     def engine_options(self) -> dict[str, Any]:
         return {"isolation_level": "READ COMMITTED"}
+
+    def lock_due(self, due: sa.Select[Any]) -> sa.Select[Any]:
+        return due.with_for_update(skip_locked=True)
 
     def claim(
         self,
@@ -240,7 +246,7 @@ class MySQL(Dialect):
         values: dict[str, Any],
         columns: Sequence[sa.Column[Any]],
     ) -> sa.CursorResult[Any]:
-        ids = list(connection.scalars(due.with_for_update(skip_locked=True)))
+        ids = list(connection.scalars(self.lock_due(due)))
         connection.execute(jobs.update().where(jobs.c.id.in_(ids)).values(values))
         return connection.execute(sa.select(*columns).where(jobs.c.id.in_(ids)))
 

@@ -8,16 +8,17 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
 
-from .._jobs import DEFAULT_QUEUE, AttemptWrite, Finish, Job, Status, utcnow
+from .._jobs import AttemptWrite, Finish, Job, Status, utcnow
 from . import _codec as codec
 from ._accept import AcceptQueries, naive_utc
 from ._base import Clock, QueueCount, WorkerLoad
+from ._claim import ClaimQueries
 from ._connections import DriverConnections
 from ._dialects import Dialect, for_url
 from ._driver_sql import DriverStatement
@@ -35,7 +36,7 @@ def _fenced(job_id: str, attempt: int) -> Any:
     )
 
 
-class SQLJobStore(AcceptQueries, WebhookQueries, DriverConnections):
+class SQLJobStore(AcceptQueries, ClaimQueries, WebhookQueries, DriverConnections):
     """The job table in any database SQLAlchemy reaches."""
 
     def __init__(
@@ -59,6 +60,7 @@ class SQLJobStore(AcceptQueries, WebhookQueries, DriverConnections):
         self._insert: tuple[str, tuple[str, ...], bool] | None = None
         self._selects: dict[tuple[bool, bool], tuple[str, list[str], bool]] = {}
         self._finish: tuple[sa.Engine, DriverStatement] | None = None
+        self._claims: tuple[sa.Engine | None, dict[int, DriverStatement]] = (None, {})
         self._readers = threading.local()
         self._file = DatabaseFile.of(self.url)
         # Only a file's connections are separate: in memory, all share one.
@@ -185,31 +187,6 @@ class SQLJobStore(AcceptQueries, WebhookQueries, DriverConnections):
             return list(connection.scalars(query))
 
     # -- running -----------------------------------------------------------
-
-    def claim(
-        self,
-        worker: str,
-        limit: int,
-        lease_seconds: float,
-        queues: Collection[str] = (DEFAULT_QUEUE,),
-    ) -> list[Job]:
-        now = self.clock()
-        due = (
-            sa.select(jobs.c.id)
-            .where(
-                jobs.c.status == Status.QUEUED.value,
-                jobs.c.queue.in_(list(queues)),
-                jobs.c.run_after <= now,
-            )
-            .order_by(jobs.c.run_after)
-            .limit(limit)
-        )
-        values = codec.claim_values(worker, now, lease_seconds)
-        columns = (*codec.STATUS_COLUMNS, *codec.REQUEST_COLUMNS)
-        with self._transaction() as connection:
-            claimed = codec.jobs_from_result(self.dialect.claim(connection, due, values, columns))
-            self.dialect.announce_changes(connection, [job.id for job in claimed])
-            return claimed
 
     def renew(self, worker: str, held: dict[str, int], lease_seconds: float) -> set[str]:
         if not held:

@@ -1,0 +1,127 @@
+"""Claiming queued jobs: the statement every free slot of every worker runs.
+
+Built and compiled through SQLAlchemy once per engine and number of
+queues, then run as the driver's own SQL: building the statement anew cost
+several times what the database spends on a small claim, and a claim sits
+between every accepted job and its handler starting.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Collection, Sequence
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+import sqlalchemy as sa
+
+from .._jobs import DEFAULT_QUEUE, Job, Status
+from . import _codec as codec
+from ._accept import naive_utc
+from ._dialects import Dialect
+from ._driver_sql import DriverStatement
+from ._schema import jobs
+
+CLAIMED_COLUMNS = (*codec.STATUS_COLUMNS, *codec.REQUEST_COLUMNS)
+
+
+def _due(queues: Sequence[Any], now: Any, limit: Any) -> sa.Select[Any]:
+    """The oldest due jobs of ``queues``: values, or bind parameters."""
+    return (
+        sa.select(jobs.c.id)
+        .where(
+            jobs.c.status == Status.QUEUED.value,
+            jobs.c.queue.in_(queues),
+            jobs.c.run_after <= now,
+        )
+        .order_by(jobs.c.run_after)
+        .limit(limit)
+    )
+
+
+def claim_statement(dialect: Dialect, queues: int) -> sa.Update:
+    """Mark the due rows of ``queues`` queues running and read them back."""
+    names = [sa.bindparam(f"c_queue_{i}") for i in range(queues)]
+    due = _due(names, sa.bindparam("c_now"), sa.bindparam("c_limit"))
+    return (
+        jobs.update()
+        .where(jobs.c.id.in_(dialect.lock_due(due).scalar_subquery()))
+        .values(
+            revision=codec.NEXT_REVISION,
+            status=Status.RUNNING.value,
+            attempts=jobs.c.attempts + 1,
+            worker=sa.bindparam("c_worker"),
+            started_at=sa.bindparam("c_now"),
+            lease_expires_at=sa.bindparam("c_lease_expires_at"),
+        )
+        .returning(*CLAIMED_COLUMNS)
+    )
+
+
+class ClaimQueries:
+    """Mixed into :class:`SQLJobStore`, which supplies the engine and the transaction."""
+
+    clock: Any
+    dialect: Dialect
+    engine: sa.Engine
+    _claims: tuple[sa.Engine | None, dict[int, DriverStatement]]
+
+    if TYPE_CHECKING:
+
+        def _transaction(
+            self, erasing: Sequence[str] = ()
+        ) -> contextlib.AbstractContextManager[sa.Connection]: ...
+
+    def claim(
+        self,
+        worker: str,
+        limit: int,
+        lease_seconds: float,
+        queues: Collection[str] = (DEFAULT_QUEUE,),
+    ) -> list[Job]:
+        now = self.clock()
+        expires = now + timedelta(seconds=lease_seconds)
+        names = sorted(set(queues))
+        with self._transaction() as connection:
+            if self.dialect.updates_returning:
+                rows = self._claim_compiled(connection, worker, limit, names, now, expires)
+            else:
+                due, values = (
+                    _due(names, now, limit),
+                    codec.claim_values(worker, now, lease_seconds),
+                )
+                rows = self.dialect.claim(connection, due, values, CLAIMED_COLUMNS)
+            claimed = codec.jobs_from_result(rows)
+            self.dialect.announce_changes(connection, [job.id for job in claimed])
+            return claimed
+
+    def _claim_compiled(
+        self,
+        connection: sa.Connection,
+        worker: str,
+        limit: int,
+        queues: Sequence[str],
+        now: datetime,
+        expires: datetime,
+    ) -> sa.CursorResult[Any]:
+        statement = self._claim_statement(len(queues))
+        as_driver = self.dialect.datetime_param
+        values = {
+            "c_now": as_driver(naive_utc(now)),
+            "c_lease_expires_at": as_driver(naive_utc(expires)),
+            "c_limit": limit,
+            "c_worker": worker,
+            **{f"c_queue_{i}": name for i, name in enumerate(queues)},
+        }
+        return connection.exec_driver_sql(statement.sql, statement.parameters(values))
+
+    def _claim_statement(self, queues: int) -> DriverStatement:
+        engine = self.engine  # compiled anew for a new engine, as after a fork
+        if self._claims[0] is not engine:
+            self._claims = (engine, {})
+        compiled = self._claims[1]
+        if queues not in compiled:
+            compiled[queues] = DriverStatement(
+                claim_statement(self.dialect, queues), engine.dialect
+            )
+        return compiled[queues]
