@@ -15,7 +15,13 @@ from alembic.script import ScriptDirectory
 
 from deferred_middleware import migrations
 from deferred_middleware._jobs import Finish, Progress, Status, new_job_id
-from deferred_middleware.store import JOB_CHANGES, SQLJobStore, StoreUnavailable, metadata
+from deferred_middleware.store import (
+    JOB_CHANGES,
+    NEW_JOBS,
+    SQLJobStore,
+    StoreUnavailable,
+    metadata,
+)
 from deferred_middleware.store import _codec as codec
 
 from .support import eventually, make_job
@@ -287,6 +293,32 @@ def test_postgres_announces_every_change_to_other_processes(store):
         eventually(lambda: heard.count(job.id) == 3)  # claimed, progressed, finished
         store.delete(job.id)
         eventually(lambda: heard.count(job.id) == 4)
+    finally:
+        stopped.set()
+        listener.join(10)
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+def test_a_postgres_batch_of_accepts_is_one_commit_with_one_wake_up(store):
+    heard: list[str | None] = []
+    stopped = threading.Event()
+    listener = threading.Thread(target=store.listen, args=(NEW_JOBS, heard.append, stopped))
+    listener.start()
+    try:
+        eventually(lambda: heard == [None])  # connected
+        batch = [make_job() for _ in range(3)]
+        store.insert(batch)
+        eventually(lambda: len(heard) == 2)  # one wake-up for the batch
+        assert all(store.get(job.id) is not None for job in batch)
+        clash = [make_job(), make_job()]
+        clash[1].id = batch[0].id  # the second row fails: the first must not land
+        refused = (sa.exc.IntegrityError, store.engine.dialect.loaded_dbapi.IntegrityError)
+        with pytest.raises(refused):
+            store.insert(clash)
+        assert store.get(clash[0].id) is None
+        store.insert([make_job()])  # the connection that failed a batch serves the next
+        eventually(lambda: len(heard) == 3)
     finally:
         stopped.set()
         listener.join(10)
