@@ -37,6 +37,9 @@ class Dialect:
     pushes_wakeups = False
     updates_returning = True
     """Whether a claim marks and reads its rows in one ``UPDATE ... RETURNING``."""
+    skips_locked = False
+    """Whether a claim passes over rows another worker is claiming, rather
+    than waiting for them (SQLite has one writer at a time anyway)."""
 
     def create_engine(self, url: sa.URL, lock_timeout: float) -> sa.Engine:
         """Connections are checked before use: a restarted server must not
@@ -78,7 +81,7 @@ class Dialect:
 
     def lock_due(self, due: sa.Select[Any]) -> sa.Select[Any]:
         """The due rows as a claim selects them."""
-        return due
+        return due.with_for_update(skip_locked=True) if self.skips_locked else due
 
     def lock_migrations(self, connection: sa.Connection) -> None:
         """Serialise processes that migrate at the same moment."""
@@ -167,6 +170,7 @@ class PostgreSQL(Dialect):
     """Claims skip rows other workers hold; idle workers wake on NOTIFY."""
 
     pushes_wakeups = True
+    skips_locked = True
 
     def insert(
         self,
@@ -191,10 +195,6 @@ class PostgreSQL(Dialect):
                 "SELECT pg_notify(%(channel)s, %(payload)s)",
                 {"channel": JOB_CHANGES, "payload": payload},
             )
-
-    def lock_due(self, due: sa.Select[Any]) -> sa.Select[Any]:
-        """Rows another worker is claiming are skipped, not waited for."""
-        return due.with_for_update(skip_locked=True)
 
     def lock_migrations(self, connection: sa.Connection) -> None:
         connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK_ID})")
@@ -232,12 +232,10 @@ class MySQL(Dialect):
     update and read them in the same transaction."""
 
     updates_returning = False
+    skips_locked = True
 
     def engine_options(self) -> dict[str, Any]:
         return {"isolation_level": "READ COMMITTED"}
-
-    def lock_due(self, due: sa.Select[Any]) -> sa.Select[Any]:
-        return due.with_for_update(skip_locked=True)
 
     def claim(
         self,
