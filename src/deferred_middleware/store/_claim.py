@@ -85,11 +85,9 @@ class ClaimQueries:
         with self._transaction() as connection:
             if self.dialect.updates_returning:
                 rows = self._claim_compiled(connection, worker, limit, names, now, expires)
-            else:
-                due, values = (
-                    _due(names, now, limit),
-                    codec.claim_values(worker, now, lease_seconds),
-                )
+            else:  # no RETURNING: the dialect's own steps
+                values = codec.claim_values(worker, now, lease_seconds)
+                due = _due(names, now, limit)
                 rows = self.dialect.claim(connection, due, values, CLAIMED_COLUMNS)
             claimed = codec.jobs_from_result(rows)
             self.dialect.announce_changes(connection, [job.id for job in claimed])
