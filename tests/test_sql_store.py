@@ -4,7 +4,6 @@ databases that are down, locked or from another release."""
 from __future__ import annotations
 
 import threading
-from datetime import timezone
 from pathlib import Path
 
 import pytest
@@ -157,8 +156,7 @@ def test_a_database_from_an_earlier_release_upgrades_in_place(database_url):
 def insert_as_before_queues(store: SQLJobStore, job) -> None:
     """A row as a release from before queues wrote it: no queue column (nor
     any column added since)."""
-    naive = job.created_at.astimezone(timezone.utc).replace(tzinfo=None)
-    values = codec.insert_values(job, frozenset(), store.dialect.datetime_param(naive))
+    values = codec.insert_values(job, frozenset(), store.dialect.datetime_param(job.created_at))
     for added_since in ("queue", "callback_url", "owner", "idempotency_key", "request_digest"):
         del values[added_since]
     columns = ", ".join(values)

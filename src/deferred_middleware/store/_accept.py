@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
-from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
@@ -45,7 +44,7 @@ class AcceptQueries:
         credentials = self.credential_headers
         rows = []
         for job in jobs_:
-            created = self.dialect.datetime_param(naive_utc(job.created_at))
+            created = self.dialect.datetime_param(job.created_at)
             values = codec.insert_values(job, credentials, created)
             rows.append(tuple(values[key] for key in keys))
         if self._file is not None:
@@ -113,7 +112,3 @@ class AcceptQueries:
             keys = tuple(positions) if positions is not None else codec.INSERT_KEYS
             self._insert = (str(compiled), keys, positions is None)
         return self._insert
-
-
-def naive_utc(value: datetime) -> datetime:
-    return value.astimezone(timezone.utc).replace(tzinfo=None)

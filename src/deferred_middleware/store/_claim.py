@@ -17,7 +17,6 @@ import sqlalchemy as sa
 
 from .._jobs import DEFAULT_QUEUE, Job, Status
 from . import _codec as codec
-from ._accept import naive_utc
 from ._dialects import Dialect
 from ._driver_sql import DriverStatement
 from ._schema import jobs
@@ -105,8 +104,8 @@ class ClaimQueries:
         statement = self._claim_statement(len(queues))
         as_driver = self.dialect.datetime_param
         values = {
-            "c_now": as_driver(naive_utc(now)),
-            "c_lease_expires_at": as_driver(naive_utc(expires)),
+            "c_now": as_driver(now),
+            "c_lease_expires_at": as_driver(expires),
             "c_limit": limit,
             "c_worker": worker,
             **{f"c_queue_{i}": name for i, name in enumerate(queues)},

@@ -18,7 +18,7 @@ from sqlalchemy.pool import StaticPool
 from .._causes import store_away
 from ._base import JOB_CHANGES, NEW_JOBS, StoreUnavailable
 from ._errors import cause_of
-from ._schema import jobs
+from ._schema import jobs, naive_utc
 
 logger = logging.getLogger("deferred_middleware")
 
@@ -51,9 +51,10 @@ class Dialect:
     def engine_options(self) -> dict[str, Any]:
         return {}
 
-    def datetime_param(self, naive_utc: datetime) -> Any:
-        """A timestamp in the type the raw driver binds."""
-        return naive_utc
+    def datetime_param(self, when: datetime) -> Any:
+        """A timestamp in the type the raw driver binds: naive UTC, as the
+        table's columns hold it."""
+        return naive_utc(when)
 
     def insert(
         self,
@@ -143,9 +144,9 @@ class SQLite(Dialect):
 
         return engine
 
-    def datetime_param(self, naive_utc: datetime) -> Any:
+    def datetime_param(self, when: datetime) -> Any:
         # SQLAlchemy's own storage format for DateTime on SQLite.
-        return naive_utc.isoformat(" ", "microseconds")
+        return naive_utc(when).isoformat(" ", "microseconds")
 
     def insert(
         self,

@@ -11,6 +11,13 @@ from sqlalchemy.dialects import mysql
 metadata = sa.MetaData()
 
 
+def naive_utc(value: datetime) -> datetime:
+    """A timestamp as the table holds it; a naive one is taken to be UTC already."""
+    if value.tzinfo is not None:
+        value = value.astimezone(timezone.utc).replace(tzinfo=None)
+    return value
+
+
 class UTCDateTime(sa.types.TypeDecorator[datetime]):
     """Stored as naive UTC (every dialect has that), handed out timezone-aware."""
 
@@ -24,9 +31,7 @@ class UTCDateTime(sa.types.TypeDecorator[datetime]):
         return dialect.type_descriptor(sa.DateTime())
 
     def process_bind_param(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
-        if value is not None and value.tzinfo is not None:
-            value = value.astimezone(timezone.utc).replace(tzinfo=None)
-        return value
+        return None if value is None else naive_utc(value)
 
     def process_result_value(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
         if value is not None and value.tzinfo is None:

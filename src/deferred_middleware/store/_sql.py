@@ -16,7 +16,7 @@ import sqlalchemy as sa
 
 from .._jobs import AttemptWrite, Finish, Job, Status, utcnow
 from . import _codec as codec
-from ._accept import AcceptQueries, naive_utc
+from ._accept import AcceptQueries
 from ._base import Clock, QueueCount, WorkerLoad
 from ._claim import ClaimQueries
 from ._connections import DriverConnections
@@ -206,7 +206,7 @@ class SQLJobStore(AcceptQueries, ClaimQueries, WebhookQueries, DriverConnections
         """Runs of finishes go in one statement each; order is kept, so a
         handler's last progress lands before the outcome that ends its attempt."""
         now = self.clock()
-        finished_at = self.dialect.datetime_param(naive_utc(now))
+        finished_at = self.dialect.datetime_param(now)
         finish = self._finish_statement()
         landed = 0
         ending = [write.job_id for write in writes if isinstance(write, Finish)]
