@@ -9,7 +9,7 @@ between every accepted job and its handler starting.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Hashable, Sequence
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -58,14 +58,15 @@ def claim_statement(dialect: Dialect, queues: int) -> sa.Update:
 
 
 class ClaimQueries:
-    """Mixed into :class:`SQLJobStore`, which supplies the engine and the transaction."""
+    """Mixed into :class:`SQLJobStore`, which supplies the compiled
+    statements and the transaction."""
 
     clock: Any
     dialect: Dialect
-    engine: sa.Engine
-    _claims: tuple[sa.Engine | None, dict[int, DriverStatement]]
 
     if TYPE_CHECKING:
+
+        def _driver_statement(self, key: Hashable, build: Callable[[], Any]) -> DriverStatement: ...
 
         def _transaction(
             self, erasing: Sequence[str] = ()
@@ -101,7 +102,10 @@ class ClaimQueries:
         now: datetime,
         expires: datetime,
     ) -> sa.CursorResult[Any]:
-        statement = self._claim_statement(len(queues))
+        count = len(queues)
+        statement = self._driver_statement(
+            ("claim", count), lambda: claim_statement(self.dialect, count)
+        )
         as_driver = self.dialect.datetime_param
         values = {
             "c_now": as_driver(now),
@@ -111,14 +115,3 @@ class ClaimQueries:
             **{f"c_queue_{i}": name for i, name in enumerate(queues)},
         }
         return connection.exec_driver_sql(statement.sql, statement.parameters(values))
-
-    def _claim_statement(self, queues: int) -> DriverStatement:
-        engine = self.engine  # compiled anew for a new engine, as after a fork
-        if self._claims[0] is not engine:
-            self._claims = (engine, {})
-        compiled = self._claims[1]
-        if queues not in compiled:
-            compiled[queues] = DriverStatement(
-                claim_statement(self.dialect, queues), engine.dialect
-            )
-        return compiled[queues]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -59,8 +59,7 @@ class SQLJobStore(AcceptQueries, ClaimQueries, WebhookQueries, DriverConnections
         self._pid = 0
         self._insert: tuple[str, tuple[str, ...], bool] | None = None
         self._selects: dict[tuple[bool, bool], tuple[str, list[str], bool]] = {}
-        self._finish: tuple[sa.Engine, DriverStatement] | None = None
-        self._claims: tuple[sa.Engine | None, dict[int, DriverStatement]] = (None, {})
+        self._statements: dict[Hashable, DriverStatement] = {}
         self._readers = threading.local()
         self._file = DatabaseFile.of(self.url)
         # Only a file's connections are separate: in memory, all share one.
@@ -77,6 +76,7 @@ class SQLJobStore(AcceptQueries, ClaimQueries, WebhookQueries, DriverConnections
             self._pid = os.getpid()
             self._insert = None
             self._selects = {}
+            self._statements = {}
         return self._engine
 
     def migrate(self, revision: str = "head") -> None:
@@ -207,7 +207,7 @@ class SQLJobStore(AcceptQueries, ClaimQueries, WebhookQueries, DriverConnections
         handler's last progress lands before the outcome that ends its attempt."""
         now = self.clock()
         finished_at = self.dialect.datetime_param(now)
-        finish = self._finish_statement()
+        finish = self._driver_statement("finish", lambda: codec.FINISH)
         landed = 0
         ending = [write.job_id for write in writes if isinstance(write, Finish)]
         with self._transaction(erasing=ending) as connection:
@@ -228,11 +228,14 @@ class SQLJobStore(AcceptQueries, ClaimQueries, WebhookQueries, DriverConnections
             self.dialect.announce_changes(connection, [write.job_id for write in writes])
         return landed
 
-    def _finish_statement(self) -> DriverStatement:
-        engine = self.engine  # compiled anew for a new engine, as after a fork
-        if self._finish is None or self._finish[0] is not engine:
-            self._finish = (engine, DriverStatement(codec.FINISH, engine.dialect))
-        return self._finish[1]
+    def _driver_statement(self, key: Hashable, build: Callable[[], Any]) -> DriverStatement:
+        """``build()``'s statement, compiled once per engine (a new engine,
+        as after a fork, starts with none)."""
+        engine = self.engine
+        statement = self._statements.get(key)
+        if statement is None:
+            statement = self._statements[key] = DriverStatement(build(), engine.dialect)
+        return statement
 
     def reap_expired(self, error: str) -> tuple[list[str], list[str]]:
         now = self.clock()
