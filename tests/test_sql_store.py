@@ -3,7 +3,9 @@ databases that are down, locked or from another release."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -274,15 +276,25 @@ def test_erased_credentials_are_gone_from_the_sqlite_files(sqlite_url, end):
     store.close()
 
 
-@pytest.mark.postgres
-@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
-def test_postgres_announces_every_change_to_other_processes(store):
+@contextlib.contextmanager
+def listening(store: SQLJobStore, channel: str) -> Iterator[list[str | None]]:
+    """What the store hears on ``channel``, from the moment it is connected."""
     heard: list[str | None] = []
     stopped = threading.Event()
-    listener = threading.Thread(target=store.listen, args=(JOB_CHANGES, heard.append, stopped))
+    listener = threading.Thread(target=store.listen, args=(channel, heard.append, stopped))
     listener.start()
     try:
         eventually(lambda: heard == [None])  # connected
+        yield heard
+    finally:
+        stopped.set()
+        listener.join(10)
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+def test_postgres_announces_every_change_to_other_processes(store):
+    with listening(store, JOB_CHANGES) as heard:
         job = make_job()
         store.insert([job])
         [claimed] = store.claim("w", 1, 30)
@@ -291,20 +303,12 @@ def test_postgres_announces_every_change_to_other_processes(store):
         eventually(lambda: heard.count(job.id) == 3)  # claimed, progressed, finished
         store.delete(job.id)
         eventually(lambda: heard.count(job.id) == 4)
-    finally:
-        stopped.set()
-        listener.join(10)
 
 
 @pytest.mark.postgres
 @pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
 def test_a_postgres_batch_of_accepts_is_one_commit_with_one_wake_up(store):
-    heard: list[str | None] = []
-    stopped = threading.Event()
-    listener = threading.Thread(target=store.listen, args=(NEW_JOBS, heard.append, stopped))
-    listener.start()
-    try:
-        eventually(lambda: heard == [None])  # connected
+    with listening(store, NEW_JOBS) as heard:
         batch = [make_job() for _ in range(3)]
         store.insert(batch)
         eventually(lambda: len(heard) == 2)  # one wake-up for the batch
@@ -317,9 +321,6 @@ def test_a_postgres_batch_of_accepts_is_one_commit_with_one_wake_up(store):
         assert store.get(clash[0].id) is None
         store.insert([make_job()])  # the connection that failed a batch serves the next
         eventually(lambda: len(heard) == 3)
-    finally:
-        stopped.set()
-        listener.join(10)
 
 
 # -- reads remembered while nothing changed ------------------------------------
