@@ -56,17 +56,22 @@ def server_command(kind: str, port: int, app: str | None = None) -> list[str]:
     ]
 
 
+def spawn(command: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """A process of the bench's, run from the project root, its output discarded."""
+    return subprocess.Popen(
+        command,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
 class Server:
     def __init__(self, kind: str, env: dict[str, str], app: str | None = None) -> None:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
-        self.process = subprocess.Popen(
-            server_command(kind, self.port, app),
-            cwd=ROOT,
-            env={**os.environ, "PYTHONPATH": str(ROOT), **env},
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        self.process = spawn(server_command(kind, self.port, app), env)
         deadline = time.monotonic() + 30
         while True:
             try:

@@ -22,7 +22,7 @@ import psycopg
 from deferred_middleware._jobs import Job, Status, StoredRequest, new_job_id, utcnow
 from deferred_middleware.store import SQLJobStore
 
-from ._servers import ROOT
+from ._servers import spawn
 
 POSTGRES_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
 
@@ -107,13 +107,7 @@ def huey_module(path: str) -> ModuleType:
 def background(command: list[str], env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
     """A process of the bench's (a worker, a peer's consumer), stopped with
     SIGTERM after the block."""
-    process = subprocess.Popen(
-        command,
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT), **env},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    process = spawn(command, env)
     try:
         yield process
     finally:
