@@ -201,10 +201,8 @@ def write_results(results: dict[str, Any], info: dict[str, str], command: str) -
         "Starlette endpoint, its consumer with 8 threads. PGQueuer: an async Starlette",
         "endpoint calling `Queries.enqueue`, its `QueueManager` at batch size 10.",
         "",
-        "| tool | jobs/s | ours ÷ it |",
-        "|---|---:|---:|",
     ]
-    lines += _rate_rows(results, "http ", lambda database: f"http ours {database}")
+    lines += _rate_table(results, "http ", lambda database: f"http ours {database}")
     lines += [
         "",
         f"## Workers alone: {jobs} trivial jobs inserted at once, to the last one done",
@@ -212,10 +210,8 @@ def write_results(results: dict[str, Any], info: dict[str, str], command: str) -
         "No web tier: what a worker does with a full queue, beside the raw claim-and-",
         "complete SQL ceiling. PGQueuer is timed by its last job's completion.",
         "",
-        "| tool | jobs/s | ours ÷ it |",
-        "|---|---:|---:|",
     ]
-    lines += _rate_rows(results, "e2e ", lambda database: f"e2e ours {database} (worker)")
+    lines += _rate_table(results, "e2e ", lambda database: f"e2e ours {database} (worker)")
     lines += [
         "",
         "## Latency at low load (one request at a time, uvicorn)",
@@ -250,10 +246,10 @@ def write_results(results: dict[str, Any], info: dict[str, str], command: str) -
     (HERE / "RESULTS.md").write_text("\n".join(lines))
 
 
-def _rate_rows(results: dict[str, Any], prefix: str, ours: Any) -> list[str]:
-    """A row per tool whose result is named ``prefix`` + tool + database:
-    its jobs/s and how ours (named by ``ours(database)``) compares."""
-    rows = []
+def _rate_table(results: dict[str, Any], prefix: str, ours: Any) -> list[str]:
+    """A table with a row per tool whose result is named ``prefix`` + tool +
+    database: its jobs/s and how ours (named by ``ours(database)``) compares."""
+    rows = ["| tool | jobs/s | ours ÷ it |", "|---|---:|---:|"]
     for name in [k for k in results if k.startswith(prefix)]:
         rate = results[name]["jobs_per_s"]
         database = "postgresql" if "postgresql" in name else "sqlite"
