@@ -375,6 +375,17 @@ def test_claims_take_only_the_queues_asked_for(any_store, new):
     assert [j.id for j in any_store.claim("w", 10, 30, ["reports", "x"])] == [theirs.id]
 
 
+def test_a_claim_over_more_queues_than_the_last_takes_from_each(any_store, new):
+    jobs = {}
+    for queue in ("a", "b", "c"):
+        jobs[queue] = new()
+        jobs[queue].queue = queue
+    any_store.insert(list(jobs.values()))
+    assert [j.id for j in any_store.claim("w", 10, 30, ["c"])] == [jobs["c"].id]
+    claimed = {j.id for j in any_store.claim("w", 10, 30, ["b", "a", "b"])}
+    assert claimed == {jobs["a"].id, jobs["b"].id}
+
+
 def test_every_change_a_client_could_see_raises_the_revision(any_store, new, clock):
     job = new(retries=2)
     any_store.insert([job])
