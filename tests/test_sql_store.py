@@ -21,6 +21,7 @@ from deferred_middleware.store import (
     NEW_JOBS,
     SQLJobStore,
     StoreUnavailable,
+    _dialects,
     metadata,
 )
 from deferred_middleware.store import _codec as codec
@@ -321,6 +322,54 @@ def test_a_postgres_batch_of_accepts_is_one_commit_with_one_wake_up(store):
         assert store.get(clash[0].id) is None
         store.insert([make_job()])  # the connection that failed a batch serves the next
         eventually(lambda: len(heard) == 3)
+
+
+# -- pooled connections on a database server -----------------------------------
+
+ON_A_SERVER = pytest.mark.parametrize(
+    "database_url",
+    [
+        pytest.param("postgres", marks=pytest.mark.postgres),
+        pytest.param("mysql", marks=pytest.mark.mysql),
+    ],
+    indirect=True,
+)
+
+
+def end_pooled_sessions(store: SQLJobStore, count: int) -> None:
+    """Put ``count`` connections in the store's pool, then end their sessions
+    on the server, as a server restart does."""
+    postgres = store.engine.dialect.name == "postgresql"
+    with contextlib.ExitStack() as held:
+        connections = [held.enter_context(store.engine.connect()) for _ in range(count)]
+        asked = "SELECT pg_backend_pid()" if postgres else "SELECT CONNECTION_ID()"
+        sessions = [c.exec_driver_sql(asked).scalar_one() for c in connections]
+    killer = sa.create_engine(store.url, poolclass=sa.pool.NullPool)
+    with killer.connect() as connection:
+        for session in sessions:
+            end = f"SELECT pg_terminate_backend({session})" if postgres else f"KILL {session}"
+            connection.exec_driver_sql(end)
+    killer.dispose()
+
+
+@ON_A_SERVER
+def test_a_connection_idle_in_the_pool_is_checked_before_use(store, monkeypatch):
+    monkeypatch.setattr(_dialects, "PING_AFTER_IDLE", 0.0)
+    end_pooled_sessions(store, 1)
+    assert store.count(Status.QUEUED) == 0  # the ping found it gone: a new one served
+
+
+@ON_A_SERVER
+def test_a_connection_used_a_moment_ago_is_not_checked_and_its_loss_renews_the_pool(
+    store, monkeypatch
+):
+    """No round trip before each statement; the price is one failed
+    statement after a restart, never a second."""
+    monkeypatch.setattr(_dialects, "PING_AFTER_IDLE", 3600.0)
+    end_pooled_sessions(store, 2)
+    with pytest.raises(StoreUnavailable):
+        store.count(Status.QUEUED)
+    assert store.count(Status.QUEUED) == 0  # the other lost connection was not used
 
 
 # -- reads remembered while nothing changed ------------------------------------

@@ -27,6 +27,7 @@ logger = logging.getLogger("deferred_middleware")
 POOL_SIZE = 24
 NOTIFY_PAYLOAD_LIMIT = 7999  # PostgreSQL's, in bytes
 MIGRATION_LOCK_ID = 7235012298
+PING_AFTER_IDLE = 1.0  # seconds in the pool before a connection is checked
 HEARD_ON = {NEW_JOBS: "new jobs", JOB_CHANGES: "changes to jobs"}
 
 
@@ -42,11 +43,9 @@ class Dialect:
     than waiting for them (SQLite has one writer at a time anyway)."""
 
     def create_engine(self, url: sa.URL, lock_timeout: float) -> sa.Engine:
-        """Connections are checked before use: a restarted server must not
-        fail the next request."""
-        return sa.create_engine(
-            url, pool_pre_ping=True, pool_recycle=3600, **_pool(), **self.engine_options()
-        )
+        engine = sa.create_engine(url, pool_recycle=3600, **_pool(), **self.engine_options())
+        _ping_after_idle(engine)
+        return engine
 
     def engine_options(self) -> dict[str, Any]:
         return {}
@@ -269,6 +268,29 @@ def for_url(url: sa.URL) -> Dialect:
 
 def _pool() -> dict[str, Any]:
     return {"pool_size": POOL_SIZE, "max_overflow": POOL_SIZE}
+
+
+def _ping_after_idle(engine: sa.Engine) -> None:
+    """A connection that sat in the pool for a while is checked before use:
+    a server restarted meanwhile must not fail the next request. One used
+    within the last moment is not: a ping is a round trip, as long as the
+    statement it guards, on every accept and every claim. Should the server
+    have gone in that moment, the statement fails before anything is
+    committed, and SQLAlchemy then replaces every pooled connection."""
+
+    @sa.event.listens_for(engine, "checkin")
+    def _checked_in(_dbapi_connection: Any, record: Any) -> None:
+        record.info["idle_since"] = time.monotonic()
+
+    @sa.event.listens_for(engine, "checkout")
+    def _checked_out(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        idle_since = record.info.get("idle_since")
+        if idle_since is None or time.monotonic() - idle_since < PING_AFTER_IDLE:
+            return  # a new connection, or one that just worked
+        try:
+            engine.dialect.do_ping(dbapi_connection)
+        except engine.dialect.loaded_dbapi.Error as exc:
+            raise sa.exc.DisconnectionError(str(exc)) from exc  # the pool connects anew
 
 
 def _enable_wal(cursor: Any, lock_timeout: float) -> None:
