@@ -308,6 +308,25 @@ def test_postgres_announces_every_change_to_other_processes(store):
 
 @pytest.mark.postgres
 @pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+def test_a_postgres_claim_announces_what_it_claims_in_payloads_within_the_limit(store):
+    """The claim statement sends its own notifications: one per 242 ids."""
+    queued = [make_job() for _ in range(300)]
+    store.insert(queued)
+    with listening(store, JOB_CHANGES) as heard:
+        assert store.claim("w", 5, 30, queues=["elsewhere"]) == []  # announces nothing
+        assert len(store.claim("w", 300, 30)) == 300
+        eventually(lambda: len(heard) == 3)
+        payloads = heard[1:]
+        assert sorted(len(p.split(",")) for p in payloads) == [58, 242]
+        assert max(len(p.encode()) for p in payloads) <= 7999
+        assert sorted(i for p in payloads for i in p.split(",")) == sorted(j.id for j in queued)
+        store.delete(queued[0].id)  # the next change is heard after them: nothing else came
+        eventually(lambda: len(heard) == 4)
+        assert heard[3] == queued[0].id
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
 def test_a_postgres_batch_of_accepts_is_one_commit_with_one_wake_up(store):
     with listening(store, NEW_JOBS) as heard:
         batch = [make_job() for _ in range(3)]

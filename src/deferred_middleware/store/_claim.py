@@ -38,11 +38,11 @@ def _due(queues: Sequence[Any], now: Any, limit: Any) -> sa.Select[Any]:
     )
 
 
-def claim_statement(dialect: Dialect, queues: int) -> sa.Update:
+def claim_statement(dialect: Dialect, queues: int) -> sa.Executable:
     """Mark the due rows of ``queues`` queues running and read them back."""
     names = [sa.bindparam(f"c_queue_{i}") for i in range(queues)]
     due = _due(names, sa.bindparam("c_now"), sa.bindparam("c_limit"))
-    return (
+    claim = (
         jobs.update()
         .where(jobs.c.id.in_(dialect.lock_due(due).scalar_subquery()))
         .values(
@@ -55,6 +55,7 @@ def claim_statement(dialect: Dialect, queues: int) -> sa.Update:
         )
         .returning(*CLAIMED_COLUMNS)
     )
+    return dialect.announcing(claim)
 
 
 class ClaimQueries:
@@ -90,7 +91,8 @@ class ClaimQueries:
                 due = _due(names, now, limit)
                 rows = self.dialect.claim(connection, due, values, CLAIMED_COLUMNS)
             claimed = codec.jobs_from_result(rows)
-            self.dialect.announce_changes(connection, [job.id for job in claimed])
+            if not self.dialect.claims_announce:
+                self.dialect.announce_changes(connection, [job.id for job in claimed])
             return claimed
 
     def _claim_compiled(

@@ -36,6 +36,9 @@ class Dialect:
 
     reads_are_local = False
     pushes_wakeups = False
+    claims_announce = False
+    """Whether a claim statement, once :meth:`announcing`, tells other
+    processes of the jobs it claims itself (no :meth:`announce_changes`)."""
     updates_returning = True
     """Whether a claim marks and reads its rows in one ``UPDATE ... RETURNING``."""
     skips_locked = False
@@ -82,6 +85,12 @@ class Dialect:
     def lock_due(self, due: sa.Select[Any]) -> sa.Select[Any]:
         """The due rows as a claim selects them."""
         return due.with_for_update(skip_locked=True) if self.skips_locked else due
+
+    def announcing(self, changing: sa.Update) -> sa.Executable:
+        """``changing`` (an ``UPDATE ... RETURNING`` the ids among its
+        columns) made to announce what it changes, where the database can
+        in the same statement."""
+        return changing
 
     def lock_migrations(self, connection: sa.Connection) -> None:
         """Serialise processes that migrate at the same moment."""
@@ -171,6 +180,7 @@ class PostgreSQL(Dialect):
 
     pushes_wakeups = True
     skips_locked = True
+    claims_announce = True
 
     def insert(
         self,
@@ -180,9 +190,12 @@ class PostgreSQL(Dialect):
         named: bool,
         rows: Sequence[tuple[Any, ...]],
     ) -> None:
-        super().insert(connection, sql, keys, named, rows)
-        # Delivered on commit: idle workers wake now rather than at their next poll.
-        connection.exec_driver_sql(f"NOTIFY {NEW_JOBS}")
+        # Idle workers wake on commit rather than at their next poll. The
+        # wake-up rides on each row's statement, a round trip fewer than a
+        # NOTIFY of its own; PostgreSQL delivers a transaction's identical
+        # notifications once.
+        waking = f"WITH inserted AS ({sql}) SELECT pg_notify('{NEW_JOBS}', '')"
+        super().insert(connection, waking, keys, named, rows)
 
     def announce_changes(self, connection: sa.Connection, job_ids: Iterable[str]) -> None:
         """One notification per transaction (ids joined by commas, split
@@ -195,6 +208,18 @@ class PostgreSQL(Dialect):
                 "SELECT pg_notify(%(channel)s, %(payload)s)",
                 {"channel": JOB_CHANGES, "payload": payload},
             )
+
+    def announcing(self, changing: sa.Update) -> sa.Executable:
+        """As :meth:`announce_changes` does after a statement, within it: a
+        round trip fewer on every claim. A CTE runs only if read, so the
+        rows returned are those for which every notification was counted."""
+        changed = changing.cte("changed")
+        part = (sa.func.row_number().over() - 1) // (NOTIFY_PAYLOAD_LIMIT // 33)
+        numbered = sa.select(changed.c.id, part.label("part")).subquery("numbered")
+        payload = sa.func.string_agg(numbered.c.id, ",")
+        told = sa.select(sa.func.pg_notify(JOB_CHANGES, payload)).group_by(numbered.c.part)
+        everyone_told = sa.select(sa.func.count()).select_from(told.cte("told")).scalar_subquery()
+        return sa.select(changed).where(everyone_told >= 0)
 
     def lock_migrations(self, connection: sa.Connection) -> None:
         connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK_ID})")
