@@ -19,7 +19,8 @@ from types import ModuleType
 
 import psycopg
 
-from deferred_middleware._jobs import Job, Status, StoredRequest, new_job_id, utcnow
+from deferred_middleware._ids import new_job_id
+from deferred_middleware._jobs import Job, Status, StoredRequest, utcnow
 from deferred_middleware.store import SQLJobStore
 
 from ._servers import spawn

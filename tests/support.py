@@ -21,13 +21,13 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
+from deferred_middleware._ids import new_job_id
 from deferred_middleware._jobs import (
     DeferredOptions,
     Idempotency,
     Job,
     Status,
     StoredRequest,
-    new_job_id,
     utcnow,
 )
 from deferred_middleware.store import JobStore

@@ -178,6 +178,27 @@ def test_a_unique_prefix_names_a_job_and_exit_codes_say_what_went_wrong(store, d
     assert json.loads(cli(database_url, "prune", "--json").stdout) == {"pruned": 0}
 
 
+def test_a_unique_suffix_names_a_job_as_well_as_a_prefix(store, database_url):
+    """Jobs accepted together share their leading digits, the time."""
+    first, second = "019ac0ffee00" + "7" * 18 + "ab", "019ac0ffee00" + "8" * 18 + "cd"
+    store.insert([with_id(first), with_id(second)])
+    assert json.loads(cli(database_url, "show", "7AB", "--json").stdout)["id"] == first
+    assert json.loads(cli(database_url, "show", "8cd", "--json").stdout)["id"] == second
+    same_time = cli(database_url, "show", "019ac0ffee", check=False)
+    assert same_time.returncode == 4 and "more than one" in same_time.stderr
+    assert cli(database_url, "show", "ef", check=False).returncode == 3
+    assert cli(database_url, "show", second, "--json").returncode == 0
+
+
+def test_a_part_that_starts_one_id_and_ends_another_names_neither(store, database_url):
+    first, second = "ab" + "1" * 30, "2" * 30 + "ab"
+    store.insert([with_id(first), with_id(second)])
+    both = cli(database_url, "cancel", "ab", check=False)
+    assert both.returncode == 4
+    assert store.get(first).status is Status.QUEUED
+    assert store.get(second).status is Status.QUEUED
+
+
 def test_stats_counts_jobs_per_queue_and_status(store, database_url):
     old = make_job(created_at=utcnow() - timedelta(minutes=10))
     nightly = make_job()

@@ -7,11 +7,13 @@ from __future__ import annotations
 import json
 import threading
 from concurrent.futures import Future
+from datetime import timedelta
 
 import pytest
 
 from deferred_middleware import _policy as policy
 from deferred_middleware import current_job
+from deferred_middleware._ids import EPOCH
 from deferred_middleware._jobs import (
     LOST_WORKER,
     RAISED,
@@ -444,6 +446,16 @@ def test_shutdown_waits_for_a_job_that_finishes_within_the_grace(h):
 
 
 # -- accepting and the job routes -------------------------------------------
+
+
+def test_an_accepted_job_s_id_carries_the_millisecond_it_was_made(h):
+    """Ids of later jobs sort later, so the table's primary key grows at one end."""
+    first = h.submit()
+    h.advance(0.001)
+    second = h.submit()
+    made = (h.job(first).created_at - EPOCH) // timedelta(milliseconds=1)
+    assert (int(first[:12], 16), int(second[:12], 16)) == (made, made + 1)
+    assert first < second
 
 
 def test_claiming_stays_within_the_concurrency():

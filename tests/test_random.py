@@ -1,15 +1,19 @@
-"""Job ids draw their bytes from a pool of kernel randomness: every id gets
-bytes nobody else got, across refills, threads and forks."""
+"""Job ids are UUIDv7s: the time they were made, then random bits drawn from
+a pool of kernel randomness, where every id gets bytes nobody else got,
+across refills, threads and forks."""
 
 from __future__ import annotations
 
 import os
 import threading
+import time
+import uuid
+from datetime import datetime, timedelta, timezone
 
 import pytest
 
 from deferred_middleware import _random
-from deferred_middleware._jobs import is_job_id, new_job_id
+from deferred_middleware._ids import is_job_id, new_job_id
 from deferred_middleware._random import RandomPool
 
 
@@ -61,3 +65,45 @@ def test_a_forked_child_never_hands_out_its_parent_s_bytes():
     childs = os.read(read, 64).decode()
     os.close(read)
     assert is_job_id(childs) and childs != new_job_id()
+
+
+MADE_AT = datetime(2026, 11, 28, 1, 2, 3, 456789, tzinfo=timezone.utc)
+
+
+def test_an_id_is_a_uuid7_of_the_millisecond_it_was_made():
+    job_id = new_job_id(MADE_AT)
+    parsed = uuid.UUID(job_id)
+    assert (parsed.version, parsed.variant) == (7, uuid.RFC_4122)
+    assert parsed.hex == job_id and is_job_id(job_id)
+    assert int(job_id[:12], 16) == 1795827723456  # 2026-11-28T01:02:03.456Z
+
+
+def test_an_id_made_now_carries_this_millisecond():
+    before = time.time_ns() // 1_000_000
+    job_id = new_job_id()
+    after = time.time_ns() // 1_000_000
+    assert before <= int(job_id[:12], 16) <= after
+
+
+@pytest.mark.parametrize("text", ["X" * 32, "A" * 32, "a" * 31, "a" * 33, str(uuid.uuid4())])
+def test_only_32_lower_case_hex_digits_pass_for_an_id(text):
+    assert not is_job_id(text)
+
+
+def test_an_id_made_later_sorts_after_whatever_its_random_bits():
+    for step in range(1, 500):
+        later = MADE_AT + timedelta(milliseconds=step)
+        assert new_job_id(MADE_AT) < new_job_id(later)
+
+
+def test_an_id_has_74_random_bits():
+    """Every bit but the 48 of the time, the 4 of the version and the 2 of
+    the variant takes both values across ids made in one millisecond."""
+    ids = [int(new_job_id(MADE_AT), 16) for _ in range(2000)]
+    ones = zeros = 0
+    for value in ids:
+        ones |= value
+        zeros |= ~value
+    varying = ones & zeros & ((1 << 128) - 1)
+    rand_a, rand_b = 0xFFF << 64, (1 << 62) - 1  # RFC 9562's names
+    assert varying == rand_a | rand_b and bin(varying).count("1") == 74

@@ -15,7 +15,8 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
 from deferred_middleware import migrations
-from deferred_middleware._jobs import Finish, Progress, Status, new_job_id
+from deferred_middleware._ids import new_job_id
+from deferred_middleware._jobs import Finish, Progress, Status
 from deferred_middleware.store import (
     JOB_CHANGES,
     NEW_JOBS,

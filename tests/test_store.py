@@ -8,6 +8,7 @@ from datetime import timedelta
 
 import pytest
 
+from deferred_middleware._ids import new_job_id
 from deferred_middleware._jobs import (
     Finish,
     Progress,
@@ -15,7 +16,6 @@ from deferred_middleware._jobs import (
     RetryLater,
     Status,
     StoredResponse,
-    new_job_id,
 )
 from deferred_middleware.store import JobStore, MemoryJobStore, SQLJobStore
 
@@ -536,6 +536,19 @@ def test_ids_starting_a_prefix(any_store, new):
     assert any_store.ids_starting(jobs[1].id) == [jobs[1].id]
     assert any_store.ids_starting("e") == []
     assert any_store.ids_starting("%") == []
+
+
+def test_ids_ending_a_suffix(any_store, new):
+    jobs = [new() for _ in range(3)]
+    for job, job_id in zip(jobs, ("1" * 30 + "ab", "2" * 30 + "ab", "3" * 30 + "cd"), strict=True):
+        job.id = job_id
+    any_store.insert(jobs)
+    assert any_store.ids_ending("ab") == [jobs[0].id, jobs[1].id]
+    assert any_store.ids_ending("ab", limit=1) == [jobs[0].id]
+    assert any_store.ids_ending("3cd") == [jobs[2].id]
+    assert any_store.ids_ending(jobs[1].id) == [jobs[1].id]
+    assert any_store.ids_ending("e") == []
+    assert any_store.ids_ending("%") == []
 
 
 def test_a_list_names_each_job_s_route(any_store, new):

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from . import _protocol as protocol
 from ._causes import store_away
 from ._config import Config
+from ._ids import new_job_id
 from ._jobs import (
     HEADERS_TOO_LARGE,
     DeferredOptions,
@@ -18,7 +19,6 @@ from ._jobs import (
     Job,
     Status,
     StoredRequest,
-    new_job_id,
     utcnow,
 )
 from ._refusals import (
@@ -76,10 +76,11 @@ class Admission:
         idempotency = Idempotency.of(request, owner)
         if self._queue_is_full():
             raise QueueFull
+        created = self.clock()
         return Job(
-            id=new_job_id(),
+            id=new_job_id(created),
             status=Status.QUEUED,
-            created_at=self.clock(),
+            created_at=created,
             request=request,
             options=options,
             queue=options.queue or self.config.queue,

@@ -13,7 +13,6 @@ import re
 from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime, timezone
 
-from ._random import token_hex
 from ._refusals import BadRequest
 
 Headers = list[tuple[str, str]]
@@ -55,18 +54,9 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
-def new_job_id() -> str:
-    """128 random bits as 32 hex digits: unguessable, URL-safe, fixed length."""
-    return token_hex(16)
-
-
 def request_line(method: str, path: str) -> str:
     """A job's route as operators read it: ``POST /reports``."""
     return f"{method} {path}"
-
-
-def is_job_id(text: str) -> bool:
-    return len(text) == 32 and all(c in "0123456789abcdef" for c in text)
 
 
 MODES = ("always", "prefer")

@@ -13,7 +13,8 @@ from urllib.parse import parse_qs
 
 from . import _dashboard as dashboard
 from . import _protocol as protocol
-from ._jobs import Status, is_job_id
+from ._ids import is_job_id
+from ._jobs import Status
 from .store import StoreUnavailable
 
 if TYPE_CHECKING:

@@ -14,7 +14,8 @@ from datetime import datetime
 from typing import Any
 from urllib.parse import parse_qsl, quote
 
-from ._jobs import Headers, Job, Status, is_job_id
+from ._ids import is_job_id
+from ._jobs import Headers, Job, Status
 
 JSON = "application/json"
 PROBLEM = "application/problem+json"

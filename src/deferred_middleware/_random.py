@@ -4,7 +4,7 @@ A job id is a capability, so its bytes come from ``os.urandom``, but one
 ``getrandom`` call per accepted request is a system call on the hot path,
 and a costly one where system calls are intercepted (sandboxes, gVisor).
 The pool reads 4 KiB at once and hands each id its own slice: the same
-kernel randomness, 256 ids per call. A forked child starts with an empty
+kernel randomness, 409 ids per call. A forked child starts with an empty
 pool, so no two processes ever hand out the same bytes.
 """
 
@@ -40,6 +40,6 @@ _pool = RandomPool()
 os.register_at_fork(after_in_child=_pool._forget)
 
 
-def token_hex(count: int) -> str:
-    """``count`` random bytes as hex, like ``secrets.token_hex``."""
-    return _pool.take(count).hex()
+def token_bytes(count: int) -> bytes:
+    """``count`` random bytes, like ``secrets.token_bytes``."""
+    return _pool.take(count)

@@ -1,6 +1,7 @@
 """``deferred-middleware jobs``: list, show, count, cancel, retry and prune
 jobs from a shell. Every command takes ``--json``; ``show``, ``cancel``,
-``retry``, ``webhooks`` and ``redeliver`` take a unique id prefix."""
+``retry``, ``webhooks`` and ``redeliver`` take a unique prefix or suffix of a
+job id."""
 
 from __future__ import annotations
 
@@ -118,21 +119,30 @@ def jobs_migrate(database_url: str, as_json: bool) -> None:
     migrate_to_head(database_url, as_json)
 
 
-def _resolve(store: SQLJobStore, id_or_prefix: str) -> str:
-    """The one job id a full id or a unique prefix names."""
-    prefix = id_or_prefix.strip().lower()
-    found = store.ids_starting(prefix) if prefix else []
+def _resolve(store: SQLJobStore, id_or_part: str) -> str:
+    """The one job id that a full id, or a unique prefix or suffix of one,
+    names. Ids start with the time they were made, so jobs made together
+    share long prefixes; their last digits are random, so a few of those
+    name a job as well."""
+    part = id_or_part.strip().lower()
+    starting = store.ids_starting(part) if part else []
+    if part in starting:
+        return part
+    found = starting
+    if part and len(starting) < 2:  # reading every id is for a part that may name one
+        found = sorted({*starting, *store.ids_ending(part)})
     if not found:
-        raise Refused(f"no job {id_or_prefix}", EXIT_NOT_FOUND)
-    if len(found) > 1 and found[0] != prefix:
-        raise Refused(f"{id_or_prefix} starts more than one job id: give more", EXIT_AMBIGUOUS)
+        raise Refused(f"no job {id_or_part}", EXIT_NOT_FOUND)
+    if len(found) > 1:
+        more = f"{id_or_part} starts or ends more than one job id: give more"
+        raise Refused(more, EXIT_AMBIGUOUS)
     return found[0]
 
 
-def _get(store: SQLJobStore, id_or_prefix: str) -> Job:
-    job = store.get(_resolve(store, id_or_prefix), request=True, response=True)
+def _get(store: SQLJobStore, id_or_part: str) -> Job:
+    job = store.get(_resolve(store, id_or_part), request=True, response=True)
     if job is None:
-        raise Refused(f"no job {id_or_prefix}", EXIT_NOT_FOUND)
+        raise Refused(f"no job {id_or_part}", EXIT_NOT_FOUND)
     return job
 
 

@@ -17,9 +17,9 @@ import click
 from .._jobs import Job
 
 EXIT_NOT_FOUND = 3
-"""No job has that id (or id prefix)."""
+"""No job has that id (or a prefix or suffix of it)."""
 EXIT_AMBIGUOUS = 4
-"""The id prefix names more than one job."""
+"""The prefix or suffix is part of more than one job id."""
 EXIT_REFUSED = 5
 """The job's state does not allow the action (cancel a finished job, ...)."""
 EXIT_UNAVAILABLE = 6

@@ -105,6 +105,9 @@ class JobStore(Protocol):
     def ids_starting(self, prefix: str, limit: int = 2) -> list[str]:
         """Ids that start with ``prefix`` (lower-case hex), at most ``limit``."""
 
+    def ids_ending(self, suffix: str, limit: int = 2) -> list[str]:
+        """Ids that end with ``suffix`` (lower-case hex), at most ``limit``."""
+
     def claim(
         self,
         worker: str,

@@ -131,6 +131,10 @@ class MemoryJobStore:
         with self._lock:
             return sorted(i for i in self._rows if i.startswith(prefix))[:limit]
 
+    def ids_ending(self, suffix: str, limit: int = 2) -> list[str]:
+        with self._lock:
+            return sorted(i for i in self._rows if i.endswith(suffix))[:limit]
+
     def claim(
         self,
         worker: str,

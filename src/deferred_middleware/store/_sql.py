@@ -175,14 +175,16 @@ class SQLJobStore(AcceptQueries, ClaimQueries, WebhookQueries, DriverConnections
         return [WorkerLoad(w, n, codec.utc(lease)) for w, n, lease in rows]  # type: ignore[arg-type]
 
     def ids_starting(self, prefix: str, limit: int = 2) -> list[str]:
-        if not all(c in "0123456789abcdef" for c in prefix):
-            return []  # ids are lower-case hex: nothing else can start one (nor a LIKE pattern)
-        query = (
-            sa.select(jobs.c.id)
-            .where(jobs.c.id.like(prefix + "%"))
-            .order_by(jobs.c.id)
-            .limit(limit)
-        )
+        return self._ids_like(prefix, prefix + "%", limit)
+
+    def ids_ending(self, suffix: str, limit: int = 2) -> list[str]:
+        """Read through the whole table (no index helps): for operators."""
+        return self._ids_like(suffix, "%" + suffix, limit)
+
+    def _ids_like(self, part: str, pattern: str, limit: int) -> list[str]:
+        if not all(c in "0123456789abcdef" for c in part):
+            return []  # ids are lower-case hex: nothing else is part of one (nor a LIKE pattern)
+        query = sa.select(jobs.c.id).where(jobs.c.id.like(pattern)).order_by(jobs.c.id).limit(limit)
         with translate_errors(), self.engine.connect() as connection:
             return list(connection.scalars(query))
 
