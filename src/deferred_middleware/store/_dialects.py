@@ -211,8 +211,8 @@ class PostgreSQL(Dialect):
 
     def announcing(self, changing: sa.Update) -> sa.Executable:
         """As :meth:`announce_changes` does after a statement, within it: a
-        round trip fewer on every claim. A CTE runs only if read, so the
-        rows returned are those for which every notification was counted."""
+        round trip fewer on every claim. A CTE that only selects runs only
+        if something reads it; counting its rows in the WHERE does."""
         changed = changing.cte("changed")
         part = (sa.func.row_number().over() - 1) // (NOTIFY_PAYLOAD_LIMIT // 33)
         numbered = sa.select(changed.c.id, part.label("part")).subquery("numbered")
@@ -298,7 +298,7 @@ def _pool() -> dict[str, Any]:
 def _ping_after_idle(engine: sa.Engine) -> None:
     """A connection that sat in the pool for a while is checked before use:
     a server restarted meanwhile must not fail the next request. One used
-    within the last moment is not: a ping is a round trip, as long as the
+    within the last moment is not: a ping is a round trip, as costly as the
     statement it guards, on every accept and every claim. Should the server
     have gone in that moment, the statement fails before anything is
     committed, and SQLAlchemy then replaces every pooled connection."""
