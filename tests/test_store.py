@@ -525,30 +525,22 @@ def test_workers_are_the_executors_holding_running_jobs_with_their_soonest_lease
     assert any_store.workers()[0].lease_expires_at.tzinfo is not None
 
 
-def test_ids_starting_a_prefix(any_store, new):
-    jobs = [new() for _ in range(3)]
-    for job, job_id in zip(jobs, ("ab" + "1" * 30, "ab" + "2" * 30, "cd" + "3" * 30), strict=True):
-        job.id = job_id
-    any_store.insert(jobs)
-    assert any_store.ids_starting("ab") == [jobs[0].id, jobs[1].id]
-    assert any_store.ids_starting("ab", limit=1) == [jobs[0].id]
-    assert any_store.ids_starting("cd3") == [jobs[2].id]
-    assert any_store.ids_starting(jobs[1].id) == [jobs[1].id]
-    assert any_store.ids_starting("e") == []
-    assert any_store.ids_starting("%") == []
+@pytest.mark.parametrize("end", ["start", "end"])
+def test_ids_with_a_part_at_either_end(any_store, new, end):
+    def placed(part: str, rest: str) -> str:
+        return part + rest if end == "start" else rest + part
 
-
-def test_ids_ending_a_suffix(any_store, new):
+    ids_with = any_store.ids_starting if end == "start" else any_store.ids_ending
     jobs = [new() for _ in range(3)]
-    for job, job_id in zip(jobs, ("1" * 30 + "ab", "2" * 30 + "ab", "3" * 30 + "cd"), strict=True):
-        job.id = job_id
+    for job, (part, digit) in zip(jobs, (("ab", "1"), ("ab", "2"), ("cd", "3")), strict=True):
+        job.id = placed(part, digit * 30)
     any_store.insert(jobs)
-    assert any_store.ids_ending("ab") == [jobs[0].id, jobs[1].id]
-    assert any_store.ids_ending("ab", limit=1) == [jobs[0].id]
-    assert any_store.ids_ending("3cd") == [jobs[2].id]
-    assert any_store.ids_ending(jobs[1].id) == [jobs[1].id]
-    assert any_store.ids_ending("e") == []
-    assert any_store.ids_ending("%") == []
+    assert ids_with("ab") == [jobs[0].id, jobs[1].id]
+    assert ids_with("ab", limit=1) == [jobs[0].id]
+    assert ids_with(placed("cd", "3")) == [jobs[2].id]
+    assert ids_with(jobs[1].id) == [jobs[1].id]
+    assert ids_with("e") == []
+    assert ids_with("%") == []
 
 
 def test_a_list_names_each_job_s_route(any_store, new):
