@@ -538,6 +538,20 @@ def test_workers_have_distinct_names_with_their_host():
     assert re.fullmatch(r"[^:]+:[0-9a-f]{12}", first)
 
 
+# -- the job URLs ------------------------------------------------------------
+
+
+def test_each_root_path_gets_its_own_job_urls_past_the_bound_of_those_kept():
+    h = Harness()
+    request = StoredRequest("POST", "/reports", b"", [], b"{}")
+    job = h.core.accept(request, DeferredOptions())
+    root_paths = [f"/app{n}" for n in range(protocol.JobURLsByRootPath.LIMIT + 2)]
+    for root_path in [*root_paths, *root_paths]:
+        location = dict(h.core.accepted(job, root_path).headers)["operation-location"]
+        assert location == f"{root_path}/jobs/{job.id}"
+    assert 0 < len(h.core._urls._built) <= protocol.JobURLsByRootPath.LIMIT
+
+
 # -- finding @deferred markers ------------------------------------------------
 
 

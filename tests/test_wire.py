@@ -8,6 +8,8 @@ import json
 from datetime import datetime, timezone
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from deferred_middleware import _protocol as protocol
 from deferred_middleware._jobs import Job, Status, StoredResponse
@@ -110,6 +112,27 @@ def test_the_202_carries_both_urls_and_the_poll_interval():
         ],
         body,
     )
+
+
+@given(
+    base=st.text(),
+    status=st.sampled_from(Status),
+    created=st.datetimes(timezones=st.just(timezone.utc)),
+)
+def test_a_202_s_document_is_the_job_s_encoded_whatever_its_urls_hold(base, status, created):
+    """The 202 is filled in, not encoded: it must still be exactly the
+    encoded document, for any base a public URL or root path can give."""
+    urls = protocol.JobURLs(base)
+    reply = protocol.accepted(Job(id=JOB_ID, status=status, created_at=created), urls, 3)
+    document = {
+        "id": JOB_ID,
+        "status": status.value,
+        "status_url": f"{base}/{JOB_ID}",
+        "result_url": f"{base}/{JOB_ID}/result",
+        "created_at": created.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z",
+    }
+    assert reply.body == compact(document)
+    assert reply.headers[1] == ("content-length", str(len(reply.body)))
 
 
 def test_a_202_names_the_preference_it_applied():

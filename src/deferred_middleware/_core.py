@@ -72,6 +72,7 @@ class JobCore:
         self.admission = Admission(config, store, clock=clock, monotonic=monotonic)
         self._pool: ThreadPoolExecutor | None = None
         self.status_replies = protocol.StatusReplies()
+        self._urls = protocol.JobURLsByRootPath(config.prefix, config.public_url)
 
     def prepare(self) -> None:
         """Create or upgrade the table on first use. Raises StoreUnavailable
@@ -211,8 +212,7 @@ class JobCore:
         return protocol.too_large(self.config.max_body_size)
 
     def urls(self, root_path: str) -> protocol.JobURLs:
-        config = self.config
-        return protocol.JobURLs.for_request(config.prefix, root_path, config.public_url)
+        return self._urls.of(root_path)
 
     # -- the job routes ----------------------------------------------------
 
