@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,9 @@ import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from sqlalchemy.dialects import sqlite
+from sqlalchemy.dialects.mysql import pymysql
+from sqlalchemy.dialects.postgresql import psycopg
 
 from deferred_middleware import migrations
 from deferred_middleware._ids import new_job_id
@@ -26,6 +30,7 @@ from deferred_middleware.store import (
     metadata,
 )
 from deferred_middleware.store import _codec as codec
+from deferred_middleware.store._schema import jobs, naive_utc
 
 from .support import eventually, make_job
 
@@ -155,6 +160,41 @@ def test_a_database_from_an_earlier_release_upgrades_in_place(database_url):
     assert upgraded.queue == "default"
     assert [j.id for j in new.claim("w", 10, 30, ["default"])] == [job.id]
     new.close()
+
+
+@pytest.mark.parametrize(
+    "dialect",
+    [sqlite.dialect(), psycopg.dialect(), pymysql.dialect()],
+    ids=lambda dialect: dialect.name,
+)
+def test_a_row_is_built_in_the_order_the_insert_binds_its_columns(dialect):
+    compiled = jobs.insert().compile(dialect=dialect, column_keys=codec.INSERT_KEYS)
+    assert compiled.positiontup in (None, list(codec.INSERT_KEYS))  # None: bound by name
+    job = make_job(callback_url="https://example.com/hook", owner="ann", idempotency_key="k")
+    row = codec.insert_row(job, frozenset({"cookie"}), "created")
+    values = dict(zip(codec.INSERT_KEYS, row, strict=True))
+    assert values["id"] == job.id
+    assert (values["created_at"], values["run_after"]) == ("created", "created")
+    assert (values["owner"], values["callback_url"]) == ("ann", "https://example.com/hook")
+    assert (values["idempotency_key"], values["request_digest"]) == (
+        job.idempotency.key,
+        job.idempotency.request,
+    )
+
+
+@pytest.mark.parametrize(
+    "given",
+    [
+        datetime(2026, 11, 28, 3, 0, 0, 5, tzinfo=timezone.utc),
+        datetime(2026, 11, 28, 5, 0, 0, 5, tzinfo=timezone(timedelta(hours=2))),
+        datetime(2026, 11, 28, 3, 0, 0, 5),
+    ],
+    ids=["utc", "plus-two-hours", "naive"],
+)
+def test_a_timestamp_is_stored_as_naive_utc_whatever_its_zone(given):
+    assert naive_utc(given) == datetime(2026, 11, 28, 3, 0, 0, 5)
+    assert naive_utc(given).tzinfo is None
+    assert _dialects.SQLite().datetime_param(given) == "2026-11-28 03:00:00.000005"
 
 
 def insert_as_before_queues(store: SQLJobStore, job) -> None:

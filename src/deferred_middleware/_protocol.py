@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import threading
 from collections.abc import AsyncIterator, Iterator
 from datetime import datetime
 from typing import Any
 from urllib.parse import parse_qsl, quote
 
+from . import _json
 from ._ids import is_job_id
 from ._jobs import Headers, Job, Status
 
@@ -130,12 +130,8 @@ def _timestamp(value: datetime | None) -> str | None:
     return value.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
-_COMPACT = json.JSONEncoder(separators=(",", ":"))
-"""Built once: ``json.dumps`` with any argument builds an encoder per call."""
-
-
 def compact_json(data: Any) -> bytes:
-    return _COMPACT.encode(data).encode()
+    return _json.compact(data).encode()
 
 
 def _json_reply(status: int, data: Any, extra: Headers | None = None) -> Reply:

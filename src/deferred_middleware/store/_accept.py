@@ -24,7 +24,7 @@ class AcceptQueries:
     credential_headers: frozenset[str]
     dialect: Dialect
     engine: sa.Engine
-    _insert: tuple[str, tuple[str, ...], bool] | None
+    _insert: tuple[str, bool] | None
     _file: DatabaseFile | None
 
     if TYPE_CHECKING:
@@ -40,18 +40,14 @@ class AcceptQueries:
         ) -> contextlib.AbstractContextManager[sa.Connection]: ...
 
     def insert(self, jobs_: Sequence[Job]) -> None:
-        sql, keys, named = self._insert_statement()
-        credentials = self.credential_headers
-        rows = []
-        for job in jobs_:
-            created = self.dialect.datetime_param(job.created_at)
-            values = codec.insert_values(job, credentials, created)
-            rows.append(tuple(values[key] for key in keys))
+        sql, named = self._insert_statement()
+        credentials, as_driver = self.credential_headers, self.dialect.datetime_param
+        rows = [codec.insert_row(job, credentials, as_driver(job.created_at)) for job in jobs_]
         if self._file is not None:
             self._insert_in_place(sql, rows)
             return
         with self._transaction() as connection:
-            self.dialect.insert(connection, sql, keys, named, rows)
+            self.dialect.insert(connection, sql, codec.INSERT_KEYS, named, rows)
 
     def _insert_in_place(self, sql: str, rows: Sequence[tuple[Any, ...]]) -> None:
         """An SQLite file's inserts on a driver connection from the pool: for
@@ -95,15 +91,15 @@ class AcceptQueries:
             row = connection.execute(query).first()
         return None if row is None else codec.job_from_row(row._mapping)
 
-    def _insert_statement(self) -> tuple[str, tuple[str, ...], bool]:
+    def _insert_statement(self) -> tuple[str, bool]:
         """The INSERT compiled once per engine for the driver's parameter style
         (and whether that style is named); a burst of accepts then costs one
-        statement, without SQLAlchemy's per-row parameter processing."""
+        statement, without SQLAlchemy's per-row parameter processing. A
+        positional style binds the columns in the table's order, which is
+        that of ``INSERT_KEYS`` and so of a row."""
         if self._insert is None:
             compiled = jobs.insert().compile(
                 dialect=self.engine.dialect, column_keys=codec.INSERT_KEYS
             )
-            positions = compiled.positiontup
-            keys = tuple(positions) if positions is not None else codec.INSERT_KEYS
-            self._insert = (str(compiled), keys, positions is None)
+            self._insert = (str(compiled), compiled.positiontup is None)
         return self._insert

@@ -13,6 +13,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from .. import _json
 from .._jobs import (
     WEBHOOK_PENDING,
     DeferredOptions,
@@ -104,9 +105,11 @@ ACTIVE_VALUES = (Status.QUEUED.value, Status.RUNNING.value)
 # -- into the table --------------------------------------------------------
 
 
-def insert_values(job: Job, credential_names: frozenset[str], created: Any) -> dict[str, Any]:
-    """A new job's row, JSON encoded here once rather than by a bind processor
-    per row. ``created`` is the timestamp already in the driver's own type."""
+def insert_row(job: Job, credential_names: frozenset[str], created: Any) -> tuple[Any, ...]:
+    """A new job's row, its values in the order of ``INSERT_KEYS``: built as
+    a tuple rather than a dict, and JSON encoded here once rather than by a
+    bind processor per row, since the writer builds one per accepted
+    request. ``created`` is the timestamp already in the driver's own type."""
     assert job.request is not None
     request = job.request
     headers, credentials = split_credentials(request.headers, credential_names)
@@ -117,27 +120,33 @@ def insert_values(job: Job, credential_names: frozenset[str], created: Any) -> d
         "server": request.server,
         "client": request.client,
     }
-    return {
-        "id": job.id,
-        "status": job.status.value,
-        "queue": job.queue,
-        "created_at": created,
-        "run_after": created,
-        "attempts": 0,
-        "max_attempts": job.max_attempts,
-        "timeout": job.options.timeout,
-        "request_method": request.method,
-        "request_path": request.path,
-        "request_query": request.query_string.decode("latin-1"),
-        "request_headers": json.dumps(headers),
-        "request_credentials": json.dumps(credentials) if credentials else None,
-        "request_meta": json.dumps(meta),
-        "request_body": request.body,
-        "callback_url": job.callback_url,
-        "owner": job.owner,
-        "idempotency_key": job.idempotency.key if job.idempotency else None,
-        "request_digest": job.idempotency.request if job.idempotency else None,
-    }
+    idempotency = job.idempotency
+    return (
+        job.id,
+        job.status.value,
+        job.queue,
+        created,
+        created,
+        0,
+        job.max_attempts,
+        job.options.timeout,
+        request.method,
+        request.path,
+        request.query_string.decode("latin-1"),
+        _json.dumps(headers),
+        _json.dumps(credentials) if credentials else None,
+        _json.dumps(meta),
+        request.body,
+        job.callback_url,
+        job.owner,
+        idempotency.key if idempotency else None,
+        idempotency.request if idempotency else None,
+    )
+
+
+def insert_values(job: Job, credential_names: frozenset[str], created: Any) -> dict[str, Any]:
+    """:func:`insert_row` by column name."""
+    return dict(zip(INSERT_KEYS, insert_row(job, credential_names, created), strict=True))
 
 
 # Built once: an outcome is written for every job, and building the
@@ -180,7 +189,7 @@ def finish_parameters(write: Finish, finished_at: Any) -> dict[str, Any]:
         "b_error": write.error,
         "b_error_detail": write.detail,
         "b_response_status": response.status if response else None,
-        "b_response_headers": json.dumps(response.headers) if response else None,
+        "b_response_headers": _json.dumps(response.headers) if response else None,
         "b_response_body": response.body if response else None,
     }
 

@@ -9,7 +9,8 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from datetime import datetime
+from datetime import datetime, timezone
+from itertools import chain
 from typing import Any
 
 import sqlalchemy as sa
@@ -153,7 +154,10 @@ class SQLite(Dialect):
         return engine
 
     def datetime_param(self, when: datetime) -> Any:
-        # SQLAlchemy's own storage format for DateTime on SQLite.
+        # SQLAlchemy's own storage format for DateTime on SQLite. A time in
+        # UTC, as the clock gives it, is that text before its "+00:00".
+        if when.tzinfo is timezone.utc:
+            return when.isoformat(" ", "microseconds")[:-6]
         return naive_utc(when).isoformat(" ", "microseconds")
 
     def insert(
@@ -172,7 +176,7 @@ class SQLite(Dialect):
         the GIL around every statement it steps, and each hand-back waits on
         a busy event loop."""
         head, _, values = sql.partition("VALUES")
-        return f"{head}VALUES{', '.join([values] * len(rows))}", tuple(v for r in rows for v in r)
+        return f"{head}VALUES{', '.join([values] * len(rows))}", tuple(chain.from_iterable(rows))
 
 
 class PostgreSQL(Dialect):

@@ -13,6 +13,8 @@ metadata = sa.MetaData()
 
 def naive_utc(value: datetime) -> datetime:
     """A timestamp as the table holds it; a naive one is taken to be UTC already."""
+    if value.tzinfo is timezone.utc:  # as the clock gives it: no conversion
+        return value.replace(tzinfo=None)
     if value.tzinfo is not None:
         value = value.astimezone(timezone.utc).replace(tzinfo=None)
     return value

@@ -57,7 +57,7 @@ class SQLJobStore(AcceptQueries, ClaimQueries, WebhookQueries, DriverConnections
         self.clock = clock
         self._engine: sa.Engine | None = None
         self._pid = 0
-        self._insert: tuple[str, tuple[str, ...], bool] | None = None
+        self._insert: tuple[str, bool] | None = None
         self._selects: dict[tuple[bool, bool], tuple[str, list[str], bool]] = {}
         self._statements: dict[Hashable, DriverStatement] = {}
         self._readers = threading.local()
