@@ -135,6 +135,15 @@ def test_a_202_s_document_is_the_job_s_encoded_whatever_its_urls_hold(base, stat
     assert reply.headers[1] == ("content-length", str(len(reply.body)))
 
 
+@pytest.mark.parametrize(
+    "when", [CREATED, CREATED.replace(tzinfo=None)], ids=["in UTC", "naive, taken as UTC"]
+)
+def test_times_are_written_in_utc_with_microseconds_and_a_z(when):
+    assert protocol._timestamp(when) == "2026-11-24T06:00:00.123456Z"
+    assert protocol._timestamp(when.replace(microsecond=0)) == "2026-11-24T06:00:00.000000Z"
+    assert protocol._timestamp(None) is None
+
+
 def test_a_202_names_the_preference_it_applied():
     reply = protocol.accepted(job(Status.QUEUED), URLS, 3, "respond-async")
     assert reply.headers[-2:] == [("vary", "Prefer"), ("preference-applied", "respond-async")]

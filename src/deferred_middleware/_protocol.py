@@ -10,7 +10,7 @@ import dataclasses
 import functools
 import threading
 from collections.abc import AsyncIterator, Iterator
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
 from urllib.parse import parse_qsl, quote
 
@@ -124,10 +124,15 @@ class JobRoute:
 
 
 def _timestamp(value: datetime | None) -> str | None:
+    """A time in UTC as RFC 3339 text with microseconds and a "Z"."""
     if value is None:
         return None
     # isoformat is several times faster than strftime; the text is the same.
-    return value.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
+    # A time in UTC, as the clock and the table give it, is written with
+    # "+00:00", which is cut rather than converted away.
+    if value.tzinfo is timezone.utc:
+        return value.isoformat("T", "microseconds")[:-6] + "Z"
+    return value.replace(tzinfo=None).isoformat("T", "microseconds") + "Z"
 
 
 def compact_json(data: Any) -> bytes:

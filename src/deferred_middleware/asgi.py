@@ -316,12 +316,18 @@ class DeferringResponder:
                 return
         request = stored_request(scope, body)
         try:
-            owner = await self.middleware.owner_of(scope, request)
+            owner = None
+            if core.config.owner is not None:
+                owner = await self.middleware.owner_of(scope, request)
             job = await core.accept_async(request, self.options, owner)
         except (Refusal, StoreUnavailable, Unstorable) as error:
             await send_reply(send, core.refused(error))
             return
-        reply = await core.accepted_async(job, scope.get("root_path", ""), self.wanted)
+        root_path = scope.get("root_path", "")
+        if self.wanted.wait is None:  # the 202 at once, without a coroutine to wait in
+            reply = core.accepted(job, root_path, self.wanted)
+        else:
+            reply = await core.accepted_async(job, root_path, self.wanted)
         await send_reply(send, reply)
 
     @staticmethod
