@@ -14,6 +14,7 @@ import pytest
 
 from deferred_middleware import _random
 from deferred_middleware._ids import is_job_id, new_job_id
+from deferred_middleware._process import current_pid
 from deferred_middleware._random import RandomPool
 
 
@@ -65,6 +66,23 @@ def test_a_forked_child_never_hands_out_its_parent_s_bytes():
     childs = os.read(read, 64).decode()
     os.close(read)
     assert is_job_id(childs) and childs != new_job_id()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_knows_its_own_process_id():
+    """Forked server workers restart their writer by this id, kept rather
+    than asked of the kernel at every request."""
+    assert current_pid() == os.getpid()
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child
+        os.write(write, f"{current_pid()} {os.getpid()}".encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(child, 0)
+    kept, actual = os.read(read, 64).decode().split()
+    os.close(read)
+    assert int(kept) == int(actual) == child != current_pid()
 
 
 MADE_AT = datetime(2026, 11, 28, 1, 2, 3, 456789, tzinfo=timezone.utc)

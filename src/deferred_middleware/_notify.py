@@ -8,9 +8,10 @@ arrives); elsewhere waiters poll at ``poll_interval``.
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Callable
+
+from ._process import current_pid
 
 Heard = Callable[[str | None], None]
 Listen = Callable[[Heard, threading.Event], None]
@@ -29,7 +30,7 @@ class Notifier:
     def subscribe(self, job_id: str, wake: Callable[[], None]) -> None:
         with self._lock:
             self._waiters.setdefault(job_id, set()).add(wake)
-            if self._listen is not None and self._listening_pid != os.getpid():
+            if self._listen is not None and self._listening_pid != current_pid():
                 self._start_listening()
 
     def unsubscribe(self, job_id: str, wake: Callable[[], None]) -> None:
@@ -53,7 +54,7 @@ class Notifier:
     def _start_listening(self) -> None:
         """Once per process (a forked server worker listens for itself)."""
         assert self._listen is not None
-        self._listening_pid = os.getpid()
+        self._listening_pid = current_pid()
         self._stopped = threading.Event()
         thread = threading.Thread(
             target=self._listen,

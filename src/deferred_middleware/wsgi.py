@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import atexit
 import http
-import os
 import threading
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
@@ -15,6 +14,7 @@ from ._dashboard import ACTION_HEADER
 from ._jobs import DeferredOptions, RequestInfo, StoredRequest
 from ._operator import METRICS
 from ._prefer import Preferences, parse_prefer
+from ._process import current_pid
 from ._refusals import Refusal
 from ._routes import NEVER_DEFERRED
 from .runner.wsgi import ThreadLauncher, WSGIApp
@@ -179,7 +179,7 @@ class DeferredWSGIMiddleware:
         self._lock = threading.Lock()
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
-        if self.config.execute and self._pid != os.getpid():
+        if self.config.execute and self._pid != current_pid():
             self.start_executor()
         path = from_wsgi_string(environ.get("PATH_INFO", ""))
         tail = protocol.job_route_tail(self.config.prefix, path, raw_path(environ))
@@ -261,9 +261,9 @@ class DeferredWSGIMiddleware:
         """Start this process's job threads: on the first request, so that a
         forking server starts them in each worker, never in the parent."""
         with self._lock:
-            if self._pid == os.getpid():
+            if self._pid == current_pid():
                 return
-            self._pid = os.getpid()
+            self._pid = current_pid()
             self.core.check_store_soon()
             self.dispatcher.start(self.run_queues or self._queues_to_run())
             atexit.register(self.shutdown)
@@ -277,7 +277,7 @@ class DeferredWSGIMiddleware:
         """Let running jobs finish within the grace period, return the rest
         to the queue, and stop claiming."""
         with self._lock:
-            if self._pid != os.getpid():
+            if self._pid != current_pid():
                 return
             self._pid = 0
         self.dispatcher.stop(self.config.grace_seconds)

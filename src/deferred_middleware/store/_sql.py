@@ -6,7 +6,6 @@ in :mod:`._codec`.
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from datetime import datetime, timedelta
@@ -15,6 +14,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from .._jobs import AttemptWrite, Finish, Job, Status, utcnow
+from .._process import current_pid
 from . import _codec as codec
 from ._accept import AcceptQueries
 from ._base import Clock, QueueCount, WorkerLoad
@@ -69,11 +69,11 @@ class SQLJobStore(AcceptQueries, ClaimQueries, WebhookQueries, DriverConnections
     def engine(self) -> sa.Engine:
         """Created on first use in each process: a forked server worker must
         never share the parent's connections."""
-        if self._engine is None or self._pid != os.getpid():
+        if self._engine is None or self._pid != current_pid():
             if self._engine is not None:
                 self._engine.dispose(close=False)
             self._engine = self.dialect.create_engine(self.url, self.lock_timeout)
-            self._pid = os.getpid()
+            self._pid = current_pid()
             self._insert = None
             self._selects = {}
             self._statements = {}

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import queue
 import threading
 from collections import defaultdict
@@ -20,6 +19,7 @@ from concurrent.futures import Future, InvalidStateError
 from typing import Any, TypeVar
 
 from .._jobs import AttemptWrite, Job
+from .._process import current_pid
 from ._base import JobStore, StoreUnavailable, Unstorable
 
 MAX_BATCH = 512
@@ -58,21 +58,21 @@ class BatchWriter:
     def stop(self) -> None:
         """Write what is queued, then end the thread."""
         thread = self._thread
-        if thread is not None and thread.is_alive() and self._pid == os.getpid():
+        if thread is not None and thread.is_alive() and self._pid == current_pid():
             self._queue.put(_STOP)
             thread.join()
         self._thread = None
 
     def _put(self, item: tuple[str, Any, Waiter]) -> None:
-        if not self._running or self._pid != os.getpid():
+        if not self._running or self._pid != current_pid():
             self._start()
         self._queue.put(item)
 
     def _start(self) -> None:
         """A writer per process, started again if its thread is gone."""
         with self._lock:
-            if not self._running or self._pid != os.getpid():
-                self._pid = os.getpid()
+            if not self._running or self._pid != current_pid():
+                self._pid = current_pid()
                 self._running = True
                 self._thread = threading.Thread(
                     target=self._run, name="deferred-writer", daemon=True
