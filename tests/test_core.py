@@ -552,6 +552,16 @@ def test_each_root_path_gets_its_own_job_urls_past_the_bound_of_those_kept():
     assert 0 < len(h.core._urls._built) <= protocol.JobURLsByRootPath.LIMIT
 
 
+def test_job_urls_are_built_once_per_root_path_and_never_kept_past_the_bound():
+    urls = protocol.JobURLsByRootPath("/jobs", None)
+    first = urls.of("/a")
+    assert urls.of("/a") is first and first.base == "/a/jobs"
+    assert urls.of("/b") is not first and urls.of("/b").base == "/b/jobs"
+    for n in range(urls.LIMIT + 1):
+        urls.of(f"/app{n}")
+        assert len(urls._built) <= urls.LIMIT
+
+
 # -- finding @deferred markers ------------------------------------------------
 
 

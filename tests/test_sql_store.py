@@ -4,6 +4,7 @@ databases that are down, locked or from another release."""
 from __future__ import annotations
 
 import contextlib
+import json
 import threading
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
@@ -176,6 +177,11 @@ def test_a_row_is_built_in_the_order_the_insert_binds_its_columns(dialect):
     assert values["id"] == job.id
     assert (values["created_at"], values["run_after"]) == ("created", "created")
     assert (values["owner"], values["callback_url"]) == ("ann", "https://example.com/hook")
+    assert values["request_credentials"] is None  # none sent: nothing to forget later
+    with_cookie = make_job(headers=[("cookie", "s=1"), ("accept", "*/*")])
+    row = codec.insert_values(with_cookie, frozenset({"cookie"}), "t")
+    assert json.loads(row["request_credentials"]) == [[0, "cookie", "s=1"]]
+    assert json.loads(row["request_headers"]) == [["accept", "*/*"]]
     assert (values["idempotency_key"], values["request_digest"]) == (
         job.idempotency.key,
         job.idempotency.request,
