@@ -163,6 +163,12 @@ def test_a_database_from_an_earlier_release_upgrades_in_place(database_url):
     new.close()
 
 
+def row_values(job, credential_names: frozenset[str], created) -> dict:
+    """A new job's row by column name."""
+    row = codec.insert_row(job, credential_names, created)
+    return dict(zip(codec.INSERT_KEYS, row, strict=True))
+
+
 @pytest.mark.parametrize(
     "dialect",
     [sqlite.dialect(), psycopg.dialect(), pymysql.dialect()],
@@ -175,7 +181,7 @@ def test_every_dialect_s_insert_binds_the_columns_in_a_row_s_order(dialect):
 
 def test_a_new_job_s_row_holds_its_values_with_credentials_apart():
     job = make_job(callback_url="https://example.com/hook", owner="ann", idempotency_key="k")
-    values = dict(zip(codec.INSERT_KEYS, codec.insert_row(job, frozenset(), "t"), strict=True))
+    values = row_values(job, frozenset(), "t")
     assert values["id"] == job.id
     assert (values["created_at"], values["run_after"]) == ("t", "t")
     assert (values["owner"], values["callback_url"]) == ("ann", "https://example.com/hook")
@@ -185,7 +191,7 @@ def test_a_new_job_s_row_holds_its_values_with_credentials_apart():
     )
     assert values["request_credentials"] is None  # none sent: nothing to forget later
     with_cookie = make_job(headers=[("cookie", "s=1"), ("accept", "*/*")])
-    values = codec.insert_values(with_cookie, frozenset({"cookie"}), "t")
+    values = row_values(with_cookie, frozenset({"cookie"}), "t")
     assert json.loads(values["request_credentials"]) == [[0, "cookie", "s=1"]]
     assert json.loads(values["request_headers"]) == [["accept", "*/*"]]
 
@@ -208,7 +214,7 @@ def test_a_timestamp_is_stored_as_naive_utc_whatever_its_zone(given):
 def insert_as_before_queues(store: SQLJobStore, job) -> None:
     """A row as a release from before queues wrote it: no queue column (nor
     any column added since)."""
-    values = codec.insert_values(job, frozenset(), store.dialect.datetime_param(job.created_at))
+    values = row_values(job, frozenset(), store.dialect.datetime_param(job.created_at))
     for added_since in ("queue", "callback_url", "owner", "idempotency_key", "request_digest"):
         del values[added_since]
     columns = ", ".join(values)

@@ -26,4 +26,9 @@ def new_job_id(made_at: datetime | None = None) -> str:
 
 
 def is_job_id(text: str) -> bool:
-    return len(text) == 32 and all(c in "0123456789abcdef" for c in text)
+    return len(text) == 32 and is_hex(text)
+
+
+def is_hex(text: str) -> bool:
+    """Lower-case hex digits only: what every part of a job id is made of."""
+    return all(c in "0123456789abcdef" for c in text)

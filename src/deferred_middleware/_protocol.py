@@ -70,7 +70,7 @@ class JobURLs:
     def quoted_base(self) -> str:
         """The base as the start of a JSON string (no closing quote), escaped
         once: a 202 is then filled in rather than encoded per request."""
-        return compact_json(self.base).decode()[:-1]
+        return _json.compact(self.base)[:-1]
 
 
 class JobURLsByRootPath:

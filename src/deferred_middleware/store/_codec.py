@@ -144,11 +144,6 @@ def insert_row(job: Job, credential_names: frozenset[str], created: Any) -> tupl
     )
 
 
-def insert_values(job: Job, credential_names: frozenset[str], created: Any) -> dict[str, Any]:
-    """:func:`insert_row` by column name."""
-    return dict(zip(INSERT_KEYS, insert_row(job, credential_names, created), strict=True))
-
-
 # Built once: an outcome is written for every job, and building the
 # statement anew each time cost more than executing it.
 FINISH = (

@@ -13,6 +13,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from .._ids import is_hex
 from .._jobs import AttemptWrite, Finish, Job, Status, utcnow
 from .._process import current_pid
 from . import _codec as codec
@@ -182,7 +183,7 @@ class SQLJobStore(AcceptQueries, ClaimQueries, WebhookQueries, DriverConnections
         return self._ids_like(suffix, "%" + suffix, limit)
 
     def _ids_like(self, part: str, pattern: str, limit: int) -> list[str]:
-        if not all(c in "0123456789abcdef" for c in part):
+        if not is_hex(part):
             return []  # ids are lower-case hex: nothing else is part of one (nor a LIKE pattern)
         query = sa.select(jobs.c.id).where(jobs.c.id.like(pattern)).order_by(jobs.c.id).limit(limit)
         with translate_errors(), self.engine.connect() as connection:
