@@ -45,6 +45,17 @@ class UTCDateTime(sa.types.TypeDecorator[datetime]):
 Body = sa.LargeBinary().with_variant(mysql.LONGBLOB(), "mysql", "mariadb")
 LongText = sa.Text().with_variant(mysql.LONGTEXT(), "mysql", "mariadb")
 
+
+def _set_only(name: str, *columns: str, unique: bool = False) -> sa.Index:
+    """An index of the rows whose last column is set, where the database
+    allows partial indexes (MariaDB indexes every row). A new job has no
+    lease, no end and mostly no Idempotency-Key, so accepting it adds no
+    entry to these: one B-tree fewer to write per index. Their queries
+    compare that column, which implies IS NOT NULL, so they still use them."""
+    where = sa.text(f"{columns[-1]} IS NOT NULL")
+    return sa.Index(name, *columns, unique=unique, postgresql_where=where, sqlite_where=where)
+
+
 jobs = sa.Table(
     "deferred_jobs",
     metadata,
@@ -88,12 +99,13 @@ jobs = sa.Table(
     # collide, in every database (which all let NULLs repeat).
     sa.Column("idempotency_key", sa.String(64)),
     sa.Column("request_digest", sa.String(64)),
-    sa.Index("ix_deferred_jobs_claim", "status", "run_after"),
-    sa.Index("ix_deferred_jobs_lease", "status", "lease_expires_at"),
-    sa.Index("ix_deferred_jobs_finished", "status", "finished_at"),
-    sa.Index("ix_deferred_jobs_created", "created_at"),
+    # Claims name their queues, so this index serves them and every count
+    # by status.
     sa.Index("ix_deferred_jobs_queue_claim", "status", "queue", "run_after"),
-    sa.Index("ux_deferred_jobs_idempotency", "idempotency_key", unique=True),
+    sa.Index("ix_deferred_jobs_created", "created_at"),
+    _set_only("ix_deferred_jobs_lease", "status", "lease_expires_at"),
+    _set_only("ix_deferred_jobs_finished", "status", "finished_at"),
+    _set_only("ux_deferred_jobs_idempotency", "idempotency_key", unique=True),
     # Only jobs with a webhook are in it (where the database can leave the
     # others out): accepting and finishing other jobs never touch it.
     sa.Index(
