@@ -46,7 +46,7 @@ class AcceptQueries:
         if self._file is not None:
             self._insert_in_place(sql, rows)
             return
-        with self._transaction() as connection:
+        with self._transaction(one_statement=True) as connection:
             self.dialect.insert(connection, sql, codec.INSERT_KEYS, named, rows)
 
     def _insert_in_place(self, sql: str, rows: Sequence[tuple[Any, ...]]) -> None:

@@ -83,7 +83,8 @@ class ClaimQueries:
         now = self.clock()
         expires = now + timedelta(seconds=lease_seconds)
         names = sorted(set(queues))
-        with self._transaction() as connection:
+        one_statement = self.dialect.updates_returning and self.dialect.claims_announce
+        with self._transaction(one_statement=one_statement) as connection:
             if self.dialect.updates_returning:
                 rows = self._claim_compiled(connection, worker, limit, names, now, expires)
             else:  # no RETURNING: the dialect's own steps

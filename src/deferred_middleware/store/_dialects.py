@@ -4,6 +4,7 @@ connecting, bulk inserts, claiming, wake-ups and the migration lock.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sqlite3
 import threading
@@ -45,6 +46,11 @@ class Dialect:
     skips_locked = False
     """Whether a claim passes over rows another worker is claiming, rather
     than waiting for them (SQLite has one writer at a time anyway)."""
+    lone_statements_autocommit = False
+    """Whether a write that is one statement, and a read, run without a
+    BEGIN and a COMMIT or ROLLBACK of their own: a statement alone is
+    atomic, and where each of those is a round trip to a server, they cost
+    more than the statement does."""
 
     def create_engine(self, url: sa.URL, lock_timeout: float) -> sa.Engine:
         engine = sa.create_engine(url, pool_recycle=3600, **_pool(), **self.engine_options())
@@ -82,6 +88,16 @@ class Dialect:
         """Mark the due rows running and read them back, in one statement."""
         statement = jobs.update().where(jobs.c.id.in_(self.lock_due(due).scalar_subquery()))
         return connection.execute(statement.values(values).returning(*columns))
+
+    def read_row(self, connection: Any, sql: str, params: Any) -> tuple[Any, ...] | None:
+        """One row read on a driver connection, and the read ended, so the
+        next one sees what was committed since."""
+        cursor = connection.cursor()
+        cursor.execute(sql, params)
+        row = cursor.fetchone()
+        cursor.close()
+        connection.rollback()
+        return row  # type: ignore[no-any-return]
 
     def lock_due(self, due: sa.Select[Any]) -> sa.Select[Any]:
         """The due rows as a claim selects them."""
@@ -185,6 +201,22 @@ class PostgreSQL(Dialect):
     pushes_wakeups = True
     skips_locked = True
     claims_announce = True
+    lone_statements_autocommit = True
+
+    def read_row(self, connection: Any, sql: str, params: Any) -> tuple[Any, ...] | None:
+        """In autocommit for the one statement: no BEGIN, no ROLLBACK, one
+        round trip. The pool's connection is left as it was found."""
+        driver = connection.dbapi_connection
+        driver.autocommit = True
+        try:
+            row = super().read_row(connection, sql, params)
+        except Exception:
+            # A lost connection refuses even this; it is thrown away anyway.
+            with contextlib.suppress(Exception):
+                driver.autocommit = False
+            raise
+        driver.autocommit = False
+        return row
 
     def insert(
         self,

@@ -108,11 +108,7 @@ class SQLJobStore(AcceptQueries, ClaimQueries, WebhookQueries, DriverConnections
 
     def _select(self, connection: Any, job_id: str, request: bool, response: bool) -> Job | None:
         sql, names, positional = self._select_statement(request, response)
-        cursor = connection.cursor()
-        cursor.execute(sql, (job_id,) if positional else {"b_id": job_id})
-        row = cursor.fetchone()
-        cursor.close()
-        connection.rollback()  # end the read: the next one sees new commits
+        row = self.dialect.read_row(connection, sql, (job_id,) if positional else {"b_id": job_id})
         return None if row is None else codec.job_from_row(dict(zip(names, row, strict=True)))
 
     def _select_statement(self, request: bool, response: bool) -> tuple[str, list[str], bool]:
@@ -329,7 +325,9 @@ class SQLJobStore(AcceptQueries, ClaimQueries, WebhookQueries, DriverConnections
     # -- helpers -----------------------------------------------------------
 
     @contextlib.contextmanager
-    def _transaction(self, erasing: Sequence[str] = ()) -> Iterator[sa.Connection]:
+    def _transaction(
+        self, erasing: Sequence[str] = (), *, one_statement: bool = False
+    ) -> Iterator[sa.Connection]:
         """A write transaction (on SQLite, one that takes the lock at once).
 
         A connection that failed is thrown away rather than pooled, so the
@@ -339,7 +337,14 @@ class SQLJobStore(AcceptQueries, ClaimQueries, WebhookQueries, DriverConnections
         if self._file is not None and self._file.lost:
             self._reopen()
         with self._one_writer(), translate_errors():
-            connection = self.engine.connect().execution_options(sqlite_immediate=True)
+            connection = self.engine.connect()
+            if one_statement and self.dialect.lone_statements_autocommit:
+                # The statement is the transaction: a round trip each saved
+                # for BEGIN and COMMIT. SQLAlchemy restores the connection's
+                # isolation when it returns to the pool.
+                connection = connection.execution_options(isolation_level="AUTOCOMMIT")
+            else:
+                connection = connection.execution_options(sqlite_immediate=True)
             try:
                 with connection.begin():
                     erases = self._erases(connection, erasing)
