@@ -32,6 +32,7 @@ from deferred_middleware.store import (
 )
 from deferred_middleware.store import _codec as codec
 from deferred_middleware.store._schema import jobs, naive_utc
+from deferred_middleware.store._sqlite_file import CommitMark
 
 from .support import eventually, make_job
 
@@ -476,7 +477,7 @@ def in_another_process(sqlite_url: str, code: str) -> None:
     subprocess.run([sys.executable, "-c", script + code], check=True, timeout=60)
 
 
-def test_a_job_unchanged_since_it_was_read_costs_no_select(sqlite_url):
+def test_a_job_unchanged_since_it_was_read_costs_no_statement(sqlite_url):
     store = SQLJobStore(sqlite_url)
     store.migrate()
     job = finished_job(store)
@@ -484,9 +485,66 @@ def test_a_job_unchanged_since_it_was_read_costs_no_select(sqlite_url):
     statements = statements_on_this_threads_reader(store)
     assert store.get(job.id, response=True).response.body == b"done"
     assert store.get(job.id, response=True).status is Status.SUCCEEDED
-    assert statements == ["PRAGMA data_version"] * 2
+    assert statements == []  # the file's commit mark said nothing changed
     store.get(job.id)  # a read of other columns is a read of its own
-    assert len(statements) == 4 and statements[3].startswith("SELECT")
+    assert len(statements) == 1 and statements[0].startswith("SELECT")
+    store.close()
+
+
+def test_without_a_commit_mark_sqlite_is_asked_what_changed(sqlite_url, monkeypatch):
+    """A mark caught mid-commit (its two copies differ) or not there at
+    all: each read asks ``data_version`` instead, and still remembers."""
+    store = SQLJobStore(sqlite_url)
+    store.migrate()
+    job = finished_job(store)
+    store.get(job.id)
+    monkeypatch.setattr(CommitMark, "read", lambda self: None)
+    statements = statements_on_this_threads_reader(store)
+    assert store.get(job.id).status is Status.SUCCEEDED  # the source changed: read again
+    assert store.get(job.id).status is Status.SUCCEEDED
+    assert statements[0] == "PRAGMA data_version" and statements[1].startswith("SELECT")
+    assert statements[2:] == ["PRAGMA data_version"]
+    in_another_process(sqlite_url, f"assert store.delete({job.id!r})")
+    assert store.get(job.id) is None
+    store.close()
+
+
+@pytest.mark.parametrize(
+    "shm, readable",
+    [
+        (bytes(12) + b"\x01" + bytes(35), True),
+        (bytes(48), False),  # not built yet
+        (None, False),  # no -shm file
+    ],
+    ids=["built", "not-built", "absent"],
+)
+def test_a_commit_mark_is_both_copies_of_a_built_header_alike(tmp_path, shm, readable):
+    path = str(tmp_path / "jobs.db")
+    if shm is not None:
+        Path(path + "-shm").write_bytes(shm + shm + b"rest of the index")
+    assert CommitMark(path).read() == (shm if readable else None)
+    if shm is not None:
+        torn = shm[:20] + b"\x07" + shm[21:]  # the second copy is written first
+        Path(path + "-shm").write_bytes(shm + torn)
+        assert CommitMark(path).read() is None
+        Path(path + "-shm").write_bytes(shm + shm[:47])  # cut short
+        assert CommitMark(path).read() is None
+
+
+def test_every_commit_moves_the_mark_and_reading_does_not(sqlite_url):
+    store = SQLJobStore(sqlite_url)
+    store.migrate()
+    mark = CommitMark(sqlite_url.removeprefix("sqlite:///"))
+    before = mark.read()
+    job = finished_job(store)
+    store.get(job.id)
+    assert before is not None and mark.read() != before
+    after = mark.read()
+    store.get(job.id, response=True)
+    store.count(Status.SUCCEEDED)
+    assert mark.read() == after
+    in_another_process(sqlite_url, f"assert store.delete({job.id!r})")
+    assert mark.read() not in (before, after, None)
     store.close()
 
 

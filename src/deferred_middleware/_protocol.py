@@ -357,6 +357,8 @@ def parse_job_route(tail: str, query_string: bytes, max_wait: float) -> JobRoute
 
 
 def _wait_seconds(query_string: bytes, max_wait: float) -> float:
+    if not query_string:  # most polls: no need to parse
+        return 0.0
     for key, value in parse_qsl(query_string.decode("latin-1")):
         if key == "wait":
             try:

@@ -3,10 +3,11 @@ Connection would cost more than the statement: a status poll and the
 writer's insert into an SQLite file.
 
 A thread's reading connection on an SQLite file also remembers the jobs it
-read, for as long as SQLite's ``data_version`` says that no other
-connection (of this process or another) has committed since: a poll of a
-job that has not changed then costs one pragma, and a job deleted or
-retried anywhere is never served from memory.
+read, for as long as the file's commit mark (else SQLite's
+``data_version``) says that no other connection, of this process or
+another, has committed since: a poll of a job that has not changed then
+costs one small read of the ``-shm`` file, and a job deleted or retried
+anywhere is never served from memory.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import sqlalchemy as sa
 from .._jobs import Job
 from ._base import StoreUnavailable
 from ._errors import cause_of, translate_errors
+from ._sqlite_file import CommitMark, DatabaseFile
 
 REMEMBERED_JOBS = 1024
 REMEMBERED_BODY = 64 * 1024
@@ -31,18 +33,26 @@ class ReadingConnection:
     """A thread's own driver connection, kept between reads. It only ever
     reads: ``data_version`` counts commits by other connections only."""
 
-    def __init__(self, engine: sa.Engine, connection: Any, remembers: bool) -> None:
+    def __init__(self, engine: sa.Engine, connection: Any, file: DatabaseFile | None) -> None:
+        """Only a file's jobs are remembered: in memory, all threads share
+        one connection, whose ``data_version`` never moves for its own writes."""
         self.engine = engine
         self.connection = connection
-        self.remembers = remembers
+        self.remembers = file is not None
+        # Opened once the connection is: SQLite has made the -shm file by then.
+        self._mark = CommitMark(file.path) if file is not None else None
         self._version: object = None
         self._jobs: dict[object, Job] = {}
 
     def recall(self, key: object) -> Job | None:
-        """The job read under ``key``, if nothing was committed since."""
-        if not self.remembers:
+        """The job read under ``key``, if nothing was committed since. A
+        mark and a ``data_version`` never compare equal, so switching
+        between them forgets what was remembered."""
+        if self._mark is None:
             return None
-        version = self.connection.dbapi_connection.execute("PRAGMA data_version").fetchone()
+        version: object = self._mark.read()
+        if version is None:
+            version = self.connection.dbapi_connection.execute("PRAGMA data_version").fetchone()
         if version != self._version:
             self._jobs.clear()
             self._version = version
@@ -73,19 +83,18 @@ class DriverConnections:
 
     engine: sa.Engine
     _readers: threading.local
-    _remembers: bool
+    _file: DatabaseFile | None
 
-    @contextlib.contextmanager
-    def _own_connection(self) -> Iterator[ReadingConnection]:
+    def _own_connection(self) -> ReadingConnection:
         """This thread's own driver connection, kept between reads: a status
-        poll then costs the statement, not a checkout from the pool."""
+        poll then costs the statement, not a checkout from the pool. Used
+        within :meth:`_thrown_away_on_failure`."""
         engine = self.engine
         held = getattr(self._readers, "held", None)
         if held is None or held.engine is not engine:
             connection = self._checkout(engine)
-            held = self._readers.held = ReadingConnection(engine, connection, self._remembers)
-        with self._thrown_away_on_failure(held.connection):
-            yield held
+            held = self._readers.held = ReadingConnection(engine, connection, self._file)
+        return held
 
     @contextlib.contextmanager
     def _driver_connection(self) -> Iterator[Any]:
@@ -106,15 +115,32 @@ class DriverConnections:
         except (dbapi.OperationalError, dbapi.InterfaceError) as exc:
             raise StoreUnavailable(cause_of(exc)) from exc
 
-    @contextlib.contextmanager
-    def _thrown_away_on_failure(self, connection: Any) -> Iterator[None]:
-        """A connection that failed is not used again: StoreUnavailable."""
-        dbapi = self.engine.dialect.loaded_dbapi
-        try:
-            yield
-        except (dbapi.OperationalError, dbapi.InterfaceError) as exc:
-            held = getattr(self._readers, "held", None)
-            if held is not None and held.connection is connection:
-                self._readers.held = None
-            connection.invalidate()
+    def _thrown_away_on_failure(self, connection: Any) -> ThrownAwayOnFailure:
+        return ThrownAwayOnFailure(self, connection)
+
+    def _forget_reader(self, connection: Any) -> None:
+        held = getattr(self._readers, "held", None)
+        if held is not None and held.connection is connection:
+            self._readers.held = None
+
+
+class ThrownAwayOnFailure:
+    """A connection that failed is not used again: StoreUnavailable. (A
+    class rather than a generator: it wraps every status poll, and costs a
+    third as much.)"""
+
+    __slots__ = ("connection", "connections")
+
+    def __init__(self, connections: DriverConnections, connection: Any) -> None:
+        self.connections = connections
+        self.connection = connection
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, _kind: object, exc: BaseException | None, _trace: object) -> None:
+        dbapi = self.connections.engine.dialect.loaded_dbapi
+        if isinstance(exc, (dbapi.OperationalError, dbapi.InterfaceError)):
+            self.connections._forget_reader(self.connection)
+            self.connection.invalidate()
             raise StoreUnavailable(cause_of(exc)) from exc

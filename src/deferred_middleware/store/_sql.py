@@ -63,8 +63,6 @@ class SQLJobStore(AcceptQueries, ClaimQueries, WebhookQueries, DriverConnections
         self._statements: dict[Hashable, DriverStatement] = {}
         self._readers = threading.local()
         self._file = DatabaseFile.of(self.url)
-        # Only a file's connections are separate: in memory, all share one.
-        self._remembers = self._file is not None
 
     @property
     def engine(self) -> sa.Engine:
@@ -97,7 +95,8 @@ class SQLJobStore(AcceptQueries, ClaimQueries, WebhookQueries, DriverConnections
         """The hot read behind every status poll: a statement compiled once,
         on a connection this thread keeps."""
         key = (job_id, request, response)
-        with self._own_connection() as held:
+        held = self._own_connection()
+        with self._thrown_away_on_failure(held.connection):
             job = held.recall(key)
             if job is None:
                 job = self._select(held.connection, job_id, request, response)
