@@ -328,6 +328,8 @@ class SQLJobStore(AcceptQueries, ClaimQueries, WebhookQueries, DriverConnections
         self, erasing: Sequence[str] = (), *, one_statement: bool = False
     ) -> Iterator[sa.Connection]:
         """A write transaction (on SQLite, one that takes the lock at once).
+        With ``one_statement`` the caller runs a single statement, which is
+        its own transaction where the dialect says so.
 
         A connection that failed is thrown away rather than pooled, so the
         store recovers by itself once the cause is gone (a server back up, a

@@ -78,19 +78,21 @@ class CommitMark:
     among the fields) and which it compares itself to decide whether
     ``PRAGMA data_version`` moves. One ``pread`` of it replaces that
     pragma, whose read transaction takes and drops a lock (two ``fcntl``
-    calls): a fifth of what a status poll of a remembered job cost. Its
+    calls): half of what reading a remembered job cost. Its
     layout cannot change under us: processes on different SQLite releases
     share it. :meth:`read` is None whenever it cannot be read whole and
     consistent (the two copies differ mid-commit, no ``-shm`` file); the
     caller then asks SQLite."""
 
     def __init__(self, path: str) -> None:
+        self._fd: int | None = None
+        if not hasattr(os, "pread"):  # Windows: SQLite is asked each time
+            return
         try:
-            self._fd: int | None = os.open(path + "-shm", os.O_RDONLY)
+            self._fd = os.open(path + "-shm", os.O_RDONLY)
         except OSError:
-            self._fd = None
-        else:
-            weakref.finalize(self, os.close, self._fd)
+            return
+        weakref.finalize(self, os.close, self._fd)
 
     def read(self) -> bytes | None:
         if self._fd is None:
