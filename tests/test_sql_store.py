@@ -4,7 +4,9 @@ databases that are down, locked or from another release."""
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
+import os
 import threading
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
@@ -531,6 +533,20 @@ def test_a_commit_mark_is_both_copies_of_a_built_header_alike(tmp_path, shm, rea
         assert CommitMark(path).read() is None
 
 
+def test_a_commit_mark_let_go_closes_its_file(tmp_path):
+    """A thread's reading connection, and so its mark, may be replaced
+    many times in a long-lived process: no descriptor is left behind."""
+    path = str(tmp_path / "jobs.db")
+    Path(path + "-shm").write_bytes(bytes(96))
+    mark = CommitMark(path)
+    descriptor = mark._fd
+    os.fstat(descriptor)
+    del mark
+    gc.collect()
+    with pytest.raises(OSError):
+        os.fstat(descriptor)
+
+
 def test_every_commit_moves_the_mark_and_reading_does_not(sqlite_url):
     store = SQLJobStore(sqlite_url)
     store.migrate()
@@ -574,6 +590,19 @@ def test_a_job_changed_by_another_process_is_read_again(sqlite_url, change):
         code += "assert store.prune(datetime.now(timezone.utc) + timedelta(days=1)) == 1"
         in_another_process(sqlite_url, code)
         assert store.get(job.id, response=True) is None
+    store.close()
+
+
+def test_a_reading_connection_that_failed_is_not_used_again(sqlite_url):
+    store = SQLJobStore(sqlite_url)
+    store.migrate()
+    job = finished_job(store)
+    store.get(make_job().id)  # this thread's reading connection
+    failing = store._readers.held.connection.dbapi_connection
+    failing.set_progress_handler(lambda: 1, 1)  # interrupts every statement on it
+    with pytest.raises(StoreUnavailable):
+        store.get(job.id)
+    assert store.get(job.id).status is Status.SUCCEEDED  # on a new connection
     store.close()
 
 
