@@ -115,19 +115,34 @@ def test_an_unreachable_database_is_reported_as_unavailable():
         store.get(new_job_id())
 
 
-def test_every_sqlite_connection_is_set_up_for_the_job_table(sqlite_url):
-    """WAL, NORMAL sync, zeroed free space (erased credentials), and temporary
-    data in memory: a multi-row INSERT's statement journal is no file opened
-    and removed on every commit."""
-    store = SQLJobStore(sqlite_url)
+@pytest.mark.parametrize(
+    "query, synchronous", [("", 1), ("?synchronous=full", 2), ("?synchronous=EXTRA", 3)]
+)
+def test_every_sqlite_connection_is_set_up_for_the_job_table(sqlite_url, query, synchronous):
+    """WAL, NORMAL sync unless the URL asks for more, zeroed free space
+    (erased credentials), and temporary data in memory: a multi-row
+    INSERT's statement journal is no file opened and removed on every
+    commit."""
+    store = SQLJobStore(sqlite_url + query)
     store.migrate()
-    with store.engine.connect() as connection:
-        pragmas = {
-            name: connection.exec_driver_sql(f"PRAGMA {name}").scalar()
-            for name in ("journal_mode", "synchronous", "secure_delete", "temp_store")
-        }
-    assert pragmas == {"journal_mode": "wal", "synchronous": 1, "secure_delete": 1, "temp_store": 2}
+    for connection in (store.engine.connect(), store.engine.connect()):  # each new one
+        with connection:
+            pragmas = {
+                name: connection.exec_driver_sql(f"PRAGMA {name}").scalar()
+                for name in ("journal_mode", "synchronous", "secure_delete", "temp_store")
+            }
+        expected = {"journal_mode": "wal", "synchronous": synchronous, "secure_delete": 1}
+        assert pragmas == {**expected, "temp_store": 2}
+    job = make_job()
+    store.insert([job])
+    assert SQLJobStore(sqlite_url).get(job.id) is not None  # the same file, whatever the query
     store.close()
+
+
+@pytest.mark.parametrize("level", ["off", "sometimes", "2"])
+def test_a_sync_level_that_could_lose_jobs_or_is_none_is_refused(sqlite_url, level):
+    with pytest.raises(ValueError, match=r"synchronous=.*use one of normal, full, extra"):
+        SQLJobStore(f"{sqlite_url}?synchronous={level}")
 
 
 def test_a_locked_sqlite_database_is_reported_as_unavailable(sqlite_url):
