@@ -38,11 +38,14 @@ class ReadingConnection:
         one connection, whose ``data_version`` never moves for its own writes."""
         self.engine = engine
         self.connection = connection
-        self.remembers = file is not None
         # Opened once the connection is: SQLite has made the -shm file by then.
         self._mark = CommitMark(file.path) if file is not None else None
         self._version: object = None
         self._jobs: dict[object, Job] = {}
+
+    @property
+    def remembers(self) -> bool:
+        return self._mark is not None
 
     def recall(self, key: object) -> Job | None:
         """The job read under ``key``, if nothing was committed since. A

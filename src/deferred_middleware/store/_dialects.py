@@ -47,10 +47,10 @@ class Dialect:
     """Whether a claim passes over rows another worker is claiming, rather
     than waiting for them (SQLite has one writer at a time anyway)."""
     lone_statements_autocommit = False
-    """Whether a write that is one statement, and a read, run without a
-    BEGIN and a COMMIT or ROLLBACK of their own: a statement alone is
-    atomic, and where each of those is a round trip to a server, they cost
-    more than the statement does."""
+    """Whether a write that is one statement runs without a BEGIN and a
+    COMMIT of its own: a statement alone is atomic, and where each of those
+    is a round trip to a server, they cost more than the statement does.
+    (A read does the same through the dialect's :meth:`read_row`.)"""
 
     def create_engine(self, url: sa.URL, lock_timeout: float) -> sa.Engine:
         engine = sa.create_engine(url, pool_recycle=3600, **_pool(), **self.engine_options())
