@@ -377,4 +377,7 @@ def job_from_row(row: Mapping[str, Any]) -> Job:
 
 
 def jobs_from_result(result: sa.CursorResult[Any]) -> list[Job]:
-    return [job_from_row(row._mapping) for row in result]
+    """Each row as a plain dict: a row's own mapping raises and catches a
+    ``KeyError`` inside for every column a read did not select."""
+    names = list(result.keys())
+    return [job_from_row(dict(zip(names, row, strict=True))) for row in result.fetchall()]
