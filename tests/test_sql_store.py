@@ -34,6 +34,7 @@ from deferred_middleware.store import (
 )
 from deferred_middleware.store import _codec as codec
 from deferred_middleware.store._schema import jobs, naive_utc
+from deferred_middleware.store._sql import ERASE_CHECK_CHUNK
 from deferred_middleware.store._sqlite_file import CommitMark
 
 from .support import eventually, make_job
@@ -346,6 +347,28 @@ def test_erased_credentials_are_gone_from_the_sqlite_files(sqlite_url, end):
         clock.advance(31)
         store.reap_expired("lost")
     assert store.get(job.id).status.finished
+    assert token.encode() not in files_of(sqlite_url)
+    store.close()
+
+
+def test_credentials_erased_late_in_a_long_batch_of_outcomes_are_gone_too(sqlite_url):
+    """The check for stored credentials goes in chunks of ids; the one that
+    holds them is in the last."""
+    from deferred_middleware._jobs import DEFAULT_CREDENTIAL_HEADERS, Finish, Status, StoredResponse
+
+    from .support import FakeClock
+
+    clock = FakeClock()
+    store = SQLJobStore(sqlite_url, credential_headers=DEFAULT_CREDENTIAL_HEADERS, clock=clock)
+    store.migrate()
+    token = "Bearer secret-" + new_job_id()
+    plain = [make_job(created_at=clock()) for _ in range(ERASE_CHECK_CHUNK)]
+    holder = make_job(headers=[("authorization", token)], created_at=clock())
+    store.insert([*plain, holder])
+    assert len(store.claim("w", len(plain) + 1, 30)) == len(plain) + 1
+    response = StoredResponse(200, [], b"")
+    store.write([Finish(job.id, 1, Status.SUCCEEDED, response) for job in (*plain, holder)])
+    assert store.get(holder.id).status is Status.SUCCEEDED
     assert token.encode() not in files_of(sqlite_url)
     store.close()
 
