@@ -6,7 +6,6 @@ import asyncio
 import contextvars
 import logging
 import threading
-from concurrent.futures import Future
 from typing import Any
 
 from asgiref.typing import ASGI3Application as ASGIApp
@@ -96,6 +95,8 @@ class TaskLauncher:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.state: dict[str, Any] | None = None
         self._own_thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._pending: list[tuple[_Task, StoredRequest, contextvars.Context, Ended]] = []
 
     def bind(self, loop: asyncio.AbstractEventLoop, state: dict[str, Any] | None) -> None:
         """The loop the app runs on, and its lifespan state for the jobs."""
@@ -127,19 +128,41 @@ class TaskLauncher:
         loop.close()
         self._own_thread = self.loop = None
 
-    def launch(
-        self, request: StoredRequest, context: contextvars.Context, ended: Ended
-    ) -> Future[None]:
-        if self.loop is None:
+    def launch(self, request: StoredRequest, context: contextvars.Context, ended: Ended) -> _Task:
+        """Queue the replay for the loop. A claimed batch is launched one by
+        one from the claiming thread: the first wakes the loop, the rest ride
+        on that wake-up, and the loop starts them all in one callback."""
+        loop = self.loop
+        if loop is None:
             raise RuntimeError("the task launcher was not bound to an event loop")
-        # The task is created in (a copy of) ``context``: the handle that
-        # creates it is scheduled from inside it.
-        return context.run(asyncio.run_coroutine_threadsafe, self._run(request, ended), self.loop)
+        task = _Task(loop)
+        launch = (task, request, context, ended)
+        with self._lock:
+            self._pending.append(launch)
+            if len(self._pending) > 1:
+                return task  # a wake-up is on its way
+            try:
+                loop.call_soon_threadsafe(self._start_pending)
+            except RuntimeError:  # the loop is closed: nothing will start it
+                self._pending.remove(launch)
+                raise
+        return task
 
-    async def _run(self, request: StoredRequest, ended: Ended) -> None:
+    def _start_pending(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for task, request, context, ended in pending:
+            if task.cancelled:  # cancelled before it could start
+                context.run(ended, None)
+                continue
+            # Created inside ``context``: the task runs in a copy of it.
+            task.task = context.run(task.loop.create_task, self._run(request, ended, task))
+
+    async def _run(self, request: StoredRequest, ended: Ended, task: _Task) -> None:
         try:
             outcome: Outcome = await replay_asgi(self.app, request, self.state)
         except asyncio.CancelledError:
+            task.done = True
             ended(None)
             raise
         except NoResponse:
@@ -148,4 +171,31 @@ class TaskLauncher:
         except Exception as exception:
             logger.exception("job %s: the handler raised", current_job().id)
             outcome = raised(exception)
+        task.done = True
         ended(outcome)
+
+
+class _Task:
+    """A launched replay, as :class:`~._attempt.Running`: cancellable from
+    any thread, whether or not its task was created yet."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.task: asyncio.Task[None] | None = None
+        self.cancelled = False
+        self.done = False
+
+    def cancel(self) -> bool:
+        """False once the replay has ended, as for a finished future."""
+        if self.done:
+            return False
+        self.cancelled = True
+        try:
+            self.loop.call_soon_threadsafe(self._cancel_on_loop)
+        except RuntimeError:  # the loop is closed: the task is gone with it
+            return False
+        return True
+
+    def _cancel_on_loop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()

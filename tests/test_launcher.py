@@ -1,0 +1,157 @@
+"""The ASGI launcher: replays as tasks on a loop in another thread, a
+claimed batch started with one wake-up of that loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from deferred_middleware._jobs import StoredRequest, StoredResponse
+from deferred_middleware.runner.asgi import TaskLauncher
+
+from .support import eventually
+
+attempt_name: contextvars.ContextVar[str] = contextvars.ContextVar("attempt_name")
+
+
+class App:
+    """Answers each request with the attempt's name from its context; a
+    request to /forever waits until cancelled."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.cancelled = threading.Event()
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        self.calls += 1
+        if scope["path"] == "/forever":
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                self.cancelled.set()
+                raise
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": attempt_name.get().encode()})
+
+
+class Outcomes:
+    def __init__(self) -> None:
+        self.by_name: dict[str, Any] = {}
+        self.lock = threading.Lock()
+
+    def ended_for(self, name: str) -> Any:
+        def ended(outcome: Any) -> None:
+            with self.lock:
+                assert name not in self.by_name, "ended twice"
+                self.by_name[name] = outcome
+
+        return ended
+
+
+def request(path: str = "/job") -> StoredRequest:
+    return StoredRequest(method="POST", path=path, body=b"", headers=[])
+
+
+def context_named(name: str) -> contextvars.Context:
+    context = contextvars.copy_context()
+    context.run(attempt_name.set, name)
+    return context
+
+
+@pytest.fixture
+def launcher() -> Iterator[TaskLauncher]:
+    launcher = TaskLauncher(App())  # type: ignore[arg-type]
+    launcher.bind_own_loop(None)
+    yield launcher
+    launcher.close()
+
+
+def held(loop: asyncio.AbstractEventLoop) -> threading.Event:
+    """Keep ``loop`` busy until the event is set: what is launched meanwhile
+    waits for its next turn."""
+    busy, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        busy.set()
+        release.wait(10)
+
+    loop.call_soon_threadsafe(hold)
+    assert busy.wait(10)
+    return release
+
+
+def test_a_batch_launched_meanwhile_wakes_the_loop_once_and_each_runs_in_its_context(
+    launcher, monkeypatch
+):
+    loop = launcher.loop
+    assert loop is not None
+    release = held(loop)
+    wake_ups = []
+    call_soon_threadsafe = loop.call_soon_threadsafe
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        wake_ups.append(args)
+        return call_soon_threadsafe(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "call_soon_threadsafe", counted)
+    outcomes = Outcomes()
+    names = [f"attempt-{i}" for i in range(10)]
+    for name in names:
+        launcher.launch(request(), context_named(name), outcomes.ended_for(name))
+    release.set()
+    eventually(lambda: len(outcomes.by_name) == len(names))
+    assert len(wake_ups) == 1
+    for name in names:
+        assert outcomes.by_name[name] == StoredResponse(200, [], name.encode())
+    # The next batch wakes the loop again.
+    launcher.launch(request(), context_named("later"), outcomes.ended_for("later"))
+    eventually(lambda: "later" in outcomes.by_name)
+    assert len(wake_ups) == 2
+
+
+def test_a_replay_cancelled_before_it_started_never_runs_and_ends_without_an_outcome(launcher):
+    loop = launcher.loop
+    assert loop is not None
+    release = held(loop)
+    outcomes = Outcomes()
+    task = launcher.launch(request(), context_named("early"), outcomes.ended_for("early"))
+    kept = launcher.launch(request(), context_named("kept"), outcomes.ended_for("kept"))
+    assert task.cancel() is True
+    release.set()
+    eventually(lambda: len(outcomes.by_name) == 2)
+    assert outcomes.by_name["early"] is None
+    assert outcomes.by_name["kept"] == StoredResponse(200, [], b"kept")
+    assert launcher.app.calls == 1  # type: ignore[attr-defined]
+    assert kept.cancel() is False  # it has ended
+
+
+def test_a_running_replay_is_cancelled_from_another_thread(launcher):
+    outcomes = Outcomes()
+    task = launcher.launch(request("/forever"), context_named("long"), outcomes.ended_for("long"))
+    eventually(lambda: launcher.app.calls == 1)  # type: ignore[attr-defined]
+    assert task.cancel() is True
+    assert launcher.app.cancelled.wait(10)  # type: ignore[attr-defined]
+    eventually(lambda: "long" in outcomes.by_name)
+    assert outcomes.by_name["long"] is None
+    assert task.cancel() is False
+
+
+def test_a_closed_loop_refuses_the_launch_and_keeps_nothing_pending():
+    launcher = TaskLauncher(App())  # type: ignore[arg-type]
+    loop = asyncio.new_event_loop()
+    loop.close()
+    launcher.bind(loop, None)
+    outcomes = Outcomes()
+    for name in ("first", "second"):  # each refused: nothing waits on a wake-up
+        with pytest.raises(RuntimeError):
+            launcher.launch(request(), context_named(name), outcomes.ended_for(name))
+    launcher.bind_own_loop(None)
+    launcher.launch(request(), context_named("third"), outcomes.ended_for("third"))
+    eventually(lambda: "third" in outcomes.by_name)
+    assert set(outcomes.by_name) == {"third"}
+    launcher.close()
