@@ -57,7 +57,7 @@ class Launched:
 
     def cancel(self) -> bool:
         self.cancel_calls += 1
-        if not self.interruptible:
+        if not self.interruptible or self.finished:  # as a task that has ended
             return False
         self.end(None)  # a cancelled task ends promptly
         return True

@@ -476,6 +476,39 @@ def test_a_replay_cancelled_from_outside_frees_its_slot():
     assert h.job(job_id).status is Status.RUNNING  # its lease will expire
 
 
+def test_outcomes_waiting_for_their_write_free_their_slots_up_to_the_concurrency(monkeypatch):
+    """A handler that returned frees its slot at once, even while the store
+    cannot take its outcome; but no more than ``concurrency`` such outcomes
+    are held, and once written they free nothing twice."""
+    h = Harness(concurrency=4)
+    ids = [h.submit() for _ in range(16)]
+    write = h.store.write
+
+    def down(*_: Any, **__: Any) -> Any:
+        raise StoreUnavailable("down")
+
+    monkeypatch.setattr(h.store, "write", down)
+    assert h.claim() == 4
+    for job_id in ids[:4]:
+        h.launcher.last(job_id).respond()
+    assert h.claim() == 4  # four outcomes held, four handlers free to start
+    for job_id in ids[4:8]:
+        h.launcher.last(job_id).respond()
+    h.advance(1)
+    assert h.claim() == 0  # eight held: the concurrency is spent
+    monkeypatch.setattr(h.store, "write", write)
+    h.tend()  # written again
+    assert not h.dispatcher.running
+    assert all(h.job(job_id).status is Status.SUCCEEDED for job_id in ids[:8])
+    assert h.claim() == 4  # the slots freed by the held outcomes are not freed again
+    monkeypatch.setattr(h.store, "write", down)
+    for job_id in ids[8:10]:
+        h.launcher.last(job_id).respond()
+    h.dispatcher.stop(grace=0)  # nothing runs here any more, held or not
+    assert not h.dispatcher.running
+    assert h.dispatcher._busy() == 0
+
+
 def test_shutdown_waits_no_longer_than_its_grace():
     h = Harness()
     job_id = h.submit()

@@ -82,6 +82,9 @@ class Dispatcher:
         self.worker = worker_name()
         self.queues: frozenset[str] = frozenset({config.queue})
         self.running: dict[str, Attempt] = {}
+        # Those of ``running`` whose outcome is being written: counted as
+        # they come and go, for the claim loop asks after every attempt.
+        self._settling: set[Attempt] = set()
         self._lock = threading.Lock()
         self._released = threading.Condition(self._lock)
         self._wake = threading.Event()
@@ -124,6 +127,7 @@ class Dispatcher:
                 self._released.wait(left)
             attempts = list(self.running.values())
             self.running.clear()
+            self._settling.clear()
             for attempt in attempts:
                 attempt.state = State.INTERRUPTED
         for attempt in attempts:
@@ -170,6 +174,9 @@ class Dispatcher:
     def _launch(self, job: Job) -> None:
         attempt = Attempt(job, self.monotonic(), self._report)
         with self._lock:
+            replaced = self.running.get(job.id)
+            if replaced is not None:
+                self._settling.discard(replaced)
             self.running[job.id] = attempt
         context = contextvars.copy_context()
         context.run(set_current, attempt.running_job)
@@ -204,6 +211,8 @@ class Dispatcher:
             if attempt.state in (State.INTERRUPTED, State.DONE, State.SETTLING):
                 return
             attempt.state = State.SETTLING
+            if self.running.get(attempt.job.id) is attempt:
+                self._settling.add(attempt)
         write = policy.settle(attempt.job, attempt.number, outcome, self.config.retry_backoff)
         self._submit(attempt, write)
         if self.config.concurrency - self._busy() <= self._min_claim:
@@ -237,6 +246,7 @@ class Dispatcher:
                 attempt.state = State.DONE
             if self.running.get(attempt.job.id) is attempt:
                 del self.running[attempt.job.id]
+            self._settling.discard(attempt)
             self._released.notify_all()
         self._wake.set()
 
@@ -245,7 +255,7 @@ class Dispatcher:
         waits for its write frees its slot at once, so the next claim need
         not wait a commit; at most ``concurrency`` of those are held."""
         with self._lock:
-            settling = sum(a.state is State.SETTLING for a in self.running.values())
+            settling = len(self._settling)
             handlers = len(self.running) - settling
             return max(handlers, handlers + settling - self.config.concurrency)
 
