@@ -388,6 +388,26 @@ def test_claiming_waits_for_a_useful_batch_while_busy():
     assert h.claim() == 2
 
 
+def test_the_claim_loop_is_woken_only_when_its_next_step_would_claim():
+    h = Harness(concurrency=8, poll_interval=1.0)  # a batch is at least 2
+    ids = [h.submit() for _ in range(12)]
+    assert h.claim() == 8
+    wake = h.dispatcher._wake
+    wake.clear()
+    h.launcher.last(ids[0]).respond()
+    assert not wake.is_set()  # one free slot, and a claim was just made
+    h.launcher.last(ids[1]).respond()
+    assert wake.is_set()  # a batch fits
+    assert h.claim() == 2
+    wake.clear()
+    h.advance(1.0)
+    h.launcher.last(ids[2]).respond()
+    assert wake.is_set()  # one slot, but a poll interval has passed
+    wake.clear()
+    h.launcher.last(ids[3]).end(None)  # cancelled: its slot is free at once
+    assert wake.is_set()
+
+
 def test_a_free_slot_is_filled_within_a_poll_interval_while_long_jobs_run():
     """Seven long jobs and one free slot: the queued job must not wait for
     a batch of two to fit."""

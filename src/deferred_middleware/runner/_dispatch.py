@@ -215,10 +215,9 @@ class Dispatcher:
                 self._settling.add(attempt)
         write = policy.settle(attempt.job, attempt.number, outcome, self.config.retry_backoff)
         self._submit(attempt, write)
-        if self.config.concurrency - self._busy() <= self._min_claim:
-            # Claims were held back for want of slots: one just freed. (With
-            # slots to spare, a claim now would only delay this write.)
-            self._wake.set()
+        # Claims held back for want of slots may go on. (With slots to spare
+        # a claim now would only contend with this write: it waits for it.)
+        self._wake_if_a_claim_fits(up_to=self._min_claim)
 
     def _submit(self, attempt: Attempt, write: AttemptWrite) -> None:
         future = self.writer.write(write)
@@ -248,7 +247,22 @@ class Dispatcher:
                 del self.running[attempt.job.id]
             self._settling.discard(attempt)
             self._released.notify_all()
-        self._wake.set()
+        self._wake_if_a_claim_fits()
+
+    def _wake_if_a_claim_fits(self, up_to: int | None = None) -> None:
+        """Wake the claim loop when its next step would claim (and no more
+        than ``up_to`` slots are free). Woken for every attempt that ended,
+        it mostly found too few free slots, and each wake-up cost a switch
+        between threads."""
+        free = self.config.concurrency - self._busy()
+        if (up_to is None or free <= up_to) and self._claim_fits(free, self.monotonic()):
+            self._wake.set()
+
+    def _claim_fits(self, free: int, now: float) -> bool:
+        """A useful batch at once; any free slot at least once a poll interval
+        (long jobs must not keep a queued one waiting for a batch to fit)."""
+        polled = now - self._last_claim >= self.config.poll_interval
+        return free >= self._min_claim or (free > 0 and polled)
 
     def _busy(self) -> int:
         """Slots taken: attempts whose handler still runs. One whose outcome
@@ -291,11 +305,8 @@ class Dispatcher:
             if now >= self._next_prune:
                 self._prune()
                 self._next_prune = now + PRUNE_EVERY
-            # A useful batch at once; any free slot at least once a poll interval
-            # (long jobs must not keep a queued one waiting for a batch to fit).
             free = self.config.concurrency - self._busy()
-            polled = now - self._last_claim >= self.config.poll_interval
-            if free >= self._min_claim or (free > 0 and polled):
+            if self._claim_fits(free, now):
                 lease = self.config.lease_seconds
                 self._last_claim = now
                 claimed = self.store.claim(self.worker, free, lease, self.queues)
