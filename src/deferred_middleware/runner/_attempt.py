@@ -5,6 +5,7 @@ runs beside the executor."""
 from __future__ import annotations
 
 import contextvars
+import functools
 import enum
 import threading
 from collections.abc import Callable
@@ -53,14 +54,19 @@ class Attempt:
         self,
         job: Job,
         started: float,
-        report: Callable[[Attempt, float | None, str | None], None],
+        report: Callable[[str, int, float | None, str | None], None],
     ) -> None:
         self.job = job
         self.number = job.attempts
         self.started = started
         self.state = State.RUNNING
         self.handle: Running | None = None
-        self.running_job = RunningJob(job.id, self.number, lambda f, m: report(self, f, m))
+        # Not a closure over the attempt: the job's context holds this, the
+        # attempt holds the task that holds that context, and such a cycle
+        # per job left every ended attempt to the garbage collector.
+        self.running_job = RunningJob(
+            job.id, self.number, functools.partial(report, job.id, self.number)
+        )
         self.unwritten: AttemptWrite | None = None
         self.write_delay = 0.1
         self.write_again_at = 0.0

@@ -273,9 +273,11 @@ class Dispatcher:
             handlers = len(self.running) - settling
             return max(handlers, handlers + settling - self.config.concurrency)
 
-    def _report(self, attempt: Attempt, fraction: float | None, message: str | None) -> None:
-        future = self.writer.write(Progress(attempt.job.id, attempt.number, fraction, message))
-        future.add_done_callback(lambda _: self.notifier.notify(attempt.job.id))
+    def _report(
+        self, job_id: str, attempt: int, fraction: float | None, message: str | None
+    ) -> None:
+        future = self.writer.write(Progress(job_id, attempt, fraction, message))
+        future.add_done_callback(lambda _: self.notifier.notify(job_id))
 
     # -- loops, each step on its own for the tests --------------------------
 
