@@ -49,7 +49,7 @@ class Launched:
     ) -> None:
         self.request = request
         self.context = context
-        self.ended = ended
+        self.ended: Ended | None = ended
         self.interruptible = interruptible
         self.cancel_calls = 0
         self.finished = False
@@ -63,9 +63,11 @@ class Launched:
         return True
 
     def end(self, outcome: Outcome | None) -> None:
+        """As a task's coroutine, which lets go of what it ran once it returns."""
         assert not self.finished, "ended twice"
         self.finished = True
-        self.ended(outcome)
+        ended, self.ended = self.ended, None
+        ended(outcome)
 
     def respond(self, status: int = 200, body: bytes = b"ok") -> None:
         self.end(StoredResponse(status, [("content-type", "text/plain")], body))

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import json
 import re
 import threading
 import time
+import weakref
 from typing import Any
 
 import pytest
@@ -527,6 +529,26 @@ def test_outcomes_waiting_for_their_write_free_their_slots_up_to_the_concurrency
     h.dispatcher.stop(grace=0)  # nothing runs here any more, held or not
     assert not h.dispatcher.running
     assert h.dispatcher._busy() == 0
+
+
+def test_an_ended_attempt_is_freed_by_reference_counting_alone():
+    """No reference cycle through an attempt: a worker would otherwise
+    leave every job's attempt, task and context to the cyclic collector."""
+    h = Harness()
+    job_id = h.submit()
+    gc.disable()
+    try:
+        assert h.claim() == 1
+        attempt = weakref.ref(h.dispatcher.running[job_id])
+        run = h.launcher.last(job_id)
+        run.progress(0.5, "half")
+        run.respond()
+        assert h.job(job_id).status is Status.SUCCEEDED
+        h.launcher.launched.clear()  # the launcher's own record of the replay
+        del run
+        assert attempt() is None
+    finally:
+        gc.enable()
 
 
 def test_shutdown_waits_no_longer_than_its_grace():

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import gc
 import threading
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -155,3 +157,21 @@ def test_a_closed_loop_refuses_the_launch_and_keeps_nothing_pending():
     eventually(lambda: "third" in outcomes.by_name)
     assert set(outcomes.by_name) == {"third"}
     launcher.close()
+
+
+def test_a_finished_replay_s_handle_keeps_nothing_of_its_attempt_alive(launcher):
+    """The executor keeps the handle on its attempt; were the handle to keep
+    the callback (which holds the attempt), every attempt would end in a
+    reference cycle, left to the garbage collector."""
+    outcomes = Outcomes()
+    ended = outcomes.ended_for("job")
+    kept = weakref.ref(ended)
+    gc.disable()
+    try:
+        task = launcher.launch(request(), context_named("job"), ended)
+        del ended
+        eventually(lambda: "job" in outcomes.by_name)
+        eventually(lambda: task.task is not None and task.task.done())
+        assert kept() is None
+    finally:
+        gc.enable()

@@ -5,8 +5,8 @@ runs beside the executor."""
 from __future__ import annotations
 
 import contextvars
-import functools
 import enum
+import functools
 import threading
 from collections.abc import Callable
 from typing import Protocol
