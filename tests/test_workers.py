@@ -3,6 +3,7 @@ on the real PostgreSQL and MariaDB servers."""
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 from collections import Counter
@@ -216,4 +217,16 @@ def test_a_worker_runs_exactly_the_queues_it_is_given(start_worker, store, effec
     store.insert([job])
     eventually(lambda: store.get(job.id).status is Status.SUCCEEDED, timeout=30)
     assert store.get(default_job).status is Status.QUEUED
+    assert worker.stop() == 0
+
+
+@pytest.mark.parametrize("app", ["starlette", "flask"])
+def test_a_worker_freezes_what_its_app_loaded_out_of_garbage_collection(app, start_worker, store):
+    """The app and its modules live as long as the worker: full collections
+    need not walk them again for what each job leaves behind."""
+    [job_id] = enqueue(store, "/frozen")
+    worker = start_worker(app)
+    done = eventually(lambda: (j := store.get(job_id, response=True)).status.finished and j)
+    assert done.status is Status.SUCCEEDED
+    assert json.loads(done.response.body)["frozen"] > 10_000
     assert worker.stop() == 0

@@ -1,5 +1,7 @@
 """The Flask app the integration tests serve with gunicorn and Flask's dev server."""
 
+import gc
+
 from flask import Flask, Response, jsonify, request, stream_with_context
 
 from deferred_middleware import current_job, deferred
@@ -107,6 +109,13 @@ def boom():
 def too_slow():
     wait_gate("never-opened", deadline=3)
     return "late"
+
+
+@app.post("/frozen")
+@deferred
+def frozen():
+    """How many objects the process has frozen out of garbage collection."""
+    return jsonify(frozen=gc.get_freeze_count())
 
 
 @app.post("/echo")

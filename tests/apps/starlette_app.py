@@ -1,5 +1,7 @@
 """The Starlette app the integration tests serve with uvicorn."""
 
+import gc
+
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -121,6 +123,12 @@ async def maybe(request: Request) -> Response:
     return JSONResponse({"job": job_id})
 
 
+@deferred
+async def frozen(request: Request) -> Response:
+    """How many objects the process has frozen out of garbage collection."""
+    return JSONResponse({"frozen": gc.get_freeze_count()})
+
+
 async def echo(request: Request) -> Response:
     return Response(await request.body(), media_type="application/octet-stream")
 
@@ -158,6 +166,7 @@ app = Starlette(
         Route("/boom", boom, methods=["POST"]),
         Route("/too-slow", too_slow, methods=["POST"]),
         Route("/maybe", maybe, methods=["POST"]),
+        Route("/frozen", frozen, methods=["POST"]),
         Route("/echo", echo, methods=["POST"]),
         Route("/stream-plain", stream_plain),
         Route("/health", health),
