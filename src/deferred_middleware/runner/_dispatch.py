@@ -82,8 +82,7 @@ class Dispatcher:
         self.worker = worker_name()
         self.queues: frozenset[str] = frozenset({config.queue})
         self.running: dict[str, Attempt] = {}
-        # Those of ``running`` whose outcome is being written: counted as
-        # they come and go, for the claim loop asks after every attempt.
+        # Those of ``running`` whose outcome is being written, kept as they go.
         self._settling: set[Attempt] = set()
         self._lock = threading.Lock()
         self._released = threading.Condition(self._lock)
@@ -174,8 +173,7 @@ class Dispatcher:
     def _launch(self, job: Job) -> None:
         attempt = Attempt(job, self.monotonic(), self._report)
         with self._lock:
-            replaced = self.running.get(job.id)
-            if replaced is not None:
+            if (replaced := self.running.get(job.id)) is not None:
                 self._settling.discard(replaced)
             self.running[job.id] = attempt
         context = contextvars.copy_context()
@@ -250,10 +248,8 @@ class Dispatcher:
         self._wake_if_a_claim_fits()
 
     def _wake_if_a_claim_fits(self, up_to: int | None = None) -> None:
-        """Wake the claim loop when its next step would claim (and no more
-        than ``up_to`` slots are free). Woken for every attempt that ended,
-        it mostly found too few free slots, and each wake-up cost a switch
-        between threads."""
+        """Wake the claim loop only if its next step would claim (with at most
+        ``up_to`` slots free): a wake-up per ended attempt cost a thread switch."""
         free = self.config.concurrency - self._busy()
         if (up_to is None or free <= up_to) and self._claim_fits(free, self.monotonic()):
             self._wake.set()
