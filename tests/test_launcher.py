@@ -13,8 +13,10 @@ from typing import Any
 
 import pytest
 
-from deferred_middleware._jobs import StoredRequest, StoredResponse
-from deferred_middleware.runner.asgi import TaskLauncher
+from deferred_middleware._context import RunningJob, set_current
+from deferred_middleware._jobs import NO_RESPONSE, StoredRequest, StoredResponse
+from deferred_middleware._policy import raised
+from deferred_middleware.runner.asgi import NoResponse, TaskLauncher, _Task, replay_asgi
 
 from .support import eventually
 
@@ -152,6 +154,7 @@ def test_a_closed_loop_refuses_the_launch_and_keeps_nothing_pending():
     for name in ("first", "second"):  # each refused: nothing waits on a wake-up
         with pytest.raises(RuntimeError):
             launcher.launch(request(), context_named(name), outcomes.ended_for(name))
+    assert _Task(loop).cancel() is False  # nothing left to cancel on a closed loop
     launcher.bind_own_loop(None)
     launcher.launch(request(), context_named("third"), outcomes.ended_for("third"))
     eventually(lambda: "third" in outcomes.by_name)
@@ -175,3 +178,118 @@ def test_a_finished_replay_s_handle_keeps_nothing_of_its_attempt_alive(launcher)
         assert kept() is None
     finally:
         gc.enable()
+
+
+def test_a_replay_gives_the_app_the_stored_request_and_gathers_its_whole_response():
+    stored = StoredRequest(
+        method="PUT",
+        path="/reports/7",
+        query_string=b"q=1",
+        headers=[("content-type", "text/plain"), ("x-caf\u00e9", "cr\u00e8me")],
+        body=b"hello",
+        scheme="https",
+        root_path="/api",
+        http_version="2",
+        server=("example.org", 443),
+        client=("10.0.0.1", 5000),
+    )
+    seen: dict[str, Any] = {}
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen["scope"] = scope
+        seen["first"] = await receive()
+        await send({"type": "http.response.start", "status": 201, "headers": [(b"X-Made", b"Yes")]})
+        await send({"type": "http.response.body", "body": b"par", "more_body": True})
+        waiting = asyncio.ensure_future(receive())
+        for _ in range(5):
+            await asyncio.sleep(0)  # turns of the loop: a disconnect would be in by now
+        seen["early"] = waiting.done()
+        await send({"type": "http.response.body", "more_body": True})  # no body: none
+        await send({"type": "http.response.body", "body": b"tial"})
+        seen["after"] = await waiting  # the client stays until the response is whole
+
+    state = {"pool": object()}
+    response = asyncio.run(replay_asgi(app, stored, state))
+    assert response == StoredResponse(201, [("x-made", "Yes")], b"partial")
+    scope = seen["scope"]
+    assert {key: scope[key] for key in scope if key not in ("asgi", "state")} == {
+        "type": "http",
+        "http_version": "2",
+        "method": "PUT",
+        "scheme": "https",
+        "path": "/api/reports/7",
+        "raw_path": b"/api/reports/7",
+        "query_string": b"q=1",
+        "root_path": "/api",
+        "headers": [
+            (b"content-type", b"text/plain"),
+            ("x-caf\u00e9".encode("latin-1"), "cr\u00e8me".encode("latin-1")),
+        ],
+        "server": ("example.org", 443),
+        "client": ("10.0.0.1", 5000),
+        "extensions": {},
+    }
+    assert scope["asgi"] == {"version": "3.0", "spec_version": "2.4"}
+    assert scope["state"] == state and scope["state"] is not state  # a copy per job
+    assert seen["first"] == {"type": "http.request", "body": b"hello", "more_body": False}
+    assert seen["early"] is False
+    assert seen["after"] == {"type": "http.disconnect"}
+
+
+def test_a_replay_without_state_has_none_and_an_app_that_never_answers_is_told_apart():
+    seen: dict[str, Any] = {}
+
+    async def silent(scope: Any, receive: Any, send: Any) -> None:
+        seen["scope"] = scope
+
+    with pytest.raises(NoResponse):
+        asyncio.run(replay_asgi(silent, request()))
+    assert "state" not in seen["scope"]
+
+
+def test_a_start_without_headers_is_a_response_without_headers():
+    async def bare(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 204})
+        await send({"type": "http.response.body"})
+
+    assert asyncio.run(replay_asgi(bare, request())) == StoredResponse(204, [], b"")
+
+
+def test_an_app_that_answers_nothing_or_raises_ends_its_attempt_with_that_failure(launcher):
+    error = ValueError("no report")
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["path"] == "/raises":
+            raise error
+
+    launcher.app = app  # type: ignore[assignment]
+    outcomes = Outcomes()
+    for path in ("/silent", "/raises"):
+        context = context_named(path)
+        context.run(set_current, RunningJob("job" + path, 1, lambda *_: None))
+        launcher.launch(request(path), context, outcomes.ended_for(path))
+    eventually(lambda: len(outcomes.by_name) == 2)
+    assert outcomes.by_name["/silent"] == NO_RESPONSE
+    assert outcomes.by_name["/raises"] == raised(error)
+    assert "ValueError: no report" in outcomes.by_name["/raises"].detail
+
+
+def test_an_own_loop_shares_the_state_with_its_jobs_and_is_stopped_on_close():
+    seen: dict[str, Any] = {}
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen["state"] = scope["state"]
+        await send({"type": "http.response.start", "status": 200})
+        await send({"type": "http.response.body"})
+
+    launcher = TaskLauncher(app)  # type: ignore[arg-type]
+    launcher.bind_own_loop({"pool": "shared"})
+    thread = launcher._own_thread
+    assert thread is not None and thread.is_alive()
+    outcomes = Outcomes()
+    launcher.launch(request(), context_named("job"), outcomes.ended_for("job"))
+    eventually(lambda: "job" in outcomes.by_name)
+    assert seen["state"] == {"pool": "shared"}
+    launcher.close()
+    assert not thread.is_alive()
+    assert launcher.loop is None
