@@ -410,6 +410,17 @@ def test_the_claim_loop_is_woken_only_when_its_next_step_would_claim():
     assert wake.is_set()
 
 
+def test_with_every_slot_taken_no_claim_is_made_however_long_since_the_last(monkeypatch):
+    h = Harness(concurrency=2, poll_interval=1.0)
+    for _ in range(3):
+        h.submit()
+    assert h.claim() == 2
+    claims = spy(monkeypatch, h.store, "claim")
+    h.advance(5.0)
+    assert h.claim() == 0
+    assert claims.count == 0  # not even a claim of nothing
+
+
 def test_a_free_slot_is_filled_within_a_poll_interval_while_long_jobs_run():
     """Seven long jobs and one free slot: the queued job must not wait for
     a batch of two to fit."""
