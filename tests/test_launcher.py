@@ -154,7 +154,9 @@ def test_a_closed_loop_refuses_the_launch_and_keeps_nothing_pending():
     for name in ("first", "second"):  # each refused: nothing waits on a wake-up
         with pytest.raises(RuntimeError):
             launcher.launch(request(), context_named(name), outcomes.ended_for(name))
-    assert _Task(loop).cancel() is False  # nothing left to cancel on a closed loop
+    assert (
+        _Task(loop, outcomes.ended_for("none")).cancel() is False
+    )  # a closed loop: nothing to stop
     launcher.bind_own_loop(None)
     launcher.launch(request(), context_named("third"), outcomes.ended_for("third"))
     eventually(lambda: "third" in outcomes.by_name)
@@ -293,3 +295,22 @@ def test_an_own_loop_shares_the_state_with_its_jobs_and_is_stopped_on_close():
     launcher.close()
     assert not thread.is_alive()
     assert launcher.loop is None
+
+
+def test_a_replay_cancelled_between_its_start_and_its_first_step_still_ends():
+    """A task cancelled before its coroutine first runs never enters it:
+    the attempt must be told all the same, or it holds its slot forever."""
+    app = App()
+    launcher = TaskLauncher(app)  # type: ignore[arg-type]
+    loop = asyncio.new_event_loop()
+    try:
+        launcher.bind(loop, None)
+        ended = loop.create_future()
+        task = launcher.launch(request(), context_named("job"), ended.set_result)
+        # Queued behind the launch: it runs once the task exists, before its first step.
+        loop.call_soon(task._cancel_on_loop)
+        assert loop.run_until_complete(asyncio.wait_for(ended, 10)) is None
+        assert app.calls == 0
+        assert task.cancel() is False
+    finally:
+        loop.close()

@@ -96,7 +96,7 @@ class TaskLauncher:
         self.state: dict[str, Any] | None = None
         self._own_thread: threading.Thread | None = None
         self._lock = threading.Lock()
-        self._pending: list[tuple[_Task, StoredRequest, contextvars.Context, Ended]] = []
+        self._pending: list[tuple[_Task, StoredRequest, contextvars.Context]] = []
 
     def bind(self, loop: asyncio.AbstractEventLoop, state: dict[str, Any] | None) -> None:
         """The loop the app runs on, and its lifespan state for the jobs."""
@@ -135,8 +135,8 @@ class TaskLauncher:
         loop = self.loop
         if loop is None:
             raise RuntimeError("the task launcher was not bound to an event loop")
-        task = _Task(loop)
-        launch = (task, request, context, ended)
+        task = _Task(loop, ended)
+        launch = (task, request, context)
         with self._lock:
             self._pending.append(launch)
             if len(self._pending) > 1:
@@ -151,19 +151,15 @@ class TaskLauncher:
     def _start_pending(self) -> None:
         with self._lock:
             pending, self._pending = self._pending, []
-        for task, request, context, ended in pending:
-            if task.cancelled:  # cancelled before it could start
-                context.run(ended, None)
-                continue
+        for task, request, context in pending:
             # Created inside ``context``: the task runs in a copy of it.
-            task.task = context.run(task.loop.create_task, self._run(request, ended, task))
+            task.task = context.run(task.loop.create_task, self._run(request, task))
 
-    async def _run(self, request: StoredRequest, ended: Ended, task: _Task) -> None:
+    async def _run(self, request: StoredRequest, task: _Task) -> None:
         try:
             outcome: Outcome = await replay_asgi(self.app, request, self.state)
         except asyncio.CancelledError:
-            task.done = True
-            ended(None)
+            task.end(None)
             raise
         except NoResponse:
             logger.error("job %s: the app gave no response", current_job().id)
@@ -171,25 +167,34 @@ class TaskLauncher:
         except Exception as exception:
             logger.exception("job %s: the handler raised", current_job().id)
             outcome = raised(exception)
-        task.done = True
-        ended(outcome)
+        task.end(outcome)
 
 
 class _Task:
     """A launched replay, as :class:`~._attempt.Running`: cancellable from
-    any thread, whether or not its task was created yet."""
+    any thread, whether or not its task was created yet. It holds the
+    attempt's callback only until the replay ends, so that no attempt is
+    left in a reference cycle through its handle."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, ended: Ended) -> None:
         self.loop = loop
         self.task: asyncio.Task[None] | None = None
-        self.cancelled = False
-        self.done = False
+        self._ended: Ended | None = ended
+
+    @property
+    def done(self) -> bool:
+        return self._ended is None
+
+    def end(self, outcome: Outcome | None) -> None:
+        """Tell the attempt, once, on the loop."""
+        ended, self._ended = self._ended, None
+        if ended is not None:
+            ended(outcome)
 
     def cancel(self) -> bool:
         """False once the replay has ended, as for a finished future."""
         if self.done:
             return False
-        self.cancelled = True
         try:
             self.loop.call_soon_threadsafe(self._cancel_on_loop)
         except RuntimeError:  # the loop is closed: the task is gone with it
@@ -197,5 +202,8 @@ class _Task:
         return True
 
     def _cancel_on_loop(self) -> None:
-        if self.task is not None:
-            self.task.cancel()
+        # Queued after the launch's own wake-up: the task exists by now.
+        if self.task is not None and self.task.cancel():
+            # Cancelled before its first step, the coroutine never runs to
+            # say so: the task's end does.
+            self.task.add_done_callback(lambda _: self.end(None))
