@@ -33,6 +33,7 @@ from deferred_middleware.store import (
     metadata,
 )
 from deferred_middleware.store import _codec as codec
+from deferred_middleware.store._accept import SPARSE_KEYS, without_unused_columns
 from deferred_middleware.store._schema import jobs, naive_utc
 from deferred_middleware.store._sql import ERASE_CHECK_CHUNK
 from deferred_middleware.store._sqlite_file import CommitMark
@@ -194,8 +195,60 @@ def row_values(job, credential_names: frozenset[str], created) -> dict:
     ids=lambda dialect: dialect.name,
 )
 def test_every_dialect_s_insert_binds_the_columns_in_a_row_s_order(dialect):
-    compiled = jobs.insert().compile(dialect=dialect, column_keys=codec.INSERT_KEYS)
-    assert compiled.positiontup in (None, list(codec.INSERT_KEYS))  # None: bound by name
+    plain = make_job(timeout=None)
+    with_owner = make_job(timeout=None, owner="ann")
+    for batch in ([plain], [plain, with_owner], [make_job(owner="ann", idempotency_key="k")]):
+        rows = [codec.insert_row(job, frozenset(), "t") for job in batch]
+        keys, _ = without_unused_columns(rows)
+        compiled = jobs.insert().compile(dialect=dialect, column_keys=keys)
+        assert compiled.positiontup in (None, list(keys))  # None: bound by name
+
+
+def test_a_burst_s_insert_leaves_out_only_the_columns_every_row_leaves_null():
+    plain = make_job(timeout=None)
+    rows = [codec.insert_row(job, frozenset(), "t") for job in (plain, plain)]
+    keys, cut = without_unused_columns(rows)
+    assert set(keys) == set(codec.INSERT_KEYS) - set(SPARSE_KEYS)
+    assert [dict(zip(keys, row, strict=True)) for row in cut] == [
+        {key: value for key, value in zip(codec.INSERT_KEYS, row, strict=True) if key in keys}
+        for row in rows
+    ]
+    with_owner = make_job(timeout=None, owner="ann")
+    rows = [codec.insert_row(job, frozenset(), "t") for job in (plain, with_owner)]
+    keys, cut = without_unused_columns(rows)
+    assert set(codec.INSERT_KEYS) - set(keys) == set(SPARSE_KEYS) - {"owner"}
+    assert [dict(zip(keys, row, strict=True))["owner"] for row in cut] == [None, "ann"]
+    every = make_job(
+        headers=[("cookie", "s=1")],
+        callback_url="https://example.com/hook",
+        owner="ann",
+        idempotency_key="k",
+    )
+    rows = [codec.insert_row(every, frozenset({"cookie"}), "t")]
+    assert without_unused_columns(rows) == (codec.INSERT_KEYS, rows)
+
+
+def test_a_burst_keeps_each_job_s_own_values_beside_jobs_that_leave_them_null(store):
+    sparse = {
+        "plain": make_job(timeout=None),
+        "timeout": make_job(timeout=7),
+        "owner": make_job(timeout=None, owner="ann"),
+        "callback": make_job(timeout=None, callback_url="https://example.com/hook"),
+        "key": make_job(timeout=None, idempotency_key="k"),
+        "cookie": make_job(timeout=None, headers=[("accept", "*/*"), ("cookie", "s=1")]),
+    }
+    store.insert(list(sparse.values()))
+    store.insert([make_job(timeout=None), sparse_too := make_job(timeout=None, owner="bob")])
+    read = {name: store.get(job.id, request=True) for name, job in sparse.items()}
+    assert read["timeout"].options.timeout == 7
+    assert [name for name, job in read.items() if job.options.timeout is not None] == ["timeout"]
+    assert [name for name, job in read.items() if job.owner is not None] == ["owner"]
+    assert read["callback"].callback_url == "https://example.com/hook"
+    assert [name for name, job in read.items() if job.callback_url] == ["callback"]
+    assert read["cookie"].request.headers == [("accept", "*/*"), ("cookie", "s=1")]
+    assert store.get(sparse_too.id).owner == "bob"
+    again = make_job(timeout=None, idempotency_key="k")
+    assert store.insert_once(again).id == sparse["key"].id  # its key was stored
 
 
 def test_a_new_job_s_row_holds_its_values_with_credentials_apart():

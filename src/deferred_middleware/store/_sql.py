@@ -61,7 +61,7 @@ class SQLJobStore(AcceptQueries, ClaimQueries, WebhookQueries, DriverConnections
         self.clock = clock
         self._engine: sa.Engine | None = None
         self._pid = 0
-        self._insert: tuple[str, bool] | None = None
+        self._inserts: dict[tuple[str, ...], tuple[str, bool]] = {}
         self._selects: dict[tuple[bool, bool], tuple[str, list[str], bool]] = {}
         self._statements: dict[Hashable, DriverStatement] = {}
         self._readers = threading.local()
@@ -76,7 +76,7 @@ class SQLJobStore(AcceptQueries, ClaimQueries, WebhookQueries, DriverConnections
                 self._engine.dispose(close=False)
             self._engine = self.dialect.create_engine(self.url, self.lock_timeout)
             self._pid = current_pid()
-            self._insert = None
+            self._inserts = {}
             self._selects = {}
             self._statements = {}
         return self._engine
