@@ -17,13 +17,15 @@ import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from hypothesis import given
+from hypothesis import strategies as st
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.dialects.mysql import pymysql
 from sqlalchemy.dialects.postgresql import psycopg
 
 from deferred_middleware import migrations
 from deferred_middleware._ids import new_job_id
-from deferred_middleware._jobs import Finish, Progress, Status
+from deferred_middleware._jobs import Finish, Progress, Status, StoredRequest
 from deferred_middleware.store import (
     JOB_CHANGES,
     NEW_JOBS,
@@ -266,6 +268,35 @@ def test_a_new_job_s_row_holds_its_values_with_credentials_apart():
     values = row_values(with_cookie, frozenset({"cookie"}), "t")
     assert json.loads(values["request_credentials"]) == [[0, "cookie", "s=1"]]
     assert json.loads(values["request_headers"]) == [["accept", "*/*"]]
+
+
+_ADDRESSES = st.one_of(
+    st.none(),
+    st.tuples(st.text(), st.integers(min_value=0, max_value=65535)),
+    st.tuples(st.text(), st.none() | st.booleans() | st.text(max_size=5)),
+)
+
+
+@given(
+    scheme=st.text(),
+    root_path=st.text(),
+    http_version=st.text(max_size=5),
+    server=_ADDRESSES,
+    client=_ADDRESSES,
+)
+def test_a_stored_request_s_meta_is_the_json_text_json_dumps_writes(
+    scheme, root_path, http_version, server, client
+):
+    request = StoredRequest("POST", "/", scheme=scheme, root_path=root_path, server=server)
+    request.http_version, request.client = http_version, client
+    meta = {
+        "scheme": scheme,
+        "root_path": root_path,
+        "http_version": http_version,
+        "server": server,
+        "client": client,
+    }
+    assert codec.request_meta(request) == json.dumps(meta)
 
 
 @pytest.mark.parametrize(
