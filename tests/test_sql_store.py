@@ -23,6 +23,7 @@ from sqlalchemy.dialects import sqlite
 from sqlalchemy.dialects.mysql import pymysql
 from sqlalchemy.dialects.postgresql import psycopg
 
+from deferred_middleware import _protocol as protocol
 from deferred_middleware import migrations
 from deferred_middleware._ids import new_job_id
 from deferred_middleware._jobs import Finish, Progress, Status, StoredRequest
@@ -268,6 +269,24 @@ def test_a_new_job_s_row_holds_its_values_with_credentials_apart():
     values = row_values(with_cookie, frozenset({"cookie"}), "t")
     assert json.loads(values["request_credentials"]) == [[0, "cookie", "s=1"]]
     assert json.loads(values["request_headers"]) == [["accept", "*/*"]]
+
+
+_ZONES = (
+    st.none()
+    | st.just(timezone.utc)
+    | st.builds(
+        timezone, st.timedeltas(min_value=timedelta(hours=-23), max_value=timedelta(hours=23))
+    )
+)
+
+
+@given(st.datetimes(min_value=datetime(1900, 1, 1), timezones=_ZONES))
+def test_a_time_is_written_as_isoformat_writes_it_in_utc(when):
+    in_utc = when if when.tzinfo is None else when.astimezone(timezone.utc)
+    text = in_utc.replace(tzinfo=None).isoformat(" ", "microseconds")
+    assert _dialects.SQLite().datetime_param(when) == text
+    if when.tzinfo is timezone.utc or when.tzinfo is None:
+        assert protocol._timestamp(when) == text.replace(" ", "T") + "Z"
 
 
 _ADDRESSES = st.one_of(

@@ -16,7 +16,7 @@ from urllib.parse import parse_qsl, quote
 
 from . import _json
 from ._ids import is_job_id
-from ._jobs import Headers, Job, Status
+from ._jobs import Headers, Job, Status, utc_text
 
 JSON = "application/json"
 PROBLEM = "application/problem+json"
@@ -127,11 +127,9 @@ def _timestamp(value: datetime | None) -> str | None:
     """A time in UTC as RFC 3339 text with microseconds and a "Z"."""
     if value is None:
         return None
-    # isoformat is several times faster than strftime; the text is the same.
-    # A time in UTC, as the clock and the table give it, is written with
-    # "+00:00", which is cut rather than converted away.
+    # A time in UTC, as the clock and the table give it, needs no conversion.
     if value.tzinfo is timezone.utc:
-        return value.isoformat("T", "microseconds")[:-6] + "Z"
+        return utc_text(value, "T", "Z")
     return value.replace(tzinfo=None).isoformat("T", "microseconds") + "Z"
 
 

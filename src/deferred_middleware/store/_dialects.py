@@ -18,6 +18,7 @@ import sqlalchemy as sa
 from sqlalchemy.pool import StaticPool
 
 from .._causes import store_away
+from .._jobs import utc_text
 from ._base import JOB_CHANGES, NEW_JOBS, StoreUnavailable
 from ._errors import cause_of
 from ._schema import jobs, naive_utc
@@ -190,11 +191,8 @@ class SQLite(Dialect):
         return engine
 
     def datetime_param(self, when: datetime) -> Any:
-        # SQLAlchemy's own storage format for DateTime on SQLite. A time in
-        # UTC, as the clock gives it, is that text before its "+00:00".
-        if when.tzinfo is timezone.utc:
-            return when.isoformat(" ", "microseconds")[:-6]
-        return naive_utc(when).isoformat(" ", "microseconds")
+        # SQLAlchemy's own storage format for DateTime on SQLite.
+        return utc_text(naive_utc(when) if when.tzinfo is not timezone.utc else when, " ")
 
     def insert(
         self,
