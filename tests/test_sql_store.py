@@ -319,7 +319,7 @@ def test_a_stored_request_s_meta_is_the_json_text_json_dumps_writes(
 
 
 @pytest.mark.parametrize(
-    "given",
+    "when",
     [
         datetime(2026, 11, 28, 3, 0, 0, 5, tzinfo=timezone.utc),
         datetime(2026, 11, 28, 5, 0, 0, 5, tzinfo=timezone(timedelta(hours=2))),
@@ -327,10 +327,10 @@ def test_a_stored_request_s_meta_is_the_json_text_json_dumps_writes(
     ],
     ids=["utc", "plus-two-hours", "naive"],
 )
-def test_a_timestamp_is_stored_as_naive_utc_whatever_its_zone(given):
-    assert naive_utc(given) == datetime(2026, 11, 28, 3, 0, 0, 5)
-    assert naive_utc(given).tzinfo is None
-    assert _dialects.SQLite().datetime_param(given) == "2026-11-28 03:00:00.000005"
+def test_a_timestamp_is_stored_as_naive_utc_whatever_its_zone(when):
+    assert naive_utc(when) == datetime(2026, 11, 28, 3, 0, 0, 5)
+    assert naive_utc(when).tzinfo is None
+    assert _dialects.SQLite().datetime_param(when) == "2026-11-28 03:00:00.000005"
 
 
 def insert_as_before_queues(store: SQLJobStore, job) -> None:
