@@ -191,7 +191,9 @@ class SQLite(Dialect):
         return engine
 
     def datetime_param(self, when: datetime) -> Any:
-        # SQLAlchemy's own storage format for DateTime on SQLite.
+        # SQLAlchemy's own storage format for DateTime on SQLite. A time in
+        # UTC, as the clock gives it, is written as it is: naive_utc would copy
+        # it only to drop a zone that the text leaves out anyway.
         return utc_text(naive_utc(when) if when.tzinfo is not timezone.utc else when, " ")
 
     def insert(
