@@ -173,7 +173,11 @@ def write_results(results: dict[str, Any], info: dict[str, str], command: str) -
         "Server CPU is user plus system time of the server's processes per request. "
         "SQLite syncs its log with `NORMAL` (a committed job survives the process "
         "being killed); with `?synchronous=full` on the URL, at every commit (it "
-        "survives a power loss too).",
+        "survives a power loss too). gunicorn runs gthread, two processes of four threads, "
+        "with `--reuse-port`: each process listens on a socket of its own and the "
+        "kernel splits wrk's connections between them evenly. On one shared socket "
+        "the split was whatever each run's race gave, and a run's figures swung up "
+        "to threefold.",
         "",
         "| server, database | plain req/s | deferred req/s | ratio "
         "| server CPU µs plain / deferred (ratio) | p50 plain / deferred ms |",

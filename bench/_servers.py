@@ -48,6 +48,7 @@ def server_command(kind: str, port: int, app: str | None = None) -> list[str]:
         "--threads",
         "4",
         "--no-control-socket",
+        "--reuse-port",
         "--log-level",
         "warning",
         "-b",
