@@ -37,6 +37,7 @@ from deferred_middleware.store import (
 )
 from deferred_middleware.store import _codec as codec
 from deferred_middleware.store._accept import SPARSE_KEYS, without_unused_columns
+from deferred_middleware.store._finish import first_per_job
 from deferred_middleware.store._schema import jobs, naive_utc
 from deferred_middleware.store._sql import ERASE_CHECK_CHUNK
 from deferred_middleware.store._sqlite_file import CommitMark
@@ -229,6 +230,35 @@ def test_a_burst_s_insert_leaves_out_only_the_columns_every_row_leaves_null():
     )
     rows = [codec.insert_row(every, frozenset({"cookie"}), "t")]
     assert without_unused_columns(rows) == (codec.INSERT_KEYS, rows)
+
+
+def test_a_run_keeps_the_first_outcome_of_each_job_in_order():
+    outcomes = [("a", 1, "x"), ("b", 1, "x"), ("a", 1, "y"), ("c", 2, "x"), ("b", 3, "z")]
+    assert first_per_job(outcomes) == [("a", 1, "x"), ("b", 1, "x"), ("c", 2, "x")]
+
+
+def test_a_run_of_outcomes_is_one_statement_on_postgresql_and_row_by_row_elsewhere(store):
+    """A worker ends a batch of jobs at once: on PostgreSQL one statement
+    for the run, where row by row cost the server several times as much."""
+    jobs_ = [make_job() for _ in range(3)]
+    store.insert(jobs_)
+    assert len(store.claim("w", 3, 30)) == 3
+    ran: list[tuple[str, bool]] = []
+
+    def keep(_conn, _cursor, statement, _parameters, _context, many):
+        if statement.lstrip().upper().startswith("UPDATE"):
+            ran.append((statement, many))
+
+    sa.event.listen(store.engine, "before_cursor_execute", keep)
+    try:
+        assert store.write([Finish(job.id, 1, Status.SUCCEEDED, None) for job in jobs_]) == 3
+    finally:
+        sa.event.remove(store.engine, "before_cursor_execute", keep)
+    [(statement, many)] = ran
+    if store.engine.dialect.name == "postgresql":
+        assert "unnest(" in statement and not many
+    else:
+        assert many
 
 
 def test_a_burst_keeps_each_job_s_own_values_beside_jobs_that_leave_them_null(store):

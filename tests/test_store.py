@@ -211,6 +211,42 @@ def test_progress_is_kept_and_writes_apply_in_order(any_store, new):
     assert (done.progress, done.message, done.status) == (1.0, "all", Status.SUCCEEDED)
 
 
+def test_a_run_of_outcomes_lands_each_as_its_own(any_store, new, clock):
+    """Outcomes queued together are stored together (one statement on
+    PostgreSQL): each job keeps its own, a stale one lands nowhere, and of
+    two for one attempt the first ends it, as it would one by one."""
+    plain, failing, hooked, doubled, stale = (
+        new(),
+        new(),
+        new(callback_url="https://hooks.example/done"),
+        new(),
+        new(),
+    )
+    any_store.insert([plain, failing, hooked, doubled, stale])
+    assert len(any_store.claim("w", 5, 30)) == 5
+    answered = StoredResponse(201, [("x-one", "1"), ("x-one", "2")], b"\x00made")
+    writes = [
+        Finish(plain.id, 1, Status.SUCCEEDED, answered),
+        Finish(failing.id, 1, Status.FAILED, None, "It broke.", "Traceback"),
+        Finish(hooked.id, 1, Status.SUCCEEDED, OK),
+        Finish(doubled.id, 1, Status.SUCCEEDED, StoredResponse(200, [], b"first")),
+        Finish(stale.id, 2, Status.SUCCEEDED, OK),  # an attempt that is not running
+        Finish(doubled.id, 1, Status.FAILED, None, "second"),
+    ]
+    assert any_store.write(writes) == 4
+    done = any_store.get(plain.id, response=True)
+    assert (done.status, done.response, done.error) == (Status.SUCCEEDED, answered, None)
+    assert done.finished_at == clock()
+    failed = any_store.get(failing.id, response=True)
+    assert (failed.status, failed.response, failed.error) == (Status.FAILED, None, "It broke.")
+    assert any_store.error_detail(failing.id) == "Traceback"
+    first = any_store.get(doubled.id, response=True)
+    assert (first.status, first.response.body, first.error) == (Status.SUCCEEDED, b"first", None)
+    assert any_store.get(stale.id).status is Status.RUNNING
+    [due] = any_store.claim_webhooks("d", 10, 30)  # only the job with a callback
+    assert due.job.id == hooked.id
+
+
 def test_a_failed_finish_keeps_its_error_and_response(any_store, new, clock):
     job = new()
     any_store.insert([job])

@@ -18,7 +18,6 @@ from .. import _json
 from .._jobs import (
     WEBHOOK_PENDING,
     DeferredOptions,
-    Finish,
     Idempotency,
     Job,
     Progress,
@@ -158,51 +157,6 @@ def request_meta(request: StoredRequest) -> str:
 def _is_address(address: object) -> TypeGuard[tuple[str, int]]:
     host, port = address if type(address) is tuple and len(address) == 2 else (None, None)
     return type(host) is str and type(port) is int
-
-
-# Built once: an outcome is written for every job, and building the
-# statement anew each time cost more than executing it.
-FINISH = (
-    jobs.update()
-    .where(
-        jobs.c.id == sa.bindparam("b_id"),
-        jobs.c.attempts == sa.bindparam("b_attempt"),
-        jobs.c.status == Status.RUNNING.value,
-    )
-    .values(
-        revision=NEXT_REVISION,
-        status=sa.bindparam("b_status"),
-        finished_at=sa.bindparam("b_finished_at"),
-        lease_expires_at=None,
-        error=sa.bindparam("b_error"),
-        error_detail=sa.bindparam("b_error_detail"),
-        request_credentials=None,
-        response_status=sa.bindparam("b_response_status"),
-        response_headers=sa.bindparam("b_response_headers"),
-        response_body=sa.bindparam("b_response_body"),
-        webhook_state=WEBHOOK_DUE_IF_ANY,
-        webhook_due_at=webhook_due_at(sa.bindparam("b_finished_at")),
-        webhook_attempts=0,
-        webhook_lease_until=None,
-    )
-)
-
-
-def finish_parameters(write: Finish, finished_at: Any) -> dict[str, Any]:
-    """Bind parameters of :data:`FINISH` in the driver's own types
-    (``finished_at`` already is): it runs without SQLAlchemy's processing."""
-    response = write.response
-    return {
-        "b_id": write.job_id,
-        "b_attempt": write.attempt,
-        "b_status": write.status.value,
-        "b_finished_at": finished_at,
-        "b_error": write.error,
-        "b_error_detail": write.detail,
-        "b_response_status": response.status if response else None,
-        "b_response_headers": _json.dumps(response.headers) if response else None,
-        "b_response_body": response.body if response else None,
-    }
 
 
 def claim_values(worker: str, now: datetime, lease_seconds: float) -> dict[str, Any]:

@@ -47,6 +47,9 @@ class Dialect:
     skips_locked = False
     """Whether a claim passes over rows another worker is claiming, rather
     than waiting for them (SQLite has one writer at a time anyway)."""
+    finishes_in_one_run = False
+    """Whether a run of outcomes is stored in one statement rather than
+    row by row (see :mod:`._finish`)."""
     lone_statements_autocommit = False
     """Whether a write that is one statement runs without a BEGIN and a
     COMMIT of its own: a statement alone is atomic, and where each of those
@@ -221,6 +224,7 @@ class PostgreSQL(Dialect):
     pushes_wakeups = True
     skips_locked = True
     claims_announce = True
+    finishes_in_one_run = True
     lone_statements_autocommit = True
 
     def read_row(self, connection: Any, sql: str, params: Any) -> tuple[Any, ...] | None:

@@ -17,6 +17,7 @@ from .._ids import is_hex
 from .._jobs import AttemptWrite, Finish, Job, Status, utcnow
 from .._process import current_pid
 from . import _codec as codec
+from . import _finish as finish
 from ._accept import AcceptQueries
 from ._base import Clock, QueueCount, WorkerLoad
 from ._claim import ClaimQueries
@@ -208,24 +209,24 @@ class SQLJobStore(AcceptQueries, ClaimQueries, WebhookQueries, DriverConnections
         handler's last progress lands before the outcome that ends its attempt."""
         now = self.clock()
         finished_at = self.dialect.datetime_param(now)
-        finish = self._driver_statement("finish", lambda: codec.FINISH)
+        in_one_run = self.dialect.finishes_in_one_run
         landed = 0
         ending = [write.job_id for write in writes if isinstance(write, Finish)]
         with self._transaction(erasing=ending) as connection:
-            finishes: list[Any] = []
+            outcomes: list[tuple[Any, ...]] = []
             for write in writes:
                 if isinstance(write, Finish):
-                    finishes.append(finish.parameters(codec.finish_parameters(write, finished_at)))
+                    outcomes.append(finish.outcome(write, finished_at))
                     continue
-                if finishes:
-                    landed += connection.exec_driver_sql(finish.sql, finishes).rowcount
-                    finishes = []
+                if outcomes:
+                    landed += finish.land(connection, self._driver_statement, outcomes, in_one_run)
+                    outcomes = []
                 statement = jobs.update().where(_fenced(write.job_id, write.attempt))
                 landed += connection.execute(
                     statement.values(codec.attempt_values(write, now))
                 ).rowcount
-            if finishes:
-                landed += connection.exec_driver_sql(finish.sql, finishes).rowcount
+            if outcomes:
+                landed += finish.land(connection, self._driver_statement, outcomes, in_one_run)
             self.dialect.announce_changes(connection, [write.job_id for write in writes])
         return landed
 
