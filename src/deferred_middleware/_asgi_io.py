@@ -9,7 +9,8 @@ from collections.abc import AsyncIterator
 from asgiref.typing import ASGIReceiveCallable, ASGISendCallable, ASGISendEvent, HTTPScope
 
 from . import _protocol as protocol
-from ._jobs import RequestInfo, StoredRequest
+from ._jobs import Headers, RequestInfo, StoredRequest
+from ._prefer import NONE as NO_PREFERENCES
 from ._prefer import Preferences, parse_prefer
 
 
@@ -22,13 +23,21 @@ def route_path(scope: HTTPScope) -> str:
     return path
 
 
-def stored_request(scope: HTTPScope, body: bytes) -> StoredRequest:
+def request_headers(scope: HTTPScope) -> Headers:
+    """The request's headers as text, names in lower case: decoded once for
+    a deferred request, whose headers are read three times (its ``Prefer``,
+    its length, and the copy that is stored)."""
+    return [(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in scope["headers"]]
+
+
+def stored_request(scope: HTTPScope, body: bytes, headers: Headers) -> StoredRequest:
+    """The request to store; ``headers`` are :func:`request_headers`."""
     server, client = scope.get("server"), scope.get("client")
     return StoredRequest(
         method=scope["method"],
         path=route_path(scope),
         query_string=scope.get("query_string", b""),
-        headers=[(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in scope["headers"]],
+        headers=headers,
         body=body,
         scheme=scope.get("scheme", "http"),
         root_path=scope.get("root_path", ""),
@@ -52,8 +61,10 @@ def has_header(scope: HTTPScope, name: str) -> bool:
     return any(key.lower() == wanted for key, _ in scope["headers"])
 
 
-def preferences(scope: HTTPScope) -> Preferences:
-    return parse_prefer(v.decode("latin-1") for k, v in scope["headers"] if k.lower() == b"prefer")
+def preferences(headers: Headers) -> Preferences:
+    """What ``Prefer`` asks; ``headers`` are :func:`request_headers`."""
+    values = [value for name, value in headers if name == "prefer"]
+    return parse_prefer(values) if values else NO_PREFERENCES
 
 
 def conditions(scope: HTTPScope) -> protocol.Conditions:

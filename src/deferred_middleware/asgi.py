@@ -23,6 +23,7 @@ from ._asgi_io import (
     conditions,
     has_header,
     preferences,
+    request_headers,
     request_info,
     route_path,
     send_reply,
@@ -32,7 +33,7 @@ from ._asgi_io import (
 )
 from ._assemble import assemble
 from ._dashboard import ACTION_HEADER
-from ._jobs import DeferredOptions, StoredRequest, owner_key
+from ._jobs import DeferredOptions, Headers, StoredRequest, owner_key
 from ._operator import METRICS
 from ._prefer import Preferences
 from ._refusals import Refusal
@@ -116,13 +117,14 @@ class DeferredMiddleware:
         if options is None:
             await self.app(scope, receive, send)
             return
-        wanted = preferences(scope)
+        headers = request_headers(scope)
+        wanted = preferences(headers)
         if options.mode == "prefer" and not wanted.respond_async:
             await self.app(scope, receive, varying_on_prefer(send))
             return
         if self.config.execute and not self._executing:
             self.start_executor(scope.get("state"))  # type: ignore[arg-type]
-        await DeferringResponder(self, options, wanted)(scope, receive, send)
+        await DeferringResponder(self, options, wanted, headers)(scope, receive, send)
 
     async def _answer_job_route(
         self, scope: HTTPScope, receive: ASGIReceiveCallable, send: ASGISendCallable, tail: str
@@ -290,11 +292,16 @@ class DeferringResponder:
     answer 202 once the row is committed (a 202 is a promise)."""
 
     def __init__(
-        self, middleware: DeferredMiddleware, options: DeferredOptions, wanted: Preferences
+        self,
+        middleware: DeferredMiddleware,
+        options: DeferredOptions,
+        wanted: Preferences,
+        headers: Headers,
     ) -> None:
         self.middleware = middleware
         self.options = options
         self.wanted = wanted
+        self.headers = headers
 
     async def __call__(
         self, scope: HTTPScope, receive: ASGIReceiveCallable, send: ASGISendCallable
@@ -302,7 +309,7 @@ class DeferringResponder:
         core = self.middleware.core
         limit = self.middleware.config.max_body_size
         try:
-            body = await self._read_body(scope, receive, limit)
+            body = await self._read_body(self.headers, receive, limit)
         except ClientDisconnected:
             return  # the client left before sending its body: nothing was promised
         if body is None:
@@ -314,7 +321,7 @@ class DeferringResponder:
             if refusal is not None:  # invalid: the app's own answer, and no job
                 await refusal(scope, receive, send)
                 return
-        request = stored_request(scope, body)
+        request = stored_request(scope, body, self.headers)
         try:
             owner = None
             if core.config.owner is not None:
@@ -332,10 +339,10 @@ class DeferringResponder:
 
     @staticmethod
     async def _read_body(
-        scope: HTTPScope, receive: ASGIReceiveCallable, limit: int
+        headers: Headers, receive: ASGIReceiveCallable, limit: int
     ) -> bytes | None:
-        for name, value in scope["headers"]:
-            if name.lower() == b"content-length":
+        for name, value in headers:
+            if name == "content-length":
                 try:
                     if int(value) > limit:
                         return None
