@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import timeit
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,13 @@ def step(name: str, results: dict[str, Any], fn: Any, *args: Any) -> None:
     results[name] = fn(*args)
     printable = {k: round(v, 3) for k, v in results[name].items()}
     print(f"   {printable} ({time.monotonic() - started:.0f} s)", flush=True)
+
+
+def interpreter_speed() -> float:
+    """Microseconds for ``sum(range(1000))``, best of five: how fast the host
+    runs Python right now. The same machine kind has ranged from about 9 to
+    25 between sessions, and every absolute figure here follows it."""
+    return min(timeit.repeat("sum(range(1000))", number=2000, repeat=5)) / 2000 * 1e6
 
 
 def machine() -> dict[str, str]:
@@ -164,6 +172,8 @@ def write_results(results: dict[str, Any], info: dict[str, str], command: str) -
         "(`-t2 -c64`, on the same cores as the server).",
         "",
         "Versions: " + ", ".join(f"{k} {info[k]}" for k in PACKAGES) + ".",
+        "",
+        f"Host speed: `sum(range(1000))` took {info['speed']}.",
         "",
         "Absolute figures move from run to run on a shared 2-core machine; the ratios,",
         "measured side by side in one run, are what to compare.",
@@ -315,7 +325,9 @@ def main() -> None:
     quick = parser.parse_args().quick
     command = "python -m bench" + (" --quick" if quick else "")
     info = machine()
+    before = interpreter_speed()
     results = run(quick)
+    info["speed"] = f"{before:.1f} µs before the run, {interpreter_speed():.1f} µs after"
     write_results(results, info, command)
     plot(results)
     print(f"wrote {HERE / 'RESULTS.md'} and {HERE / 'ratios.png'}")
