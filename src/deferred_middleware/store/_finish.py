@@ -3,9 +3,9 @@
 Every job ends with one, so a worker writes them in runs, as its writer
 finds them queued. Row by row, each is a statement of its own on the
 server; PostgreSQL takes a whole run as one ``UPDATE ... FROM unnest(...)``,
-which spends a fraction of the server's work per row (parsing, planning and
-starting the executor once, not once a job). The two statements change the
-same columns in the same way: both are built here from one description.
+which it parses, plans and starts once rather than once a job. The two
+statements change the same columns in the same way: both are built here
+from one description.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ FIELDS: dict[str, sa.types.TypeEngine[Any]] = {
 }
 """What one outcome binds, in the order of :func:`outcome`'s values, with
 the types a PostgreSQL array of each takes."""
+_BOUND = tuple(f"b_{name}" for name in FIELDS)
 
 
 def _finishing(given: Mapping[str, Any]) -> sa.Update:
@@ -128,6 +129,3 @@ def land(
     statement = compiled("finish", one_by_one)
     rows = [statement.parameters(dict(zip(_BOUND, values, strict=True))) for values in outcomes]
     return connection.exec_driver_sql(statement.sql, rows).rowcount
-
-
-_BOUND = tuple(f"b_{name}" for name in FIELDS)
