@@ -239,7 +239,7 @@ def test_a_run_keeps_the_first_outcome_of_each_job_in_order():
 
 def test_a_run_of_outcomes_is_one_statement_on_postgresql_and_row_by_row_elsewhere(store):
     """A worker ends a batch of jobs at once: on PostgreSQL one statement
-    for the run, where row by row cost the server several times as much."""
+    for the run, rather than one for each job."""
     jobs_ = [make_job() for _ in range(3)]
     store.insert(jobs_)
     assert len(store.claim("w", 3, 30)) == 3
