@@ -69,7 +69,8 @@ def _finishing(given: Mapping[str, Any]) -> sa.Update:
 
 
 def one_by_one() -> sa.Update:
-    return _finishing({name: sa.bindparam(f"b_{name}") for name in FIELDS})
+    bound = zip(FIELDS, _BOUND, strict=True)
+    return _finishing({name: sa.bindparam(parameter) for name, parameter in bound})
 
 
 def as_one_run() -> sa.Update:
@@ -105,13 +106,10 @@ def first_per_job(outcomes: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
     Row by row, the first would land and end the attempt, and the next find
     it no longer running; one statement updates a row once, with whichever
     it pairs first, so the later ones must not be in it."""
-    seen: set[str] = set()
-    kept = []
+    kept: dict[str, tuple[Any, ...]] = {}
     for values in outcomes:
-        if values[0] not in seen:
-            seen.add(values[0])
-            kept.append(values)
-    return kept
+        kept.setdefault(values[0], values)
+    return list(kept.values())
 
 
 def land(
