@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 
 import httpx
@@ -14,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Mount, Route
 
-from deferred_middleware import DeferredMiddleware, current_job, deferred
+from deferred_middleware import DeferredMiddleware, _freeze, current_job, deferred
 from deferred_middleware._jobs import DeferredOptions, StoredRequest
 
 from .support import count_rows
@@ -316,3 +317,27 @@ async def test_a_marker_on_a_websocket_route_is_called_out_once(caplog):
             assert (await client.post("/plain")).text == "plain"
     said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert said == ["@deferred on the websocket route /live: a websocket is never deferred"]
+
+
+async def test_the_first_start_in_a_process_freezes_what_was_loaded_and_later_ones_do_not(
+    sqlite_url, monkeypatch
+):
+    """Started again in one process (a test suite's TestClient per test), an
+    app must not pay a full collection each time nor freeze what earlier
+    starts left alive."""
+
+    async def start_and_count() -> int:
+        app = Starlette(middleware=[Middleware(DeferredMiddleware, database_url=sqlite_url)])
+        async with running_lifespan(app):
+            return gc.get_freeze_count()
+
+    monkeypatch.setattr(_freeze, "_frozen", False)
+    gc.unfreeze()
+    try:
+        first = await start_and_count()
+        left_alive = [[] for _ in range(5000)]  # what the first start's life left behind
+        again = await start_and_count()
+    finally:
+        gc.unfreeze()
+    assert first > 10_000
+    assert again < first + len(left_alive), "the second start froze again"

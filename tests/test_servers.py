@@ -391,3 +391,14 @@ def test_a_job_deleted_through_another_server_is_gone_from_this_one(serve, kind)
     assert httpx.delete(f"{other.base}/jobs/{job_id}").status_code == 204
     assert httpx.get(f"{polled.base}/jobs/{job_id}").status_code == 404
     assert httpx.get(f"{polled.base}/jobs/{job_id}/result").status_code == 404
+
+
+def test_uvicorn_freezes_what_the_app_loaded_once_it_has_started(serve):
+    """The middleware's lifespan freezes the loaded app out of garbage
+    collection, so full collections under load need not walk it."""
+    server = serve("uvicorn")
+    accepted = httpx.post(server.base + "/frozen")
+    assert accepted.status_code == 202
+    result = result_of(server, accepted.json()["id"])
+    assert result.status_code == 200
+    assert result.json()["frozen"] > 10_000

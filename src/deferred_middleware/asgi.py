@@ -33,6 +33,7 @@ from ._asgi_io import (
 )
 from ._assemble import assemble
 from ._dashboard import ACTION_HEADER
+from ._freeze import freeze_what_was_loaded
 from ._jobs import DeferredOptions, Headers, StoredRequest, owner_key
 from ._operator import METRICS
 from ._prefer import Preferences
@@ -202,7 +203,8 @@ class DeferredMiddleware:
         self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
     ) -> None:
         """Start the executor once the app has started (its lifespan state is
-        ready for the jobs), drain it before the app shuts down."""
+        ready for the jobs), drain it before the app shuts down. What the app
+        loaded is frozen out of garbage collection then (see ``_freeze``)."""
         state = scope.get("state")
 
         async def lifespan_receive() -> ASGIReceiveEvent:
@@ -213,6 +215,7 @@ class DeferredMiddleware:
 
         async def lifespan_send(message: ASGISendEvent) -> None:
             if message["type"] == "lifespan.startup.complete":
+                freeze_what_was_loaded()
                 self.core.check_store_soon()
                 if self.config.execute:
                     self._start_executor(state)  # type: ignore[arg-type]

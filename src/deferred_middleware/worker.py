@@ -9,7 +9,6 @@ jobs see the app's lifespan state), a WSGI app gets its job threads.
 from __future__ import annotations
 
 import asyncio
-import gc
 import importlib
 import logging
 import signal
@@ -17,6 +16,7 @@ import sys
 import threading
 from typing import Any
 
+from ._freeze import freeze_what_was_loaded
 from ._jobs import check_queue_name
 from .asgi import DeferredMiddleware
 from .wsgi import DeferredWSGIMiddleware
@@ -107,15 +107,6 @@ def serve_metrics(middleware: Middleware, host: str, port: int) -> None:
     logger.warning("worker: metrics at http://%s:%d/metrics", host, port)
 
 
-def _freeze_what_was_loaded() -> None:
-    """What the app loaded to start (its modules, routes, pools) lives as
-    long as the worker: frozen, it is no longer walked by every full
-    collection of the garbage collector, each of which walked it all for
-    objects that jobs leave behind."""
-    gc.collect()
-    gc.freeze()
-
-
 def _stop_event_on_signals() -> threading.Event:
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -126,7 +117,7 @@ def _stop_event_on_signals() -> threading.Event:
 def _run_wsgi(middleware: DeferredWSGIMiddleware) -> None:
     stop = _stop_event_on_signals()
     middleware.start_executor()
-    _freeze_what_was_loaded()
+    freeze_what_was_loaded()
     stop.wait()
     logger.warning("worker: stopping; draining running jobs")
     middleware.shutdown()
@@ -146,7 +137,6 @@ async def _run_asgi(app: Any) -> None:
     started = await from_app.get()
     if started["type"] != "lifespan.startup.complete":
         raise RuntimeError(f"the app failed to start: {started.get('message', started)}")
-    _freeze_what_was_loaded()
     await stop.wait()
     logger.warning("worker: stopping; draining running jobs")
     await to_app.put({"type": "lifespan.shutdown"})
