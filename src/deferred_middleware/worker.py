@@ -137,6 +137,7 @@ async def _run_asgi(app: Any) -> None:
     started = await from_app.get()
     if started["type"] != "lifespan.startup.complete":
         raise RuntimeError(f"the app failed to start: {started.get('message', started)}")
+    freeze_what_was_loaded()  # done already if the lifespan reached the middleware
     await stop.wait()
     logger.warning("worker: stopping; draining running jobs")
     await to_app.put({"type": "lifespan.shutdown"})
