@@ -23,7 +23,9 @@ from deferred_middleware._notify import Notifier
 from deferred_middleware._prefer import Preferences
 from deferred_middleware._refusals import HeadersTooLarge, NotStorable, QueueFull
 from deferred_middleware._routes import RoutePatterns, options_of, queues_of
+from deferred_middleware.runner import _dispatch as dispatch
 from deferred_middleware.runner._dispatch import worker_name
+from deferred_middleware.runner._idle import wait_for_work
 from deferred_middleware.store import StoreUnavailable, Unstorable
 
 from .policy_harness import Harness
@@ -434,6 +436,48 @@ def test_a_free_slot_is_filled_within_a_poll_interval_while_long_jobs_run():
     assert h.claim() == 1  # a poll interval on: take what fits
     assert h.launcher.count(waiting) == 1
     assert len(first) + 1 == len(h.dispatcher.running)
+
+
+def test_an_idle_wait_ends_at_a_commit_a_wake_up_or_the_poll_interval():
+    answers = iter([False, False, True])
+    looks: list[bool] = []
+
+    def committed() -> bool:
+        looks.append(next(answers))
+        return looks[-1]
+
+    wake = threading.Event()
+    wait_for_work(wake, 600, committed)  # only the commit can end it in time
+    assert looks == [False, False, True]
+    wake.set()
+    wait_for_work(wake, 600, lambda: pytest.fail("woken: nothing to look at"))
+    wake.clear()
+    wait_for_work(wake, 0.02, lambda: False)  # nothing committed: the poll interval ends it
+    wait_for_work(wake, 0.02, None)  # no watch: the poll interval alone
+
+
+@pytest.mark.parametrize("running, watched", [(1, True), (2, False)])
+def test_the_claim_loop_watches_for_commits_only_with_a_slot_free(monkeypatch, running, watched):
+    """With every slot taken a new job could not be claimed anyway: only a
+    slot coming free (a wake-up) or the poll interval ends the wait."""
+    h = Harness(concurrency=2, poll_interval=1.0)
+    for _ in range(running):
+        h.submit()
+
+    def watch() -> bool:
+        return False
+
+    monkeypatch.setattr(h.store, "commit_watch", lambda: watch)
+    waits: list[object] = []
+
+    def wait(wake: threading.Event, timeout: float, committed: object) -> None:
+        waits.append(committed)
+        h.dispatcher._stopping.set()
+
+    monkeypatch.setattr(dispatch, "wait_for_work", wait)
+    h.dispatcher._claim_loop()
+    assert len(h.dispatcher.running) == running
+    assert waits == [watch if watched else None]
 
 
 def test_housekeeping_runs_on_its_own_schedule(monkeypatch):

@@ -30,6 +30,7 @@ from deferred_middleware._jobs import Finish, Progress, Status, StoredRequest
 from deferred_middleware.store import (
     JOB_CHANGES,
     NEW_JOBS,
+    MemoryJobStore,
     SQLJobStore,
     StoreUnavailable,
     _dialects,
@@ -40,7 +41,7 @@ from deferred_middleware.store._accept import SPARSE_KEYS, without_unused_column
 from deferred_middleware.store._finish import first_per_job
 from deferred_middleware.store._schema import jobs, naive_utc
 from deferred_middleware.store._sql import ERASE_CHECK_CHUNK
-from deferred_middleware.store._sqlite_file import CommitMark
+from deferred_middleware.store._sqlite_file import REOPEN_EVERY, CommitMark, CommitWatch
 
 from .support import eventually, make_job
 
@@ -716,6 +717,52 @@ def test_a_commit_mark_let_go_closes_its_file(tmp_path):
     gc.collect()
     with pytest.raises(OSError):
         os.fstat(descriptor)
+
+
+def test_a_commit_watch_says_yes_once_for_each_commit_by_any_process(sqlite_url):
+    store = SQLJobStore(sqlite_url)
+    committed = store.commit_watch()
+    assert committed is not None
+    assert not committed()  # no file yet: nothing can be said to have changed
+    store.migrate()
+    assert committed()  # its first look at a mark
+    assert not committed()
+    job = make_job()
+    store.insert([job])
+    assert committed()
+    assert not committed()
+    store.get(job.id)  # reading commits nothing
+    assert not committed()
+    in_another_process(sqlite_url, f"assert store.delete({job.id!r})")
+    assert committed()
+    assert not committed()
+    store.close()
+
+
+def test_a_commit_watch_finds_the_log_index_sqlite_made_again(sqlite_url):
+    """When its last connection closes SQLite removes the -shm file, and
+    the next connection makes a new one: the watch opens it in time."""
+    path, now = sqlite_url.removeprefix("sqlite:///"), [0.0]
+    store = SQLJobStore(sqlite_url)
+    store.migrate()
+    watch = CommitWatch(path, monotonic=lambda: now[0])
+    assert watch.changed()
+    store.close()
+    assert not os.path.exists(path + "-shm")
+    store = SQLJobStore(sqlite_url)
+    store.insert([make_job()])
+    assert not watch.changed()  # the file it holds is gone
+    now[0] += REOPEN_EVERY
+    assert watch.changed()
+    assert not watch.changed()
+    store.close()
+
+
+def test_stores_that_push_wake_ups_or_live_in_memory_have_no_commit_watch(database_url):
+    assert MemoryJobStore().commit_watch() is None
+    store = SQLJobStore(database_url)
+    assert (store.commit_watch() is not None) is (store.engine.dialect.name == "sqlite")
+    store.close()
 
 
 def test_every_commit_moves_the_mark_and_reading_does_not(sqlite_url):

@@ -179,6 +179,21 @@ def test_an_idle_postgres_worker_wakes_on_notify_not_on_its_poll(start_worker, s
     assert worker.stop() == 0
 
 
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_an_idle_sqlite_worker_starts_a_job_another_process_stored_not_on_its_poll(
+    start_worker, store
+):
+    """No notification crosses processes on SQLite: the worker sees the
+    file's commit mark move."""
+    worker = start_worker("starlette", POLL_INTERVAL="120")
+    first = enqueue(store, "/tiny")[0]
+    eventually(lambda: store.get(first).status is Status.SUCCEEDED, timeout=20)
+    # Idle now, with its next poll two minutes away: only the commit can wake it in time.
+    second = enqueue(store, "/tiny")[0]
+    eventually(lambda: store.get(second).status is Status.SUCCEEDED, timeout=20)
+    assert worker.stop() == 0
+
+
 def test_a_worker_started_while_its_database_is_down_waits_for_it(
     start_worker, sqlite_url, tmp_path
 ):

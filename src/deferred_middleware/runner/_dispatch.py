@@ -42,6 +42,7 @@ from ..store import NEW_JOBS, Clock, JobStore, StoreUnavailable
 from ..store._writer import BatchWriter
 from ._attempt import Attempt, Ended, Launcher, SideLoop, State
 from ._identity import worker_name
+from ._idle import wait_for_work
 
 __all__ = ["Dispatcher", "Ended", "Launcher", "SideLoop"]
 
@@ -278,17 +279,18 @@ class Dispatcher:
     # -- loops, each step on its own for the tests --------------------------
 
     def _claim_loop(self) -> None:
+        committed = self.store.commit_watch()
         while not self._stopping.is_set():
             self._wake.clear()
             claimed = self.claim_step()
-            if claimed < self._min_claim or self._busy() >= self.config.concurrency:
-                self._wake.wait(self.config.poll_interval)
+            full = self._busy() >= self.config.concurrency
+            if claimed < self._min_claim or full:
+                wait_for_work(self._wake, self.config.poll_interval, None if full else committed)
 
     def claim_step(self) -> int:
-        """Housekeeping when due, then claim what fits. While busy, wait
-        until a useful batch fits rather than spending a write transaction
-        on each job that finishes, but no longer than a poll interval.
-        Answers how many jobs were launched."""
+        """Housekeeping when due, then claim what fits (while busy, a useful
+        batch, not a write transaction per finished job, but at least once a
+        poll interval). Answers how many jobs were launched."""
         now = self.monotonic()
         claimed: list[Job] = []
         try:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import sqlalchemy as sa
@@ -22,7 +22,7 @@ import sqlalchemy as sa
 from .._jobs import Job
 from ._base import StoreUnavailable
 from ._errors import cause_of, translate_errors
-from ._sqlite_file import CommitMark, DatabaseFile
+from ._sqlite_file import CommitMark, CommitWatch, DatabaseFile
 
 REMEMBERED_JOBS = 1024
 REMEMBERED_BODY = 64 * 1024
@@ -87,6 +87,10 @@ class DriverConnections:
     engine: sa.Engine
     _readers: threading.local
     _file: DatabaseFile | None
+
+    def commit_watch(self) -> Callable[[], bool] | None:
+        """See :meth:`JobStore.commit_watch`: an SQLite file's commit mark."""
+        return None if self._file is None else CommitWatch(self._file.path).changed
 
     def _own_connection(self) -> ReadingConnection:
         """This thread's own driver connection, kept between reads: a status

@@ -316,6 +316,9 @@ class MemoryJobStore:
     ) -> None:
         return
 
+    def commit_watch(self) -> None:
+        return None  # one process: whoever stores a job wakes the executor itself
+
     def error_detail(self, job_id: str) -> str | None:
         with self._lock:
             row = self._rows.get(job_id)

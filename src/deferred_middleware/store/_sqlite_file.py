@@ -7,8 +7,9 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import sqlalchemy as sa
 
@@ -70,6 +71,8 @@ WAL_INDEX_HEADER = 48
 SQLite file's ``-shm`` file (https://sqlite.org/walformat.html)."""
 IS_INIT = 12
 """The header's byte that is 0 until the WAL-index has been built."""
+REOPEN_EVERY = 1.0
+"""Seconds a :class:`CommitWatch` reads one ``-shm`` file before opening it again."""
 
 
 class CommitMark:
@@ -94,6 +97,10 @@ class CommitMark:
             return
         weakref.finalize(self, os.close, self._fd)
 
+    @property
+    def opened(self) -> bool:
+        return self._fd is not None
+
     def read(self) -> bytes | None:
         if self._fd is None:
             return None
@@ -105,6 +112,37 @@ class CommitMark:
         if len(second) < WAL_INDEX_HEADER or first != second or not first[IS_INIT]:
             return None
         return first
+
+
+class CommitWatch:
+    """Whether anything was committed into an SQLite file since the last
+    look, by any connection of any process: one ``pread`` of the commit
+    mark. An idle worker looks every few milliseconds instead of claiming
+    once a poll interval, so a job a web process stores starts at once, as
+    a notification makes it on PostgreSQL. Where the mark cannot be read,
+    nothing is said to have changed, and the poll interval still bounds
+    the wait."""
+
+    def __init__(self, path: str, monotonic: Callable[[], float] = time.monotonic) -> None:
+        self._path = path
+        self._monotonic = monotonic
+        self._mark: CommitMark | None = None
+        self._opened_at = 0.0
+        self._seen: bytes | None = None
+
+    def changed(self) -> bool:
+        now = self._monotonic()
+        mark = self._mark
+        # Opened again now and then: SQLite removes the -shm file when its
+        # last connection closes, and the one made next would go unseen.
+        if mark is None or not mark.opened or now - self._opened_at >= REOPEN_EVERY:
+            mark, self._opened_at = CommitMark(self._path), now
+            self._mark = mark
+        header = mark.read()
+        if header is None:
+            return False
+        changed, self._seen = header != self._seen, header
+        return changed
 
 
 def checkpoint(connection: sa.Connection) -> None:
