@@ -70,8 +70,9 @@ class JobStore(Protocol):
     def commit_watch(self) -> Callable[[], bool] | None:
         """Where no wake-up is pushed, a cheap test an idle executor may run
         every few milliseconds: whether anything was committed since the
-        test last answered (its first answer is True). None where there
-        is no such test; the executor then polls every ``poll_interval``."""
+        test last answered (the first answer it can give is yes). None
+        where there is no such test; the executor then polls every
+        ``poll_interval``."""
 
     def migrate(self, revision: str = "head") -> None:
         """Create or upgrade the table in place; safe to race."""
