@@ -758,7 +758,7 @@ def test_a_commit_watch_finds_the_log_index_sqlite_made_again(sqlite_url):
     store.close()
 
 
-def test_stores_that_push_wake_ups_or_live_in_memory_have_no_commit_watch(database_url):
+def test_only_an_sqlite_file_has_a_commit_watch(database_url):
     assert MemoryJobStore().commit_watch() is None
     store = SQLJobStore(database_url)
     assert (store.commit_watch() is not None) is (store.engine.dialect.name == "sqlite")
