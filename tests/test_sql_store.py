@@ -758,6 +758,29 @@ def test_a_commit_watch_finds_the_log_index_sqlite_made_again(sqlite_url):
     store.close()
 
 
+def test_a_commit_watch_opens_the_log_index_once_a_second_not_at_every_look(
+    sqlite_url, monkeypatch
+):
+    store = SQLJobStore(sqlite_url)
+    store.migrate()
+    now, opened = [100.0], []
+    open_mark = CommitMark.__init__
+
+    def counted(self: CommitMark, path: str) -> None:
+        opened.append(path)
+        open_mark(self, path)
+
+    monkeypatch.setattr(CommitMark, "__init__", counted)
+    watch = CommitWatch(sqlite_url.removeprefix("sqlite:///"), monotonic=lambda: now[0])
+    for _ in range(5):
+        watch.changed()
+    assert len(opened) == 1
+    now[0] += REOPEN_EVERY
+    watch.changed()
+    assert len(opened) == 2
+    store.close()
+
+
 def test_only_an_sqlite_file_has_a_commit_watch(database_url):
     assert MemoryJobStore().commit_watch() is None
     store = SQLJobStore(database_url)

@@ -27,6 +27,6 @@ def wait_for_work(
         wake.wait(timeout)
         return
     deadline = time.monotonic() + timeout
-    while not wake.wait(min(LOOK_EVERY, max(0.0, deadline - time.monotonic()))):
+    while not wake.wait(min(LOOK_EVERY, deadline - time.monotonic())):  # <= 0: a look, no wait
         if committed() or time.monotonic() >= deadline:
             return
