@@ -25,7 +25,7 @@ from deferred_middleware._ids import new_job_id
 from deferred_middleware._jobs import DEFAULT_QUEUE, Job, Status, StoredRequest, utcnow
 from deferred_middleware.store import SQLJobStore
 from deferred_middleware.store import _finish as finish
-from deferred_middleware.store._claim import claim_statement
+from deferred_middleware.store._claim import claim_binds, claim_statement
 from deferred_middleware.store._driver_sql import DriverStatement
 
 from ._servers import spawn
@@ -54,10 +54,7 @@ def _wait_until(check, timeout: float) -> float:
 def running_worker(database_url: str, concurrency: int = 32) -> Iterator[tuple[SQLJobStore, int]]:
     """An empty job table and a ``deferred-middleware worker`` on the bench app,
     stopped (SIGTERM) after the block. Gives the store and the worker's pid."""
-    store = SQLJobStore(database_url)
-    store.migrate()
-    with store.engine.begin() as connection:
-        connection.exec_driver_sql("DELETE FROM deferred_jobs")
+    store = _empty_job_table(database_url)
     command = [sys.executable, "-m", "deferred_middleware.cli", "worker"]
     command += ["bench.apps:starlette_app", "--concurrency", str(concurrency)]
     try:
@@ -65,6 +62,14 @@ def running_worker(database_url: str, concurrency: int = 32) -> Iterator[tuple[S
             yield store, worker.pid
     finally:
         store.close()
+
+
+def _empty_job_table(database_url: str) -> SQLJobStore:
+    store = SQLJobStore(database_url)
+    store.migrate()
+    with store.engine.begin() as connection:
+        connection.exec_driver_sql("DELETE FROM deferred_jobs")
+    return store
 
 
 def ours(database_url: str, jobs: int, concurrency: int = 32) -> dict[str, float]:
@@ -284,10 +289,7 @@ def _filled_job_table(
     """A job table holding ``jobs`` queued jobs as the bench app stores
     them, and the store's claim and outcome statements compiled for its
     driver (the outcomes as one statement a batch where the store does so)."""
-    store = SQLJobStore(database_url)
-    store.migrate()
-    with store.engine.begin() as connection:
-        connection.exec_driver_sql("DELETE FROM deferred_jobs")
+    store = _empty_job_table(database_url)
     _insert(store, jobs)
     dialect = store.engine.dialect
     claim = DriverStatement(claim_statement(store.dialect, 1), dialect)
@@ -297,15 +299,8 @@ def _filled_job_table(
 
 def _claim_parameters(store: SQLJobStore, claim: DriverStatement, batch: int) -> Any:
     now = utcnow()
-    return claim.parameters(
-        {
-            "c_now": store.dialect.datetime_param(now),
-            "c_lease_expires_at": store.dialect.datetime_param(now + timedelta(seconds=60)),
-            "c_limit": batch,
-            "c_worker": "raw",
-            "c_queue_0": DEFAULT_QUEUE,
-        }
-    )
+    expires = now + timedelta(seconds=60)
+    return claim.parameters(claim_binds(store.dialect, "raw", batch, [DEFAULT_QUEUE], now, expires))
 
 
 def raw_table_sqlite(database_url: str, jobs: int, batch: int) -> dict[str, float]:

@@ -109,12 +109,24 @@ class ClaimQueries:
         statement = self._driver_statement(
             ("claim", count), lambda: claim_statement(self.dialect, count)
         )
-        as_driver = self.dialect.datetime_param
-        values = {
-            "c_now": as_driver(now),
-            "c_lease_expires_at": as_driver(expires),
-            "c_limit": limit,
-            "c_worker": worker,
-            **{f"c_queue_{i}": name for i, name in enumerate(queues)},
-        }
+        values = claim_binds(self.dialect, worker, limit, queues, now, expires)
         return connection.exec_driver_sql(statement.sql, statement.parameters(values))
+
+
+def claim_binds(
+    dialect: Dialect,
+    worker: str,
+    limit: int,
+    queues: Sequence[str],
+    now: datetime,
+    expires: datetime,
+) -> dict[str, Any]:
+    """What :func:`claim_statement` binds, in the driver's own types."""
+    as_driver = dialect.datetime_param
+    return {
+        "c_now": as_driver(now),
+        "c_lease_expires_at": as_driver(expires),
+        "c_limit": limit,
+        "c_worker": worker,
+        **{f"c_queue_{i}": name for i, name in enumerate(queues)},
+    }
