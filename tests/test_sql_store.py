@@ -452,6 +452,18 @@ def test_a_connection_that_failed_is_not_used_again(sqlite_url):
     store.close()
 
 
+def test_the_writer_keeps_its_connection_between_batches(sqlite_url):
+    """A checkout from the pool costs more than a batch of a few rows."""
+    store = SQLJobStore(sqlite_url)
+    store.migrate()
+    checkouts = []
+    sa.event.listen(store.engine, "checkout", lambda *_: checkouts.append(1))
+    for _ in range(3):
+        store.insert([make_job()])
+    assert len(checkouts) == 1
+    store.close()
+
+
 def files_of(sqlite_url: str) -> bytes:
     path = sqlite_url.removeprefix("sqlite:///")
     return b"".join(

@@ -65,7 +65,11 @@ class AcceptQueries:
 
     if TYPE_CHECKING:
 
-        def _driver_connection(self) -> contextlib.AbstractContextManager[Any]: ...
+        def _writing_connection(self) -> Any: ...
+
+        def _thrown_away_on_failure(
+            self, connection: Any
+        ) -> contextlib.AbstractContextManager[None]: ...
 
         def _reopen(self) -> None: ...
 
@@ -100,9 +104,11 @@ class AcceptQueries:
         if self._file.lost:
             self._reopen()
         statement, params = SQLite.many_rows(sql, rows)
-        with self._one_writer(), self._driver_connection() as connection:
-            self._file.check()
-            connection.dbapi_connection.execute(statement, params)
+        with self._one_writer():
+            connection = self._writing_connection()
+            with self._thrown_away_on_failure(connection):
+                self._file.check()
+                connection.dbapi_connection.execute(statement, params)
 
     def insert_once(self, job: Job) -> Job:
         """A job that claims an Idempotency-Key, unless another job holds it

@@ -12,9 +12,8 @@ anywhere is never served from memory.
 
 from __future__ import annotations
 
-import contextlib
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import sqlalchemy as sa
@@ -103,16 +102,17 @@ class DriverConnections:
             held = self._readers.held = ReadingConnection(engine, connection, self._file)
         return held
 
-    @contextlib.contextmanager
-    def _driver_connection(self) -> Iterator[Any]:
-        """A driver connection from the pool for one hot write, where
-        SQLAlchemy's Connection would cost more than the statement."""
-        connection = self._checkout(self.engine)
-        try:
-            with self._thrown_away_on_failure(connection):
-                yield connection
-        finally:
-            connection.close()
+    def _writing_connection(self) -> Any:
+        """This thread's own driver connection for the inserts into an SQLite
+        file, kept between batches as a reader's is between polls: taking one
+        from the pool and giving it back cost more than writing a batch of a
+        few rows (a WSGI server's usual batch). Used within
+        :meth:`_thrown_away_on_failure`."""
+        engine = self.engine
+        held = getattr(self._readers, "writing", None)
+        if held is None or held[0] is not engine:
+            held = self._readers.writing = (engine, self._checkout(engine))
+        return held[1]
 
     def _checkout(self, engine: sa.Engine) -> Any:
         dbapi = engine.dialect.loaded_dbapi
@@ -126,9 +126,13 @@ class DriverConnections:
         return ThrownAwayOnFailure(self, connection)
 
     def _forget_reader(self, connection: Any) -> None:
+        """A failed connection is this thread's no more, reading or writing."""
         held = getattr(self._readers, "held", None)
         if held is not None and held.connection is connection:
             self._readers.held = None
+        writing = getattr(self._readers, "writing", None)
+        if writing is not None and writing[1] is connection:
+            self._readers.writing = None
 
 
 class ThrownAwayOnFailure:
