@@ -24,9 +24,10 @@ from sqlalchemy.dialects.mysql import pymysql
 from sqlalchemy.dialects.postgresql import psycopg
 
 from deferred_middleware import _protocol as protocol
-from deferred_middleware import migrations
+from deferred_middleware import _timestamps, migrations
 from deferred_middleware._ids import new_job_id
 from deferred_middleware._jobs import Finish, Progress, Status, StoredRequest
+from deferred_middleware._timestamps import utc_text
 from deferred_middleware.store import (
     JOB_CHANGES,
     NEW_JOBS,
@@ -318,6 +319,25 @@ def test_a_time_is_written_as_isoformat_writes_it_in_utc(when):
     assert _dialects.SQLite().datetime_param(when) == text
     if when.tzinfo is timezone.utc or when.tzinfo is None:
         assert protocol._timestamp(when) == text.replace(" ", "T") + "Z"
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.datetimes(min_value=datetime(2026, 1, 1), max_value=datetime(2026, 1, 1, 0, 2)),
+            st.sampled_from([" ", "T"]),
+        ),
+        max_size=200,
+    )
+)
+def test_times_of_one_second_share_a_head_and_stay_exact(times):
+    """Within a second and across the bound on kept heads (two minutes of
+    seconds is more than it keeps), each time's own text, whatever came before."""
+    for when, separator in times:
+        expected = when.isoformat(separator, "microseconds")
+        assert utc_text(when, separator) == expected
+        assert utc_text(when.replace(tzinfo=timezone.utc), separator, "Z") == expected + "Z"
+    assert len(_timestamps._SECOND_HEADS) <= _timestamps.SECOND_HEADS_KEPT
 
 
 _ADDRESSES = st.one_of(

@@ -16,7 +16,8 @@ from urllib.parse import parse_qsl, quote
 
 from . import _json
 from ._ids import is_job_id
-from ._jobs import Headers, Job, Status, utc_text
+from ._jobs import Headers, Job, Status
+from ._timestamps import utc_text
 
 JSON = "application/json"
 PROBLEM = "application/problem+json"

@@ -18,7 +18,7 @@ import sqlalchemy as sa
 from sqlalchemy.pool import StaticPool
 
 from .._causes import store_away
-from .._jobs import utc_text
+from .._timestamps import utc_text
 from ._base import JOB_CHANGES, NEW_JOBS, StoreUnavailable
 from ._errors import cause_of
 from ._schema import jobs, naive_utc
