@@ -484,6 +484,72 @@ def test_the_writer_keeps_its_connection_between_batches(sqlite_url):
     store.close()
 
 
+def test_a_claim_on_an_sqlite_file_is_one_statement_on_the_thread_s_own_connection(sqlite_url):
+    """No BEGIN and COMMIT around it, and no checkout from the pool: a
+    worker claims a few rows at a time, as its slots free up."""
+    store = SQLJobStore(sqlite_url)
+    store.migrate()
+    queued = [make_job() for _ in range(3)]
+    store.insert(queued)
+    statements: list[str] = []
+    store._writing_connection().dbapi_connection.set_trace_callback(statements.append)
+    checkouts = []
+    sa.event.listen(store.engine, "checkout", lambda *_: checkouts.append(1))
+    claimed = [store.claim("w", 1, 30) for _ in range(3)]
+    assert [job.id for [job] in claimed] == [job.id for job in queued]
+    assert [statement.split()[0] for statement in statements] == ["UPDATE"] * 3
+    assert checkouts == []
+    store.close()
+
+
+def test_closing_the_store_closes_the_connections_threads_keep(sqlite_url):
+    """Kept for reading and for writing, they close with the store, so the
+    file is left whole, without its log."""
+    store = SQLJobStore(sqlite_url)
+    store.migrate()
+    job = make_job()
+    store.insert([job])
+    store.get(job.id)
+    store.claim("w", 1, 30)
+    log = Path(sqlite_url.removeprefix("sqlite:///") + "-wal")
+    assert log.exists()
+    store.close()
+    assert not log.exists()
+
+
+def test_a_claim_on_a_connection_that_failed_is_unavailable_then_recovers(sqlite_url):
+    store = SQLJobStore(sqlite_url)
+    store.migrate()
+    job = make_job()
+    store.insert([job])
+    store._writing_connection().dbapi_connection.execute("PRAGMA query_only=ON")
+    with pytest.raises(StoreUnavailable):
+        store.claim("w", 1, 30)
+    assert [claimed.id for claimed in store.claim("w", 1, 30)] == [job.id]
+    store.close()
+
+
+def test_a_claim_in_a_replaced_sqlite_file_is_unavailable_then_claims_from_the_new_one(
+    sqlite_url, tmp_path
+):
+    """With the old file's log gone first: SQLite would read a log left
+    beside a replaced file as the new file's, whoever opens it."""
+    store = SQLJobStore(sqlite_url)
+    store.migrate()
+    assert store.claim("w", 1, 30) == []
+    store.close()  # its connections, kept ones too, close: the log goes
+    other = SQLJobStore(f"sqlite:///{tmp_path}/other.db")
+    other.migrate()
+    job = make_job()
+    other.insert([job])
+    other.close()
+    (tmp_path / "other.db").replace(sqlite_url.removeprefix("sqlite:///"))
+    with pytest.raises(StoreUnavailable):
+        store.claim("w", 1, 30)
+    assert [claimed.id for claimed in store.claim("w", 1, 30)] == [job.id]
+    store.close()
+
+
 def files_of(sqlite_url: str) -> bytes:
     path = sqlite_url.removeprefix("sqlite:///")
     return b"".join(

@@ -20,6 +20,7 @@ from . import _codec as codec
 from ._dialects import Dialect
 from ._driver_sql import DriverStatement
 from ._schema import jobs
+from ._sqlite_file import DatabaseFile
 
 CLAIMED_COLUMNS = (*codec.STATUS_COLUMNS, *codec.REQUEST_COLUMNS)
 
@@ -64,10 +65,21 @@ class ClaimQueries:
 
     clock: Any
     dialect: Dialect
+    _file: DatabaseFile | None
 
     if TYPE_CHECKING:
 
         def _driver_statement(self, key: Hashable, build: Callable[[], Any]) -> DriverStatement: ...
+
+        def _writing_connection(self) -> Any: ...
+
+        def _thrown_away_on_failure(
+            self, connection: Any
+        ) -> contextlib.AbstractContextManager[None]: ...
+
+        def _one_writer(self) -> contextlib.AbstractContextManager[None]: ...
+
+        def _reopen(self) -> None: ...
 
         def _transaction(
             self, erasing: Sequence[str] = ()
@@ -83,6 +95,8 @@ class ClaimQueries:
         now = self.clock()
         expires = now + timedelta(seconds=lease_seconds)
         names = sorted(set(queues))
+        if self._file is not None:
+            return self._claim_in_place(worker, limit, names, now, expires)
         one_statement = self.dialect.updates_returning and self.dialect.claims_announce
         with self._transaction(one_statement=one_statement) as connection:
             if self.dialect.updates_returning:
@@ -95,6 +109,33 @@ class ClaimQueries:
             if not self.dialect.claims_announce:
                 self.dialect.announce_changes(connection, [job.id for job in claimed])
             return claimed
+
+    def _claim_in_place(
+        self, worker: str, limit: int, queues: Sequence[str], now: datetime, expires: datetime
+    ) -> list[Job]:
+        """An SQLite file's claim, as its inserts are written: one statement
+        on the claiming thread's own driver connection. The statement is its
+        own transaction, and as an ``UPDATE`` it takes the write lock as it
+        starts; SQLAlchemy's begin and commit around it cost more than the
+        claim of a few rows, and a worker claims a few at a time, as slots
+        free up."""
+        assert self._file is not None
+        if self._file.lost:
+            self._reopen()
+        count = len(queues)
+        statement = self._driver_statement(
+            ("claim", count), lambda: claim_statement(self.dialect, count)
+        )
+        values = claim_binds(self.dialect, worker, limit, queues, now, expires)
+        with self._one_writer():
+            connection = self._writing_connection()
+            with self._thrown_away_on_failure(connection):
+                self._file.check()
+                cursor = connection.dbapi_connection.execute(
+                    statement.sql, statement.parameters(values)
+                )
+                rows = cursor.fetchall()
+        return codec.jobs_from_rows([column[0] for column in cursor.description], rows)
 
     def _claim_compiled(
         self,

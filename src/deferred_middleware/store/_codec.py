@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from json.encoder import encode_basestring_ascii as _quoted
 from typing import Any, TypeGuard
@@ -347,7 +347,10 @@ def job_from_row(row: Mapping[str, Any]) -> Job:
 
 
 def jobs_from_result(result: sa.CursorResult[Any]) -> list[Job]:
+    return jobs_from_rows(list(result.keys()), result.fetchall())
+
+
+def jobs_from_rows(names: list[str], rows: Iterable[Sequence[Any]]) -> list[Job]:
     """Each row as a plain dict: a row's own mapping raises and catches a
     ``KeyError`` inside for every column a read did not select."""
-    names = list(result.keys())
-    return [job_from_row(dict(zip(names, row, strict=True))) for row in result.fetchall()]
+    return [job_from_row(dict(zip(names, row, strict=True))) for row in rows]

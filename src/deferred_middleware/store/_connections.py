@@ -12,7 +12,9 @@ anywhere is never served from memory.
 
 from __future__ import annotations
 
+import contextlib
 import threading
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -84,7 +86,12 @@ class DriverConnections:
     """Mixed into :class:`SQLJobStore`, which supplies the engine."""
 
     engine: sa.Engine
+    lock_timeout: float
     _readers: threading.local
+    _kept: weakref.WeakKeyDictionary[Any, bool]
+    """Every thread's kept connections, each with whether it writes; one
+    goes back to the pool when its thread ends."""
+    _kept_lock: threading.Lock
     _file: DatabaseFile | None
 
     def commit_watch(self) -> Callable[[], bool] | None:
@@ -98,21 +105,53 @@ class DriverConnections:
         engine = self.engine
         held = getattr(self._readers, "held", None)
         if held is None or held.engine is not engine:
-            connection = self._checkout(engine)
+            connection = self._checkout_kept(engine, writing=False)
             held = self._readers.held = ReadingConnection(engine, connection, self._file)
         return held
 
     def _writing_connection(self) -> Any:
-        """This thread's own driver connection for the inserts into an SQLite
-        file, kept between batches as a reader's is between polls: taking one
-        from the pool and giving it back cost more than writing a batch of a
-        few rows (a WSGI server's usual batch). Used within
-        :meth:`_thrown_away_on_failure`."""
+        """This thread's own driver connection for its writes into an SQLite
+        file (the writer's inserts, the claims), kept as a reader's is: taking
+        one from the pool and giving it back cost more than writing a batch
+        of a few rows (a WSGI server's usual batch) or claiming a few jobs.
+        Used within :meth:`_one_writer` and :meth:`_thrown_away_on_failure`."""
         engine = self.engine
         held = getattr(self._readers, "writing", None)
         if held is None or held[0] is not engine:
-            held = self._readers.writing = (engine, self._checkout(engine))
+            held = self._readers.writing = (engine, self._checkout_kept(engine, writing=True))
         return held[1]
+
+    def _one_writer(self) -> contextlib.AbstractContextManager[None]:
+        if self._file is None:
+            return contextlib.nullcontext()
+        return self._file.one_writer(self.lock_timeout)
+
+    def _checkout_kept(self, engine: sa.Engine, *, writing: bool) -> Any:
+        connection = self._checkout(engine)
+        with self._kept_lock:
+            self._kept[connection] = writing
+        return connection
+
+    def _close_kept(self, *, readers: bool) -> None:
+        """Close what the threads keep before the file is opened anew or the
+        store closes: a connection left open on the old file keeps that
+        file's log (``-wal`` and ``-shm``), which SQLite would then read as
+        the new file's. Writing connections are used only under the
+        one-writer lock, which the caller holds; reading ones of other
+        threads only when ``readers`` (the store is closing). Each thread
+        takes a new connection once it sees the new engine."""
+        own = getattr(self._readers, "held", None)
+        with self._kept_lock:
+            closing = [
+                connection
+                for connection, writing in self._kept.items()
+                if writing or readers or (own is not None and connection is own.connection)
+            ]
+            for connection in closing:
+                del self._kept[connection]
+        for connection in closing:
+            with contextlib.suppress(Exception):  # it may have failed already
+                connection.invalidate()
 
     def _checkout(self, engine: sa.Engine) -> Any:
         dbapi = engine.dialect.loaded_dbapi
@@ -133,6 +172,8 @@ class DriverConnections:
         writing = getattr(self._readers, "writing", None)
         if writing is not None and writing[1] is connection:
             self._readers.writing = None
+        with self._kept_lock:
+            self._kept.pop(connection, None)
 
 
 class ThrownAwayOnFailure:

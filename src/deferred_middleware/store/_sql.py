@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import weakref
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from datetime import datetime, timedelta
 from typing import Any
@@ -66,6 +67,8 @@ class SQLJobStore(AcceptQueries, ClaimQueries, WebhookQueries, DriverConnections
         self._selects: dict[tuple[bool, bool], tuple[str, list[str], bool]] = {}
         self._statements: dict[Hashable, DriverStatement] = {}
         self._readers = threading.local()
+        self._kept: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
+        self._kept_lock = threading.Lock()
         self._file = DatabaseFile.of(self.url)
 
     @property
@@ -89,6 +92,7 @@ class SQLJobStore(AcceptQueries, ClaimQueries, WebhookQueries, DriverConnections
             self._file.remember()
 
     def close(self) -> None:
+        self._close_kept(readers=True)
         if self._engine is not None:
             self._engine.dispose()
             self._engine = None
@@ -366,11 +370,6 @@ class SQLJobStore(AcceptQueries, ClaimQueries, WebhookQueries, DriverConnections
             finally:
                 connection.close()
 
-    def _one_writer(self) -> contextlib.AbstractContextManager[None]:
-        if self._file is None:
-            return contextlib.nullcontext()
-        return self._file.one_writer(self.lock_timeout)
-
     def _erases(self, connection: sa.Connection, job_ids: Sequence[str]) -> bool:
         """On an SQLite file, whether erasing these jobs' stored credentials
         erases any: their old copies must then leave the write-ahead log."""
@@ -392,6 +391,8 @@ class SQLJobStore(AcceptQueries, ClaimQueries, WebhookQueries, DriverConnections
 
     def _reopen(self) -> None:
         """Open the file anew (creating it again if it is gone) and migrate it."""
+        with self._one_writer():
+            self._close_kept(readers=False)
         if self._engine is not None:
             self._engine.dispose()
             self._engine = None
