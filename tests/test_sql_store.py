@@ -7,6 +7,7 @@ import contextlib
 import gc
 import json
 import os
+import signal
 import threading
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
@@ -515,6 +516,31 @@ def test_closing_the_store_closes_the_connections_threads_keep(sqlite_url):
     assert log.exists()
     store.close()
     assert not log.exists()
+
+
+def test_a_forked_child_keeps_connections_of_its_own(sqlite_url):
+    """As a preforking server's workers do: the child gets an engine and a
+    record of kept connections of its own, never the parent's lock over
+    them, which another thread may hold at the fork (here: held throughout)."""
+    store = SQLJobStore(sqlite_url)
+    store.migrate()
+    store.insert([make_job()])  # the parent's writing connection, kept
+    with store._kept_lock:
+        pid = os.fork()
+        if pid == 0:  # the child: stopped after 20 s if it waits on the lock
+            signal.alarm(20)
+            code = 1
+            try:
+                store.insert([make_job()])
+                store.close()
+                code = 0
+            finally:
+                os._exit(code)
+        status = os.waitpid(pid, 0)[1]
+    assert os.waitstatus_to_exitcode(status) == 0
+    store.insert([make_job()])  # the parent's kept connection still works
+    assert store.count(Status.QUEUED) == 3
+    store.close()
 
 
 def test_a_claim_on_a_connection_that_failed_is_unavailable_then_recovers(sqlite_url):

@@ -126,6 +126,13 @@ class DriverConnections:
             return contextlib.nullcontext()
         return self._file.one_writer(self.lock_timeout)
 
+    def _start_keeping(self) -> None:
+        """Nothing kept yet. In a forked child, what the parent kept, and
+        its lock (which another of its threads may have held), are not this
+        process's to touch."""
+        self._kept = weakref.WeakKeyDictionary()
+        self._kept_lock = threading.Lock()
+
     def _checkout_kept(self, engine: sa.Engine, *, writing: bool) -> Any:
         connection = self._checkout(engine)
         with self._kept_lock:

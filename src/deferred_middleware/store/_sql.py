@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import weakref
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from datetime import datetime, timedelta
 from typing import Any
@@ -67,8 +66,7 @@ class SQLJobStore(AcceptQueries, ClaimQueries, WebhookQueries, DriverConnections
         self._selects: dict[tuple[bool, bool], tuple[str, list[str], bool]] = {}
         self._statements: dict[Hashable, DriverStatement] = {}
         self._readers = threading.local()
-        self._kept: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
-        self._kept_lock = threading.Lock()
+        self._start_keeping()
         self._file = DatabaseFile.of(self.url)
 
     @property
@@ -76,8 +74,9 @@ class SQLJobStore(AcceptQueries, ClaimQueries, WebhookQueries, DriverConnections
         """Created on first use in each process: a forked server worker must
         never share the parent's connections."""
         if self._engine is None or self._pid != current_pid():
-            if self._engine is not None:
+            if self._engine is not None:  # in a forked child
                 self._engine.dispose(close=False)
+                self._start_keeping()
             self._engine = self.dialect.create_engine(self.url, self.lock_timeout)
             self._pid = current_pid()
             self._inserts = {}
