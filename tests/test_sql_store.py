@@ -41,8 +41,8 @@ from deferred_middleware.store import (
 from deferred_middleware.store import _codec as codec
 from deferred_middleware.store._accept import SPARSE_KEYS, without_unused_columns
 from deferred_middleware.store._finish import first_per_job
+from deferred_middleware.store._in_place import ERASE_CHECK_CHUNK
 from deferred_middleware.store._schema import jobs, naive_utc
-from deferred_middleware.store._sql import ERASE_CHECK_CHUNK
 from deferred_middleware.store._sqlite_file import REOPEN_EVERY, CommitMark, CommitWatch
 
 from .support import eventually, make_job
@@ -246,6 +246,14 @@ def test_a_run_of_outcomes_is_one_statement_on_postgresql_and_row_by_row_elsewhe
     jobs_ = [make_job() for _ in range(3)]
     store.insert(jobs_)
     assert len(store.claim("w", 3, 30)) == 3
+    ends = [Finish(job.id, 1, Status.SUCCEEDED, None) for job in jobs_]
+    if store._file is not None:  # on the writing thread's own connection: SQLite's trace
+        traced: list[str] = []
+        store._writing_connection().dbapi_connection.set_trace_callback(traced.append)
+        assert store.write(ends) == 3
+        kinds = [statement.split()[0] for statement in traced]
+        assert kinds == ["BEGIN", "SELECT", "UPDATE", "UPDATE", "UPDATE", "COMMIT"]
+        return
     ran: list[tuple[str, bool]] = []
 
     def keep(_conn, _cursor, statement, _parameters, _context, many):
@@ -254,7 +262,7 @@ def test_a_run_of_outcomes_is_one_statement_on_postgresql_and_row_by_row_elsewhe
 
     sa.event.listen(store.engine, "before_cursor_execute", keep)
     try:
-        assert store.write([Finish(job.id, 1, Status.SUCCEEDED, None) for job in jobs_]) == 3
+        assert store.write(ends) == 3
     finally:
         sa.event.remove(store.engine, "before_cursor_execute", keep)
     [(statement, many)] = ran
@@ -540,6 +548,28 @@ def test_a_forked_child_keeps_connections_of_its_own(sqlite_url):
     assert os.waitstatus_to_exitcode(status) == 0
     store.insert([make_job()])  # the parent's kept connection still works
     assert store.count(Status.QUEUED) == 3
+    store.close()
+
+
+def test_outcomes_that_fail_before_their_commit_land_nothing_and_the_connection_goes_on(
+    sqlite_url, monkeypatch
+):
+    """Written on the writing thread's own connection: a failure rolls
+    its transaction back, so the next write begins one of its own."""
+    store = SQLJobStore(sqlite_url)
+    store.migrate()
+    job = make_job()
+    store.insert([job])
+    store.claim("w", 1, 30)
+    ended = [Finish(job.id, 1, Status.SUCCEEDED, None)]
+    check = store._file.check
+    monkeypatch.setattr(store._file, "check", lambda: (_ for _ in ()).throw(StoreUnavailable()))
+    with pytest.raises(StoreUnavailable):
+        store.write(ended)
+    assert store.get(job.id).status is Status.RUNNING
+    monkeypatch.setattr(store._file, "check", check)
+    assert store.write(ended) == 1
+    assert store.get(job.id).status is Status.SUCCEEDED
     store.close()
 
 

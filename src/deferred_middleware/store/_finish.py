@@ -125,5 +125,10 @@ def land(
         arrays = {f"a_{name}": list(values) for name, values in zip(FIELDS, columns, strict=True)}
         return connection.exec_driver_sql(statement.sql, statement.parameters(arrays)).rowcount
     statement = compiled("finish", one_by_one)
-    rows = [statement.parameters(dict(zip(_BOUND, values, strict=True))) for values in outcomes]
+    rows = [statement.parameters(bound(values)) for values in outcomes]
     return connection.exec_driver_sql(statement.sql, rows).rowcount
+
+
+def bound(values: tuple[Any, ...]) -> dict[str, Any]:
+    """One outcome's values by the bind names of :func:`one_by_one`."""
+    return dict(zip(_BOUND, values, strict=True))

@@ -25,14 +25,12 @@ from ._connections import DriverConnections
 from ._dialects import Dialect, for_url
 from ._driver_sql import DriverStatement
 from ._errors import translate_errors
+from ._in_place import InPlaceWrites, erases
 from ._migrate import migrate
 from ._schema import jobs
 from ._sqlite_file import DatabaseFile, checkpoint
 from ._urls import database_url as normalize_url
 from ._webhooks import WebhookQueries, forget_attempts
-
-HOLDING_CREDENTIALS = f"SELECT 1 FROM {jobs.name} WHERE request_credentials IS NOT NULL"
-ERASE_CHECK_CHUNK = 500  # bound parameters per statement, well under SQLite's limit
 
 
 def _fenced(job_id: str, attempt: int) -> Any:
@@ -41,7 +39,7 @@ def _fenced(job_id: str, attempt: int) -> Any:
     )
 
 
-class SQLJobStore(AcceptQueries, ClaimQueries, WebhookQueries, DriverConnections):
+class SQLJobStore(AcceptQueries, ClaimQueries, InPlaceWrites, WebhookQueries, DriverConnections):
     """The job table in any database SQLAlchemy reaches."""
 
     def __init__(
@@ -210,6 +208,8 @@ class SQLJobStore(AcceptQueries, ClaimQueries, WebhookQueries, DriverConnections
     def write(self, writes: Sequence[AttemptWrite]) -> int:
         """Runs of finishes go in one statement each; order is kept, so a
         handler's last progress lands before the outcome that ends its attempt."""
+        if self._file and writes and all(isinstance(write, Finish) for write in writes):
+            return self._finish_in_place(writes)  # type: ignore[arg-type]
         now = self.clock()
         finished_at = self.dialect.datetime_param(now)
         in_one_run = self.dialect.finishes_in_one_run
@@ -374,15 +374,7 @@ class SQLJobStore(AcceptQueries, ClaimQueries, WebhookQueries, DriverConnections
         erases any: their old copies must then leave the write-ahead log."""
         if self._file is None:
             return False
-        # SQLite's own SQL, as the claim's: built through SQLAlchemy, this
-        # check cost more than the outcomes' statement it comes with.
-        for start in range(0, len(job_ids), ERASE_CHECK_CHUNK):
-            chunk = tuple(job_ids[start : start + ERASE_CHECK_CHUNK])
-            marks = ", ".join("?" * len(chunk))
-            sql = f"{HOLDING_CREDENTIALS} AND id IN ({marks}) LIMIT 1"
-            if connection.exec_driver_sql(sql, chunk).first() is not None:
-                return True
-        return False
+        return erases(connection.connection.dbapi_connection, job_ids)
 
     def _scrub(self) -> None:
         with translate_errors(), self.engine.connect() as connection:

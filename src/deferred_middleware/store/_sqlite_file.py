@@ -10,6 +10,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -146,11 +147,14 @@ class CommitWatch:
 
 
 def checkpoint(connection: sa.Connection) -> None:
-    """Erased means erased on disk: copy SQLite's write-ahead log into the
-    file (where secure_delete zeroes what was freed) and truncate it, so no
-    frame holding old credentials is left. If readers keep the log busy,
-    the next checkpoint does it."""
-    # On the driver's connection: outside any transaction, as SQLite requires.
-    connection.connection.dbapi_connection.execute(  # type: ignore[union-attr]
-        "PRAGMA wal_checkpoint(TRUNCATE)"
-    )
+    """Erased means erased on disk: see :func:`checkpoint_on`."""
+    checkpoint_on(connection.connection.dbapi_connection)
+
+
+def checkpoint_on(driver: Any) -> None:
+    """Copy SQLite's write-ahead log into the file (where secure_delete
+    zeroes what was freed) and truncate it, so no frame holding old
+    credentials is left. If readers keep the log busy, the next checkpoint
+    does it. On the driver's connection: outside any transaction, as SQLite
+    requires."""
+    driver.execute("PRAGMA wal_checkpoint(TRUNCATE)")
