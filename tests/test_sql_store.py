@@ -573,6 +573,21 @@ def test_outcomes_that_fail_before_their_commit_land_nothing_and_the_connection_
     store.close()
 
 
+def test_outcomes_on_a_connection_that_failed_are_unavailable_then_land(sqlite_url):
+    store = SQLJobStore(sqlite_url)
+    store.migrate()
+    job = make_job()
+    store.insert([job])
+    store.claim("w", 1, 30)
+    store._writing_connection().dbapi_connection.execute("PRAGMA query_only=ON")
+    ended = [Finish(job.id, 1, Status.SUCCEEDED, None)]
+    with pytest.raises(StoreUnavailable):
+        store.write(ended)
+    assert store.write(ended) == 1  # on a fresh connection
+    assert store.get(job.id).status is Status.SUCCEEDED
+    store.close()
+
+
 def test_a_claim_on_a_connection_that_failed_is_unavailable_then_recovers(sqlite_url):
     store = SQLJobStore(sqlite_url)
     store.migrate()
