@@ -65,15 +65,7 @@ class AcceptQueries:
 
     if TYPE_CHECKING:
 
-        def _writing_connection(self) -> Any: ...
-
-        def _thrown_away_on_failure(
-            self, connection: Any
-        ) -> contextlib.AbstractContextManager[None]: ...
-
-        def _reopen(self) -> None: ...
-
-        def _one_writer(self) -> contextlib.AbstractContextManager[None]: ...
+        def _in_place(self) -> contextlib.AbstractContextManager[Any]: ...
 
         def _transaction(
             self, erasing: Sequence[str] = ()
@@ -91,7 +83,8 @@ class AcceptQueries:
             self.dialect.insert(connection, sql, keys, named, rows)
 
     def _insert_in_place(self, sql: str, rows: Sequence[tuple[Any, ...]]) -> None:
-        """An SQLite file's inserts on a driver connection from the pool: for
+        """An SQLite file's inserts on the writing thread's own driver
+        connection (:meth:`_in_place`): for
         a burst of a few rows, SQLAlchemy's begin and commit cost more than
         SQLite's. One statement is its own transaction, all rows or none,
         and it takes the write lock as it starts, as BEGIN IMMEDIATE would;
@@ -101,14 +94,10 @@ class AcceptQueries:
         as :meth:`_transaction`: one writer of this process at a time, and
         nothing committed into a file that was removed or replaced."""
         assert self._file is not None
-        if self._file.lost:
-            self._reopen()
         statement, params = SQLite.many_rows(sql, rows)
-        with self._one_writer():
-            connection = self._writing_connection()
-            with self._thrown_away_on_failure(connection):
-                self._file.check()
-                connection.dbapi_connection.execute(statement, params)
+        with self._in_place() as driver:
+            self._file.check()
+            driver.execute(statement, params)
 
     def insert_once(self, job: Job) -> Job:
         """A job that claims an Idempotency-Key, unless another job holds it

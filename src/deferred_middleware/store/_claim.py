@@ -71,15 +71,7 @@ class ClaimQueries:
 
         def _driver_statement(self, key: Hashable, build: Callable[[], Any]) -> DriverStatement: ...
 
-        def _writing_connection(self) -> Any: ...
-
-        def _thrown_away_on_failure(
-            self, connection: Any
-        ) -> contextlib.AbstractContextManager[None]: ...
-
-        def _one_writer(self) -> contextlib.AbstractContextManager[None]: ...
-
-        def _reopen(self) -> None: ...
+        def _in_place(self) -> contextlib.AbstractContextManager[Any]: ...
 
         def _transaction(
             self, erasing: Sequence[str] = ()
@@ -114,27 +106,21 @@ class ClaimQueries:
         self, worker: str, limit: int, queues: Sequence[str], now: datetime, expires: datetime
     ) -> list[Job]:
         """An SQLite file's claim, as its inserts are written: one statement
-        on the claiming thread's own driver connection. The statement is its
+        on the claiming thread's own driver connection (:meth:`_in_place`). The statement is its
         own transaction, and as an ``UPDATE`` it takes the write lock as it
         starts; SQLAlchemy's begin and commit around it cost more than the
         claim of a few rows, and a worker claims a few at a time, as slots
         free up."""
         assert self._file is not None
-        if self._file.lost:
-            self._reopen()
         count = len(queues)
         statement = self._driver_statement(
             ("claim", count), lambda: claim_statement(self.dialect, count)
         )
         values = claim_binds(self.dialect, worker, limit, queues, now, expires)
-        with self._one_writer():
-            connection = self._writing_connection()
-            with self._thrown_away_on_failure(connection):
-                self._file.check()
-                cursor = connection.dbapi_connection.execute(
-                    statement.sql, statement.parameters(values)
-                )
-                rows = cursor.fetchall()
+        with self._in_place() as driver:
+            self._file.check()
+            cursor = driver.execute(statement.sql, statement.parameters(values))
+            rows = cursor.fetchall()
         return codec.jobs_from_rows([column[0] for column in cursor.description], rows)
 
     def _claim_compiled(

@@ -15,8 +15,8 @@ from __future__ import annotations
 import contextlib
 import threading
 import weakref
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
@@ -94,6 +94,10 @@ class DriverConnections:
     _kept_lock: threading.Lock
     _file: DatabaseFile | None
 
+    if TYPE_CHECKING:
+
+        def _reopen(self) -> None: ...
+
     def commit_watch(self) -> Callable[[], bool] | None:
         """See :meth:`JobStore.commit_watch`: an SQLite file's commit mark."""
         return None if self._file is None else CommitWatch(self._file.path).changed
@@ -120,6 +124,23 @@ class DriverConnections:
         if held is None or held[0] is not engine:
             held = self._readers.writing = (engine, self._checkout_kept(engine, writing=True))
         return held[1]
+
+    @contextlib.contextmanager
+    def _in_place(self) -> Iterator[Any]:
+        """An SQLite file's hot write (the writer's inserts, a worker's
+        claims and outcomes) on the driver connection this thread keeps,
+        under the one-writer lock: the file opened anew first if it was
+        lost, the connection thrown away if it fails. Yields the driver's
+        connection; the caller checks the file (``self._file.check()``)
+        before its commit, so nothing is committed into a file that was
+        removed or replaced."""
+        assert self._file is not None
+        if self._file.lost:
+            self._reopen()
+        with self._one_writer():
+            connection = self._writing_connection()
+            with self._thrown_away_on_failure(connection):
+                yield connection.dbapi_connection
 
     def _one_writer(self) -> contextlib.AbstractContextManager[None]:
         if self._file is None:

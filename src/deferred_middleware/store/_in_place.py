@@ -48,15 +48,7 @@ class InPlaceWrites:
 
         def _driver_statement(self, key: Hashable, build: Callable[[], Any]) -> DriverStatement: ...
 
-        def _writing_connection(self) -> Any: ...
-
-        def _thrown_away_on_failure(
-            self, connection: Any
-        ) -> contextlib.AbstractContextManager[None]: ...
-
-        def _one_writer(self) -> contextlib.AbstractContextManager[None]: ...
-
-        def _reopen(self) -> None: ...
+        def _in_place(self) -> contextlib.AbstractContextManager[Any]: ...
 
     def _finish_in_place(self, writes: Sequence[Finish]) -> int:
         """Outcomes alone (a batch that holds other writes takes the general
@@ -65,26 +57,21 @@ class InPlaceWrites:
         into a file that was removed or replaced, and erased credentials
         scrubbed from the log once committed. Returns how many landed."""
         assert self._file is not None
-        if self._file.lost:
-            self._reopen()
         finished_at = self.dialect.datetime_param(self.clock())
         outcomes = [finish.outcome(write, finished_at) for write in writes]
         statement = self._driver_statement("finish", finish.one_by_one)
         rows = [statement.parameters(finish.bound(values)) for values in outcomes]
-        with self._one_writer():
-            connection = self._writing_connection()
-            with self._thrown_away_on_failure(connection):
-                driver = connection.dbapi_connection
-                driver.execute("BEGIN IMMEDIATE")
-                try:
-                    erasing = erases(driver, [write.job_id for write in writes])
-                    landed: int = driver.executemany(statement.sql, rows).rowcount
-                    self._file.check()
-                    driver.execute("COMMIT")
-                except BaseException:
-                    with contextlib.suppress(Exception):  # a failed COMMIT has ended it
-                        driver.execute("ROLLBACK")
-                    raise
-                if erasing:
-                    checkpoint_on(driver)
+        with self._in_place() as driver:
+            driver.execute("BEGIN IMMEDIATE")
+            try:
+                erasing = erases(driver, [write.job_id for write in writes])
+                landed: int = driver.executemany(statement.sql, rows).rowcount
+                self._file.check()
+                driver.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(Exception):  # a failed COMMIT has ended it
+                    driver.execute("ROLLBACK")
+                raise
+            if erasing:
+                checkpoint_on(driver)
         return landed
