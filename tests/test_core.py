@@ -883,6 +883,72 @@ def test_the_writer_outlives_a_waiter_that_gave_up():
     writer.stop()
 
 
+def test_committed_jobs_are_told_in_the_writer_thread_before_their_waiters():
+    """An executor in this process must hear of a new job at the commit,
+    not once the event loop has answered the 202."""
+    from concurrent.futures import Future
+
+    from deferred_middleware.store import MemoryJobStore
+    from deferred_middleware.store._writer import BatchWriter
+
+    writer = BatchWriter(MemoryJobStore())
+    new = Harness().core.admission.new_job
+    jobs = [new(StoredRequest("POST", f"/{n}"), OPTIONS) for n in range(3)]
+    waiters: list[Future[None]] = [Future() for _ in jobs]
+    told: list[tuple[list[str], str, list[bool]]] = []
+
+    def tell(batch: list[Any]) -> None:
+        thread = threading.current_thread().name
+        told.append(([job.id for job in batch], thread, [w.done() for w in waiters]))
+
+    writer.tell_committed(tell)
+    for job, waiter in zip(jobs, waiters, strict=True):
+        writer.insert(job, waiter)
+    for waiter in waiters:
+        waiter.result(timeout=10)
+    writer.stop()
+    assert sorted(job_id for ids, _, _ in told for job_id in ids) == sorted(j.id for j in jobs)
+    assert {name for _, name, _ in told} == {"deferred-writer"}
+    assert not any(done for _, _, dones in told for done in dones)
+
+
+def test_a_repeated_idempotency_key_is_not_told_as_a_new_job():
+    h = Harness()
+    told: list[str] = []
+    h.writer.tell_committed(lambda batch: told.extend(job.id for job in batch))
+    request = StoredRequest("POST", "/r", headers=[("idempotency-key", "k1")])
+    first = h.core.accept(request, DeferredOptions())
+    again = h.core.accept(request, DeferredOptions())
+    assert again.id == first.id
+    assert told == [first.id]
+
+
+def test_a_job_whose_client_left_before_the_commit_was_heard_is_logged_and_woken(caplog):
+    """The row is committed: it is accepted, counted and run, though nobody
+    is left to hear the 202."""
+    caplog.set_level("INFO", logger="deferred_middleware")
+    h = Harness(metrics=True)
+    woken = Calls(h.dispatcher.wake)
+    h.dispatcher.wake = woken  # type: ignore[method-assign]
+
+    async def scenario() -> asyncio.Task[Any]:
+        accepting = asyncio.create_task(
+            h.core.accept_async(StoredRequest("POST", "/r"), DeferredOptions())
+        )
+        while not h.store.count(Status.QUEUED):  # committed; the waiter not yet resolved
+            await asyncio.sleep(0)
+        accepting.cancel()  # the client went away
+        with pytest.raises(asyncio.CancelledError):
+            await accepting
+        return accepting
+
+    asyncio.run(scenario())
+    assert woken.count == 1
+    assert re.search(r"job \w+ accepted", caplog.text)
+    counted = h.metrics.registry.get_sample_value
+    assert counted("deferred_jobs_accepted_total", {"queue": "default"}) == 1
+
+
 def test_a_renewal_abandons_every_job_taken_back_whatever_settles_beside_it(monkeypatch):
     h = Harness(concurrency=16)
     ids = [h.submit() for _ in range(9)]

@@ -73,6 +73,7 @@ class JobCore:
         self._pool: ThreadPoolExecutor | None = None
         self.status_replies = protocol.StatusReplies()
         self._urls = protocol.JobURLsByRootPath(config.prefix, config.public_url)
+        writer.tell_committed(self._committed)
 
     def prepare(self) -> None:
         """Create or upgrade the table on first use. Raises StoreUnavailable
@@ -120,7 +121,6 @@ class JobCore:
         committed: Future[None] = Future()
         self.writer.insert(job, committed)
         committed.result()
-        self._committed(job)
         return job
 
     async def accept_async(
@@ -143,13 +143,11 @@ class JobCore:
         committed: asyncio.Future[None] = loop.create_future()
         self.writer.insert(job, committed)
         await committed
-        self._committed(job)
         return job
 
     def _stored_once(self, job: Job, stored: Job) -> Job:
         """The job to answer for a request that named an Idempotency-Key."""
         if stored is job:
-            self._committed(job)
             return job
         return self.admission.same_request(job, stored)
 
@@ -159,9 +157,12 @@ class JobCore:
             return None
         return owner_key(self.config.owner(request))
 
-    def _committed(self, job: Job) -> None:
-        joblog.accepted(job)
-        self.metrics.accepted(job)
+    def _committed(self, jobs: list[Job]) -> None:
+        """New rows were committed (in the writer's thread, before their
+        requests hear of it): counted even if the client has gone since."""
+        for job in jobs:
+            joblog.accepted(job)
+            self.metrics.accepted(job)
         if self.executor is not None:
             self.executor.wake()
 

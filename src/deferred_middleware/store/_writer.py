@@ -4,6 +4,11 @@ Whatever is queued when the thread looks is written in one transaction
 (group commit): a burst of requests costs one commit, not one each. The
 event loop never waits on the database, only on a future, and a whole
 batch's asyncio futures are resolved with one wake-up of their loop.
+
+Whoever must hear of new jobs (the log, the metrics, an executor waiting
+for work) hears from this thread, straight after the commit and before
+any waiter: an executor in the same process then claims while the event
+loop is still busy answering the 202, not after it.
 """
 
 from __future__ import annotations
@@ -29,11 +34,17 @@ logger = logging.getLogger("deferred_middleware")
 
 Waiter = Future | asyncio.Future  # type: ignore[type-arg]
 T = TypeVar("T")
+Committed = Callable[[list[Job]], None]
+
+
+def _no_one(jobs: list[Job]) -> None:
+    pass
 
 
 class BatchWriter:
     def __init__(self, store: JobStore) -> None:
         self.store = store
+        self.committed: Committed = _no_one
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._running = False
@@ -54,6 +65,11 @@ class BatchWriter:
         future: Future[None] = Future()
         self._put((WRITE, write, future))
         return future
+
+    def tell_committed(self, committed: Committed) -> None:
+        """Call ``committed`` with each batch of new jobs once their rows are
+        committed (not a repeated Idempotency-Key's), in the writer's thread."""
+        self.committed = committed
 
     def stop(self) -> None:
         """Write what is queued, then end the thread."""
@@ -110,10 +126,10 @@ class BatchWriter:
         inserts = [(job, waiter) for kind, job, waiter in items if kind == INSERT]
         writes = [(write, waiter) for kind, write, waiter in items if kind == WRITE]
         if inserts:
-            self._together(self.store.insert, inserts)
+            self._together(self.store.insert, inserts, self._inserted)
         for kind, job, waiter in items:
             if kind == INSERT_ONCE:
-                self._together(self._insert_once, [(job, waiter)])
+                self._together(self._insert_once, [(job, waiter)], self._inserted_once)
         if writes:
             self._together(self.store.write, writes)
 
@@ -122,12 +138,31 @@ class BatchWriter:
         [job] = jobs
         return [self.store.insert_once(job)]
 
+    def _inserted(self, stored: list[tuple[Job, Any]]) -> None:
+        self._tell([job for job, _ in stored])
+
+    def _inserted_once(self, stored: list[tuple[Job, Any]]) -> None:
+        self._tell([job for job, kept in stored if kept is job])
+
+    def _tell(self, jobs: list[Job]) -> None:
+        if not jobs:
+            return
+        try:
+            self.committed(jobs)
+        except Exception:  # the rows are committed all the same: answer their waiters
+            logger.exception("telling of committed jobs failed")
+
     def _together(
-        self, store: Callable[[Sequence[T]], object], items: list[tuple[T, Waiter]]
+        self,
+        store: Callable[[Sequence[T]], object],
+        items: list[tuple[T, Waiter]],
+        stored: Callable[[list[tuple[T, Any]]], None] | None = None,
     ) -> None:
         """One transaction for all; if it fails for any reason but the store
         being unavailable, each item alone, so one bad item fails only itself.
-        A store that answers a list gives each waiter its own result."""
+        A store that answers a list gives each waiter its own result.
+        ``stored`` hears of what was stored, with its results, before the
+        waiters do."""
         try:
             results = store([item for item, _ in items])
         except StoreUnavailable as exc:
@@ -139,10 +174,12 @@ class BatchWriter:
                 _resolve([(items[0][1], None)], Unstorable())
                 return
             for item in items:
-                self._together(store, [item])
+                self._together(store, [item], stored)
             return
         if not isinstance(results, list):
             results = [None] * len(items)
+        if stored is not None:
+            stored([(item, result) for (item, _), result in zip(items, results, strict=True)])
         _resolve(
             [(waiter, result) for (_, waiter), result in zip(items, results, strict=True)], None
         )
