@@ -150,6 +150,20 @@ def test_env(workdir: Path, sqlite_url: str) -> dict[str, str]:
     }
 
 
+LOG_TAIL = 20_000
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> pytest.TestReport:
+    """A failed test shows the end of each log its servers and workers
+    wrote: a failure seen once, on a loaded machine, can then be read."""
+    report: pytest.TestReport = yield
+    if report.failed and report.when == "call":
+        for process in getattr(item, "funcargs", {}).get("processes", []):
+            report.sections.append((f"log of {process.log_path.name}", process.log()[-LOG_TAIL:]))
+    return report
+
+
 @pytest.fixture
 def processes() -> Iterator[list[Process]]:
     """Every process a test started, killed at its end whatever happened."""
