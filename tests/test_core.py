@@ -912,6 +912,28 @@ def test_committed_jobs_are_told_in_the_writer_thread_before_their_waiters():
     assert not any(done for _, _, dones in told for done in dones)
 
 
+def test_a_hook_that_fails_costs_no_waiter_its_answer(caplog):
+    """The rows are committed whatever the hook does: their requests get a 202."""
+    from concurrent.futures import Future
+
+    from deferred_middleware.store import MemoryJobStore
+    from deferred_middleware.store._writer import BatchWriter
+
+    store = MemoryJobStore()
+    writer = BatchWriter(store)
+
+    def broken(batch: list[Any]) -> None:
+        raise RuntimeError("a log handler that fails")
+
+    writer.tell_committed(broken)
+    waiter: Future[None] = Future()
+    writer.insert(Harness().core.admission.new_job(StoredRequest("POST", "/r"), OPTIONS), waiter)
+    assert waiter.result(timeout=10) is None
+    writer.stop()
+    assert store.count(Status.QUEUED) == 1
+    assert "telling of committed jobs failed" in caplog.text
+
+
 def test_a_repeated_idempotency_key_is_not_told_as_a_new_job():
     h = Harness()
     told: list[str] = []
