@@ -895,11 +895,12 @@ def test_committed_jobs_are_told_in_the_writer_thread_before_their_waiters():
     new = Harness().core.admission.new_job
     jobs = [new(StoredRequest("POST", f"/{n}"), OPTIONS) for n in range(3)]
     waiters: list[Future[None]] = [Future() for _ in jobs]
+    waiter_of = {job.id: waiter for job, waiter in zip(jobs, waiters, strict=True)}
     told: list[tuple[list[str], str, list[bool]]] = []
 
     def tell(batch: list[Any]) -> None:
         thread = threading.current_thread().name
-        told.append(([job.id for job in batch], thread, [w.done() for w in waiters]))
+        told.append(([job.id for job in batch], thread, [waiter_of[j.id].done() for j in batch]))
 
     writer.tell_committed(tell)
     for job, waiter in zip(jobs, waiters, strict=True):
