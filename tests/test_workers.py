@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
+import sys
 import time
 from collections import Counter
 
@@ -84,6 +86,48 @@ def test_sigterm_lets_a_running_job_finish_within_the_grace_period(
     gates("t1")  # opened only after the signal: the worker must wait for it
     assert worker.wait(timeout=60) == 0
     assert store.get(job_id).status is Status.SUCCEEDED
+
+
+SIGNAL_TO_ANOTHER_THREAD = """
+import signal, sys, threading, time
+from deferred_middleware import worker
+
+def idle(frame):  # blocked in the worker's own wait, not in starting a thread
+    names = []
+    while frame is not None:
+        names.append(frame.f_code.co_name)
+        frame = frame.f_back
+    return names[:1] in (["wait"], ["select"]) and "start_executor" not in names
+
+class Executor:
+    def start_executor(self):
+        threading.Thread(target=self.signal_from_here).start()
+
+    def signal_from_here(self):
+        # Once the main thread waits, SIGTERM goes to this thread, not to it.
+        deadline = time.monotonic() + 10
+        while not idle(sys._current_frames().get(threading.main_thread().ident)):
+            assert time.monotonic() < deadline, "the main thread never waited"
+            time.sleep(0.01)
+        signal.pthread_kill(threading.get_ident(), signal.SIGTERM)
+
+    def shutdown(self):
+        print("drained", flush=True)
+
+worker._run_wsgi(Executor())
+"""
+
+
+def test_a_wsgi_worker_stops_on_a_signal_that_another_thread_took():
+    """The kernel may hand a process's SIGTERM to any of its threads; the
+    worker must drain and stop whichever it was."""
+    done = subprocess.run(
+        [sys.executable, "-c", SIGNAL_TO_ANOTHER_THREAD],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert (done.returncode, done.stdout) == (0, "drained\n"), done.stderr
 
 
 @pytest.mark.parametrize("app", ["starlette", "flask"])

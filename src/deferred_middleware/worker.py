@@ -13,7 +13,6 @@ import importlib
 import logging
 import signal
 import sys
-import threading
 from typing import Any
 
 from ._freeze import freeze_what_was_loaded
@@ -107,28 +106,34 @@ def serve_metrics(middleware: Middleware, host: str, port: int) -> None:
     logger.warning("worker: metrics at http://%s:%d/metrics", host, port)
 
 
-def _stop_event_on_signals() -> threading.Event:
-    stop = threading.Event()
+def _stop_on_signals(loop: asyncio.AbstractEventLoop) -> asyncio.Event:
+    """An event that SIGTERM and SIGINT set. The loop hears of a signal
+    through its wake-up file, whichever thread the kernel gave it to. A
+    main thread blocked on a lock (``threading.Event.wait``) never ran the
+    handler of a signal that one of the executor's threads took, and the
+    worker went on as if it had not been asked to stop."""
+    stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
+        loop.add_signal_handler(signum, stop.set)
     return stop
 
 
 def _run_wsgi(middleware: DeferredWSGIMiddleware) -> None:
-    stop = _stop_event_on_signals()
-    middleware.start_executor()
-    freeze_what_was_loaded()
-    stop.wait()
-    logger.warning("worker: stopping; draining running jobs")
-    middleware.shutdown()
+    loop = asyncio.new_event_loop()
+    try:
+        stop = _stop_on_signals(loop)  # before the executor starts: a signal is never lost
+        middleware.start_executor()
+        freeze_what_was_loaded()
+        loop.run_until_complete(stop.wait())
+        logger.warning("worker: stopping; draining running jobs")
+        middleware.shutdown()  # the handlers stay: a second signal cannot cut the drain short
+    finally:
+        loop.close()
 
 
 async def _run_asgi(app: Any) -> None:
     """Drive the app's lifespan as a server would, without serving HTTP."""
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+    stop = _stop_on_signals(asyncio.get_running_loop())
     to_app: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
     from_app: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
     scope = {"type": "lifespan", "asgi": {"version": "3.0", "spec_version": "2.0"}, "state": {}}
