@@ -44,7 +44,7 @@ def _no_one(jobs: list[Job]) -> None:
 class BatchWriter:
     def __init__(self, store: JobStore) -> None:
         self.store = store
-        self.committed: Committed = _no_one
+        self._told: Committed = _no_one
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._running = False
@@ -69,7 +69,7 @@ class BatchWriter:
     def tell_committed(self, committed: Committed) -> None:
         """Call ``committed`` with each batch of new jobs once their rows are
         committed (not a repeated Idempotency-Key's), in the writer's thread."""
-        self.committed = committed
+        self._told = committed
 
     def stop(self) -> None:
         """Write what is queued, then end the thread."""
@@ -148,7 +148,7 @@ class BatchWriter:
         if not jobs:
             return
         try:
-            self.committed(jobs)
+            self._told(jobs)
         except Exception:  # the rows are committed all the same: answer their waiters
             logger.exception("telling of committed jobs failed")
 
