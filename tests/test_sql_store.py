@@ -8,6 +8,7 @@ import gc
 import json
 import os
 import signal
+import sqlite3
 import threading
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
@@ -29,6 +30,7 @@ from deferred_middleware import _timestamps, migrations
 from deferred_middleware._ids import new_job_id
 from deferred_middleware._jobs import Finish, Progress, Status, StoredRequest
 from deferred_middleware._timestamps import utc_text
+from deferred_middleware.runner._idle import wait_for_work
 from deferred_middleware.store import (
     JOB_CHANGES,
     NEW_JOBS,
@@ -43,7 +45,6 @@ from deferred_middleware.store._accept import SPARSE_KEYS, without_unused_column
 from deferred_middleware.store._finish import first_per_job
 from deferred_middleware.store._in_place import ERASE_CHECK_CHUNK
 from deferred_middleware.store._schema import jobs, naive_utc
-from deferred_middleware.store._sqlite_file import REOPEN_EVERY, CommitMark, CommitWatch
 
 from .support import eventually, make_job
 
@@ -820,7 +821,7 @@ def in_another_process(sqlite_url: str, code: str) -> None:
     subprocess.run([sys.executable, "-c", script + code], check=True, timeout=60)
 
 
-def test_a_job_unchanged_since_it_was_read_costs_no_statement(sqlite_url):
+def test_a_job_unchanged_since_it_was_read_costs_no_select(sqlite_url):
     store = SQLJobStore(sqlite_url)
     store.migrate()
     job = finished_job(store)
@@ -828,73 +829,19 @@ def test_a_job_unchanged_since_it_was_read_costs_no_statement(sqlite_url):
     statements = statements_on_this_threads_reader(store)
     assert store.get(job.id, response=True).response.body == b"done"
     assert store.get(job.id, response=True).status is Status.SUCCEEDED
-    assert statements == []  # the file's commit mark said nothing changed
+    assert statements == ["PRAGMA data_version"] * 2  # SQLite said nothing changed
     store.get(job.id)  # a read of other columns is a read of its own
-    assert len(statements) == 1 and statements[0].startswith("SELECT")
+    assert statements[2:] == ["PRAGMA data_version", statements[3]]
+    assert statements[3].startswith("SELECT")
     store.close()
-
-
-def test_without_a_commit_mark_sqlite_is_asked_what_changed(sqlite_url, monkeypatch):
-    """A mark caught mid-commit (its two copies differ) or not there at
-    all: each read asks ``data_version`` instead, and still remembers."""
-    store = SQLJobStore(sqlite_url)
-    store.migrate()
-    job = finished_job(store)
-    store.get(job.id)
-    monkeypatch.setattr(CommitMark, "read", lambda self: None)
-    statements = statements_on_this_threads_reader(store)
-    assert store.get(job.id).status is Status.SUCCEEDED  # the source changed: read again
-    assert store.get(job.id).status is Status.SUCCEEDED
-    assert statements[0] == "PRAGMA data_version" and statements[1].startswith("SELECT")
-    assert statements[2:] == ["PRAGMA data_version"]
-    in_another_process(sqlite_url, f"assert store.delete({job.id!r})")
-    assert store.get(job.id) is None
-    store.close()
-
-
-@pytest.mark.parametrize(
-    "shm, readable",
-    [
-        (bytes(12) + b"\x01" + bytes(35), True),
-        (bytes(48), False),  # not built yet
-        (None, False),  # no -shm file
-    ],
-    ids=["built", "not-built", "absent"],
-)
-def test_a_commit_mark_is_both_copies_of_a_built_header_alike(tmp_path, shm, readable):
-    path = str(tmp_path / "jobs.db")
-    if shm is not None:
-        Path(path + "-shm").write_bytes(shm + shm + b"rest of the index")
-    assert CommitMark(path).read() == (shm if readable else None)
-    if shm is not None:
-        torn = shm[:20] + b"\x07" + shm[21:]  # the second copy is written first
-        Path(path + "-shm").write_bytes(shm + torn)
-        assert CommitMark(path).read() is None
-        Path(path + "-shm").write_bytes(shm + shm[:47])  # cut short
-        assert CommitMark(path).read() is None
-
-
-def test_a_commit_mark_let_go_closes_its_file(tmp_path):
-    """A thread's reading connection, and so its mark, may be replaced
-    many times in a long-lived process: no descriptor is left behind."""
-    path = str(tmp_path / "jobs.db")
-    Path(path + "-shm").write_bytes(bytes(96))
-    mark = CommitMark(path)
-    descriptor = mark._fd
-    os.fstat(descriptor)
-    del mark
-    gc.collect()
-    with pytest.raises(OSError):
-        os.fstat(descriptor)
 
 
 def test_a_commit_watch_says_yes_once_for_each_commit_by_any_process(sqlite_url):
     store = SQLJobStore(sqlite_url)
+    store.migrate()
     committed = store.commit_watch()
     assert committed is not None
-    assert not committed()  # no file yet: nothing can be said to have changed
-    store.migrate()
-    assert committed()  # its first look at a mark
+    assert committed()  # its first answer
     assert not committed()
     job = make_job()
     store.insert([job])
@@ -908,45 +855,63 @@ def test_a_commit_watch_says_yes_once_for_each_commit_by_any_process(sqlite_url)
     store.close()
 
 
-def test_a_commit_watch_finds_the_log_index_sqlite_made_again(sqlite_url):
-    """When its last connection closes SQLite removes the -shm file, and
-    the next connection makes a new one: the watch opens it in time."""
-    path, now = sqlite_url.removeprefix("sqlite:///"), [0.0]
+def test_a_commit_watch_whose_connection_failed_says_no_then_starts_again(sqlite_url):
     store = SQLJobStore(sqlite_url)
     store.migrate()
-    watch = CommitWatch(path, monotonic=lambda: now[0])
-    assert watch.changed()
-    store.close()
-    assert not os.path.exists(path + "-shm")
-    store = SQLJobStore(sqlite_url)
-    store.insert([make_job()])
-    assert not watch.changed()  # the file it holds is gone
-    now[0] += REOPEN_EVERY
-    assert watch.changed()
-    assert not watch.changed()
+    committed = store.commit_watch()
+    assert committed()
+    held = store._readers.held
+
+    def failing() -> object:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    held.data_version = failing
+    assert not committed()  # the claim after the poll interval says why
+    assert store._readers.held is None  # the failed connection is not used again
+    assert committed()  # a new connection counts from its own start
+    assert not committed()
     store.close()
 
 
-def test_a_commit_watch_opens_the_log_index_once_a_second_not_at_every_look(
-    sqlite_url, monkeypatch
-):
+def sqlite_index_lock_holder(path: str) -> int | None:
+    """The process holding SQLite's shared lock on the file's WAL index
+    (byte 128 of ``-shm``: os_unix.c's UNIX_SHM_DMS), as another process
+    sees it; POSIX locks are invisible to their own process."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import fcntl, os, struct, sys\n"
+        f"fd = os.open({path + '-shm'!r}, os.O_RDONLY)\n"
+        "query = struct.pack('hhqqi4x', fcntl.F_WRLCK, os.SEEK_SET, 128, 1, 0)\n"
+        "kind, _, _, _, pid = struct.unpack('hhqqi4x', fcntl.fcntl(fd, fcntl.F_GETLK, query))\n"
+        "print(0 if kind == fcntl.F_UNLCK else pid)\n"
+    )
+    found = subprocess.run([sys.executable, "-c", probe], capture_output=True, check=True)
+    return int(found.stdout) or None
+
+
+def test_reading_and_watching_leave_sqlite_its_lock_on_the_log_index(sqlite_url):
+    """Closing any descriptor of a file drops its process's POSIX locks on
+    it, SQLite's included: a store that opened and closed the ``-shm`` file
+    itself let the next process to connect rebuild the WAL index under its
+    connections (its server processes died of SIGBUS). Status polls and an
+    idle executor's watch, over more than a second, leave the lock held."""
+    path = sqlite_url.removeprefix("sqlite:///")
     store = SQLJobStore(sqlite_url)
     store.migrate()
-    now, opened = [100.0], []
-    open_mark = CommitMark.__init__
-
-    def counted(self: CommitMark, path: str) -> None:
-        opened.append(path)
-        open_mark(self, path)
-
-    monkeypatch.setattr(CommitMark, "__init__", counted)
-    watch = CommitWatch(sqlite_url.removeprefix("sqlite:///"), monotonic=lambda: now[0])
-    for _ in range(5):
-        watch.changed()
-    assert len(opened) == 1
-    now[0] += REOPEN_EVERY
-    watch.changed()
-    assert len(opened) == 2
+    job = finished_job(store)
+    assert sqlite_index_lock_holder(path) == os.getpid()
+    store.get(job.id)
+    store.get(job.id)  # served from memory
+    reader = threading.Thread(target=store.get, args=(job.id,))  # a thread that ends
+    reader.start()
+    reader.join()
+    gc.collect()
+    wait_for_work(threading.Event(), 1.5, store.commit_watch())  # an idle executor
+    assert sqlite_index_lock_holder(path) == os.getpid()
+    in_another_process(sqlite_url, f"assert store.get({job.id!r}) is not None")
+    assert store.get(job.id).status is Status.SUCCEEDED
     store.close()
 
 
@@ -954,23 +919,6 @@ def test_only_an_sqlite_file_has_a_commit_watch(database_url):
     assert MemoryJobStore().commit_watch() is None
     store = SQLJobStore(database_url)
     assert (store.commit_watch() is not None) is (store.engine.dialect.name == "sqlite")
-    store.close()
-
-
-def test_every_commit_moves_the_mark_and_reading_does_not(sqlite_url):
-    store = SQLJobStore(sqlite_url)
-    store.migrate()
-    mark = CommitMark(sqlite_url.removeprefix("sqlite:///"))
-    before = mark.read()
-    job = finished_job(store)
-    store.get(job.id)
-    assert before is not None and mark.read() != before
-    after = mark.read()
-    store.get(job.id, response=True)
-    store.count(Status.SUCCEEDED)
-    assert mark.read() == after
-    in_another_process(sqlite_url, f"assert store.delete({job.id!r})")
-    assert mark.read() not in (before, after, None)
     store.close()
 
 

@@ -3,7 +3,7 @@
 On PostgreSQL a notification wakes it. Without one it would learn of a job
 that another process stored only at its next poll (``poll_interval``, a
 second by default). Where the store can tell cheaply that something was
-committed (an SQLite file's commit mark), the executor looks every few
+committed (an SQLite file's ``data_version``), the executor looks every few
 milliseconds and claims as soon as anything was: such a job then waits
 milliseconds, not up to a poll interval.
 """
@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 
 LOOK_EVERY = 0.005
-"""Seconds between looks at the commit mark: one ``pread`` each."""
+"""Seconds between looks: one ``PRAGMA data_version`` each."""
 
 
 def wait_for_work(

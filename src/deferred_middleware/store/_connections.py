@@ -3,11 +3,11 @@ Connection would cost more than the statement: a status poll and the
 writer's insert into an SQLite file.
 
 A thread's reading connection on an SQLite file also remembers the jobs it
-read, for as long as the file's commit mark (else SQLite's
-``data_version``) says that no other connection, of this process or
-another, has committed since: a poll of a job that has not changed then
-costs one small read of the ``-shm`` file, and a job deleted or retried
-anywhere is never served from memory.
+read, for as long as SQLite's ``data_version`` says that no other
+connection, of this process or another, has committed since: a poll of a
+job that has not changed then costs that pragma, and a job deleted or
+retried anywhere is never served from memory. The same pragma tells an
+idle executor that something was committed (:meth:`commit_watch`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import sqlalchemy as sa
 from .._jobs import Job
 from ._base import StoreUnavailable
 from ._errors import cause_of, translate_errors
-from ._sqlite_file import CommitMark, CommitWatch, DatabaseFile
+from ._sqlite_file import DatabaseFile
 
 REMEMBERED_JOBS = 1024
 REMEMBERED_BODY = 64 * 1024
@@ -32,31 +32,27 @@ REMEMBERED_BODY = 64 * 1024
 
 class ReadingConnection:
     """A thread's own driver connection, kept between reads. It only ever
-    reads: ``data_version`` counts commits by other connections only."""
+    reads, so ``data_version`` moves for every commit into the file."""
 
-    def __init__(self, engine: sa.Engine, connection: Any, file: DatabaseFile | None) -> None:
+    def __init__(self, engine: sa.Engine, connection: Any, remembers: bool) -> None:
         """Only a file's jobs are remembered: in memory, all threads share
         one connection, whose ``data_version`` never moves for its own writes."""
         self.engine = engine
         self.connection = connection
-        # Opened once the connection is: SQLite has made the -shm file by then.
-        self._mark = CommitMark(file.path) if file is not None else None
+        self.remembers = remembers
         self._version: object = None
         self._jobs: dict[object, Job] = {}
 
-    @property
-    def remembers(self) -> bool:
-        return self._mark is not None
+    def data_version(self) -> object:
+        """SQLite's count of the commits by other connections that this one
+        has seen (https://sqlite.org/pragma.html#pragma_data_version)."""
+        return self.connection.dbapi_connection.execute("PRAGMA data_version").fetchone()[0]
 
     def recall(self, key: object) -> Job | None:
-        """The job read under ``key``, if nothing was committed since. A
-        mark and a ``data_version`` never compare equal, so switching
-        between them forgets what was remembered."""
-        if self._mark is None:
+        """The job read under ``key``, if nothing was committed since."""
+        if not self.remembers:
             return None
-        version: object = self._mark.read()
-        if version is None:
-            version = self.connection.dbapi_connection.execute("PRAGMA data_version").fetchone()
+        version = self.data_version()
         if version != self._version:
             self._jobs.clear()
             self._version = version
@@ -99,8 +95,26 @@ class DriverConnections:
         def _reopen(self) -> None: ...
 
     def commit_watch(self) -> Callable[[], bool] | None:
-        """See :meth:`JobStore.commit_watch`: an SQLite file's commit mark."""
-        return None if self._file is None else CommitWatch(self._file.path).changed
+        """See :meth:`JobStore.commit_watch`: SQLite's ``data_version`` on the
+        calling thread's reading connection. A connection replaced after a
+        failure counts from its own start, so its first answer is yes."""
+        if self._file is None:
+            return None
+        seen: list[object] = [None]
+
+        def changed() -> bool:
+            held = self._own_connection()
+            try:
+                with self._thrown_away_on_failure(held.connection):
+                    version = (held, held.data_version())
+            except StoreUnavailable:
+                return False  # the claim that follows a poll interval says why
+            if version == seen[0]:
+                return False
+            seen[0] = version
+            return True
+
+        return changed
 
     def _own_connection(self) -> ReadingConnection:
         """This thread's own driver connection, kept between reads: a status
@@ -110,7 +124,9 @@ class DriverConnections:
         held = getattr(self._readers, "held", None)
         if held is None or held.engine is not engine:
             connection = self._checkout_kept(engine, writing=False)
-            held = self._readers.held = ReadingConnection(engine, connection, self._file)
+            held = self._readers.held = ReadingConnection(
+                engine, connection, remembers=self._file is not None
+            )
         return held
 
     def _writing_connection(self) -> Any:

@@ -1,15 +1,20 @@
 """What an SQLite file needs beyond SQL: knowing it is still the file that
-was opened, whether anything was committed into it since a moment ago, and
-scrubbing its write-ahead log after credentials are erased."""
+was opened, one writer at a time per process, and scrubbing its write-ahead
+log after credentials are erased.
+
+Nothing here opens the file or its ``-wal`` and ``-shm`` companions: closing
+any descriptor of a file drops every POSIX lock the process holds on it,
+SQLite's own included. Without its lock on ``-shm``, the next process to
+connect takes itself for the first and rebuilds the WAL index under this
+process's connections, which then read a truncated mapping (SIGBUS) or a
+log index that no longer matches the log. ``os.stat`` opens nothing."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import threading
-import time
-import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import sqlalchemy as sa
@@ -65,85 +70,6 @@ class DatabaseFile:
         elif self._stat() != self.identity:
             self.lost = True
             raise StoreUnavailable("the database file was removed or replaced")
-
-
-WAL_INDEX_HEADER = 48
-"""Bytes in each of the two copies of the WAL-index header that open an
-SQLite file's ``-shm`` file (https://sqlite.org/walformat.html)."""
-IS_INIT = 12
-"""The header's byte that is 0 until the WAL-index has been built."""
-REOPEN_EVERY = 1.0
-"""Seconds a :class:`CommitWatch` reads one ``-shm`` file before opening it again."""
-
-
-class CommitMark:
-    """What an SQLite file in WAL mode was last committed as: the WAL-index
-    header, which SQLite rewrites on every commit (its change counter
-    among the fields) and which it compares itself to decide whether
-    ``PRAGMA data_version`` moves. One ``pread`` of it replaces that
-    pragma, whose read transaction takes and drops a lock (two ``fcntl``
-    calls): half of what reading a remembered job cost. Its
-    layout cannot change under us: processes on different SQLite releases
-    share it. :meth:`read` is None whenever it cannot be read whole and
-    consistent (the two copies differ mid-commit, no ``-shm`` file); the
-    caller then asks SQLite."""
-
-    def __init__(self, path: str) -> None:
-        self._fd: int | None = None
-        if not hasattr(os, "pread"):  # Windows: SQLite is asked each time
-            return
-        try:
-            self._fd = os.open(path + "-shm", os.O_RDONLY)
-        except OSError:
-            return
-        weakref.finalize(self, os.close, self._fd)
-
-    @property
-    def opened(self) -> bool:
-        return self._fd is not None
-
-    def read(self) -> bytes | None:
-        if self._fd is None:
-            return None
-        try:
-            both = os.pread(self._fd, 2 * WAL_INDEX_HEADER, 0)
-        except OSError:
-            return None
-        first, second = both[:WAL_INDEX_HEADER], both[WAL_INDEX_HEADER:]
-        if len(second) < WAL_INDEX_HEADER or first != second or not first[IS_INIT]:
-            return None
-        return first
-
-
-class CommitWatch:
-    """Whether anything was committed into an SQLite file since the last
-    look, by any connection of any process: one ``pread`` of the commit
-    mark. An idle worker looks every few milliseconds instead of claiming
-    once a poll interval, so a job a web process stores starts at once, as
-    a notification makes it on PostgreSQL. Where the mark cannot be read,
-    nothing is said to have changed, and the poll interval still bounds
-    the wait."""
-
-    def __init__(self, path: str, monotonic: Callable[[], float] = time.monotonic) -> None:
-        self._path = path
-        self._monotonic = monotonic
-        self._mark: CommitMark | None = None
-        self._opened_at = 0.0
-        self._seen: bytes | None = None
-
-    def changed(self) -> bool:
-        now = self._monotonic()
-        mark = self._mark
-        # Opened again now and then: SQLite removes the -shm file when its
-        # last connection closes, and the one made next would go unseen.
-        if mark is None or not mark.opened or now - self._opened_at >= REOPEN_EVERY:
-            mark, self._opened_at = CommitMark(self._path), now
-            self._mark = mark
-        header = mark.read()
-        if header is None:
-            return False
-        changed, self._seen = header != self._seen, header
-        return changed
 
 
 def checkpoint(connection: sa.Connection) -> None:
