@@ -230,7 +230,7 @@ class Receiver:
         answer = self.answers.pop(0)
         if isinstance(answer, Exception):
             raise answer
-        return answer
+        return answer(request) if callable(answer) else answer
 
 
 @pytest.fixture
@@ -533,6 +533,37 @@ def test_each_outcome_is_logged_at_its_level(deliveries, clock, caplog):
     [record] = caplog.records
     assert record.levelname == "ERROR"
     assert record.getMessage().startswith(f"job {other}: webhook failed for good after attempt 1")
+
+
+def test_an_attempt_that_outlived_its_lease_says_so(deliveries, clock, caplog):
+    """Its outcome is kept among the attempts, but the delivery is the
+    executor's that took it over once the lease ran out."""
+    store, deliverer, receiver, job_id = deliveries()
+    other = WebhookDeliverer(
+        deliverer.config,
+        store,
+        clock=clock,
+        resolve=deliverer.resolve,
+        transport=httpx.MockTransport(receiver),
+    )
+
+    def slow(_request: httpx.Request) -> httpx.Response:
+        clock.advance(deliverer.lease_seconds + 1)
+        assert other.step() == 1
+        return httpx.Response(204)
+
+    receiver.answers = [slow, httpx.Response(200)]
+    deliverer.step()
+    assert store.get(job_id).webhook_state == WEBHOOK_DELIVERED
+    assert [(a.attempt, a.status_code) for a in store.webhook_attempts_of(job_id)] == [
+        (2, 200),
+        (1, 204),
+    ]
+    [warning] = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert warning.getMessage() == (
+        f"job {job_id}: webhook attempt 1 outlived its lease; another executor took the "
+        "delivery over"
+    )
 
 
 def test_a_side_loop_keeps_delivering_what_becomes_due_later(deliveries, clock):

@@ -134,9 +134,17 @@ class WebhookDeliverer:
         _log(attempt, state)
         self.metrics.webhook(state if state != WEBHOOK_PENDING else "retry")
         try:
-            self.store.record_webhook(attempt, state, due_at)
+            held = self.store.record_webhook(attempt, state, due_at)
         except StoreUnavailable:
             logger.warning("job %s: webhook attempt not recorded; its lease will run out", job.id)
+            return
+        if not held:
+            logger.warning(
+                "job %s: webhook attempt %d outlived its lease; another executor took the "
+                "delivery over",
+                job.id,
+                attempt.attempt,
+            )
 
     def next_state(
         self, due: WebhookDue, attempt: WebhookAttempt, refused: bool
