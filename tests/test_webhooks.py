@@ -514,6 +514,19 @@ def test_a_store_that_is_away_delivers_nothing_and_says_so(deliveries, monkeypat
     assert "delivering webhooks again shortly" in caplog.text
 
 
+def test_a_deliverer_on_a_fresh_database_makes_the_table_rather_than_warn(tmp_path, caplog):
+    """It may start before anything else in its process has made the table:
+    a first start is not an outage."""
+    from deferred_middleware.store import SQLJobStore
+
+    store = SQLJobStore(f"sqlite:///{tmp_path}/jobs.db")
+    config = Config(database_url=store.database_url, webhook_secret=SECRET)
+    assert WebhookDeliverer(config, store).step() == 0
+    assert caplog.records == []
+    assert store.count(Status.QUEUED) == 0  # the table is there
+    store.close()
+
+
 def test_each_outcome_is_logged_at_its_level(deliveries, clock, caplog):
     import logging
 

@@ -78,6 +78,7 @@ class WebhookDeliverer:
         )
         self._transport = transport
         self._client: Any = None
+        self._migrated = False
 
     def run(self, stopping: threading.Event) -> None:
         with ThreadPoolExecutor(AT_ONCE, thread_name_prefix="deferred-webhook") as pool:
@@ -92,6 +93,9 @@ class WebhookDeliverer:
     def step(self, pool: ThreadPoolExecutor | None = None) -> int:
         """Claim what is due and deliver it; answers how many were tried."""
         try:
+            if not self._migrated:  # a fresh database: no table to claim from yet
+                self.store.migrate()
+                self._migrated = True
             due = self.store.claim_webhooks(self.worker, AT_ONCE, self.lease_seconds)
         except StoreUnavailable as exc:
             store_away.warn("the job store is unavailable; delivering webhooks again shortly", exc)
