@@ -42,6 +42,7 @@ from deferred_middleware.store import (
 )
 from deferred_middleware.store import _codec as codec
 from deferred_middleware.store._accept import SPARSE_KEYS, without_unused_columns
+from deferred_middleware.store._connections import ReadingConnection
 from deferred_middleware.store._finish import first_per_job
 from deferred_middleware.store._in_place import ERASE_CHECK_CHUNK
 from deferred_middleware.store._schema import jobs, naive_utc
@@ -870,6 +871,27 @@ def test_a_commit_watch_whose_connection_failed_says_no_then_starts_again(sqlite
     assert store._readers.held is None  # the failed connection is not used again
     assert committed()  # a new connection counts from its own start
     assert not committed()
+    store.close()
+
+
+@pytest.mark.parametrize(
+    "trouble",
+    [StoreUnavailable("unable to open database file"), sqlite3.DatabaseError("not a database")],
+    ids=["no-connection", "not-a-database"],
+)
+def test_a_commit_watch_never_raises_into_the_idle_wait(sqlite_url, monkeypatch, trouble):
+    store = SQLJobStore(sqlite_url)
+    store.migrate()
+    committed = store.commit_watch()
+
+    def failing(*_args: object) -> object:
+        raise trouble
+
+    monkeypatch.setattr(store, "_checkout", failing)
+    monkeypatch.setattr(ReadingConnection, "data_version", failing)
+    assert not committed()
+    monkeypatch.undo()
+    assert committed()
     store.close()
 
 

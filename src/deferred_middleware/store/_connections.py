@@ -97,18 +97,20 @@ class DriverConnections:
     def commit_watch(self) -> Callable[[], bool] | None:
         """See :meth:`JobStore.commit_watch`: SQLite's ``data_version`` on the
         calling thread's reading connection. A connection replaced after a
-        failure counts from its own start, so its first answer is yes."""
+        failure counts from its own start, so its first answer is yes. It
+        never raises: the executor's idle wait calls it, and a claim
+        within the poll interval meets the same trouble and says why."""
         if self._file is None:
             return None
         seen: list[object] = [None]
 
         def changed() -> bool:
-            held = self._own_connection()
             try:
+                held = self._own_connection()
                 with self._thrown_away_on_failure(held.connection):
                     version = (held, held.data_version())
-            except StoreUnavailable:
-                return False  # the claim that follows a poll interval says why
+            except (StoreUnavailable, self.engine.dialect.loaded_dbapi.Error):
+                return False
             if version == seen[0]:
                 return False
             seen[0] = version
