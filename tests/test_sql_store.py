@@ -903,7 +903,7 @@ def sqlite_index_lock_holder(path: str) -> int | None:
     import sys
 
     probe = (
-        "import fcntl, os, struct, sys\n"
+        "import fcntl, os, struct\n"
         f"fd = os.open({path + '-shm'!r}, os.O_RDONLY)\n"
         "query = struct.pack('hhqqi4x', fcntl.F_WRLCK, os.SEEK_SET, 128, 1, 0)\n"
         "kind, _, _, _, pid = struct.unpack('hhqqi4x', fcntl.fcntl(fd, fcntl.F_GETLK, query))\n"
