@@ -529,8 +529,6 @@ def test_a_deliverer_on_a_fresh_database_makes_the_table_rather_than_warn(tmp_pa
 
 
 def test_each_outcome_is_logged_at_its_level(deliveries, clock, caplog):
-    import logging
-
     caplog.set_level(logging.INFO, "deferred_middleware")
     _, deliverer, _, job_id = deliveries(httpx.Response(500), httpx.Response(201), retry_for=60)
     deliverer.step()
