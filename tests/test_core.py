@@ -859,7 +859,7 @@ def test_while_the_store_is_away_leases_are_retried_every_second(monkeypatch):
 # -- the writer ---------------------------------------------------------------
 
 
-def test_the_writer_outlives_a_waiter_that_gave_up():
+def test_the_writer_outlives_a_waiter_that_gave_up(caplog):
     from concurrent.futures import Future
 
     from deferred_middleware.store import MemoryJobStore
@@ -876,7 +876,11 @@ def test_the_writer_outlives_a_waiter_that_gave_up():
     writer.insert(second, later)
     assert later.result(timeout=10) is None
     assert store.count(Status.QUEUED) == 2
+    thread = writer._thread
+    assert thread is not None
     writer.stop()
+    assert not thread.is_alive()  # stopped: what was queued is written, the thread ended
+    assert caplog.text == ""  # no one to tell of new jobs is no error
     third: Future[None] = Future()
     writer.insert(Harness().core.admission.new_job(StoredRequest("POST", "/c"), OPTIONS), third)
     assert third.result(timeout=10) is None  # a stopped writer starts again
@@ -933,6 +937,220 @@ def test_a_hook_that_fails_costs_no_waiter_its_answer(caplog):
     writer.stop()
     assert store.count(Status.QUEUED) == 1
     assert "telling of committed jobs failed" in caplog.text
+
+
+def test_jobs_accepted_in_one_round_of_the_loop_reach_the_writer_together():
+    """Held until the loop has run the callbacks that were ready, then
+    handed over as one: the writer wakes once per round, not at the first."""
+    from deferred_middleware.store import MemoryJobStore
+    from deferred_middleware.store._writer import BatchWriter
+
+    store = MemoryJobStore()
+    batches: list[int] = []
+    insert = store.insert
+    store.insert = lambda jobs: (batches.append(len(jobs)), insert(jobs))[1]  # type: ignore[method-assign]
+    writer = BatchWriter(store)
+    new = Harness().core.admission.new_job
+
+    async def one_round() -> None:
+        loop = asyncio.get_running_loop()
+        waiters = [loop.create_future() for _ in range(3)]
+        for n, waiter in enumerate(waiters):
+            writer.insert(new(StoredRequest("POST", f"/{n}"), OPTIONS), waiter)
+        assert writer._queue.empty()  # nothing handed over before the round ends
+        await asyncio.wait_for(asyncio.gather(*waiters), 10)
+
+    asyncio.run(one_round())
+    writer.stop()
+    assert batches == [3]
+    assert store.count(Status.QUEUED) == 3
+
+
+def test_loops_in_several_threads_each_hand_over_their_own_jobs():
+    from deferred_middleware.store import MemoryJobStore
+    from deferred_middleware.store._writer import BatchWriter
+
+    store = MemoryJobStore()
+    writer = BatchWriter(store)
+    new = Harness().core.admission.new_job
+    all_gathered = threading.Barrier(4)
+
+    async def accept(thread: int) -> None:
+        loop = asyncio.get_running_loop()
+        waiters = [loop.create_future() for _ in range(5)]
+        for n, waiter in enumerate(waiters):
+            writer.insert(new(StoredRequest("POST", f"/{thread}/{n}"), OPTIONS), waiter)
+        all_gathered.wait(10)  # every loop holds jobs of its round at once
+        await asyncio.wait_for(asyncio.gather(*waiters), 10)
+
+    threads = [threading.Thread(target=asyncio.run, args=(accept(t),)) for t in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    writer.stop()
+    assert store.count(Status.QUEUED) == 20
+
+
+def test_a_writer_that_cannot_start_answers_its_waiters_and_tries_again(monkeypatch, caplog):
+    """A thread that could not start must not leave accepts queued for it."""
+    from deferred_middleware.store import MemoryJobStore
+    from deferred_middleware.store._writer import BatchWriter
+
+    store = MemoryJobStore()
+    writer = BatchWriter(store)
+    new = Harness().core.admission.new_job
+    start = threading.Thread.start
+
+    def cannot_start(thread: threading.Thread) -> None:
+        raise RuntimeError("can't start new thread")
+
+    async def accept(path: str) -> str:
+        waiter = asyncio.get_running_loop().create_future()
+        job = new(StoredRequest("POST", path), OPTIONS)
+        writer.insert(job, waiter)
+        await asyncio.wait_for(waiter, 10)
+        return job.id
+
+    monkeypatch.setattr(threading.Thread, "start", cannot_start)
+    with pytest.raises(StoreUnavailable):
+        asyncio.run(accept("/refused"))
+    assert "could not take accepted jobs" in caplog.text
+    monkeypatch.setattr(threading.Thread, "start", start)
+    later = asyncio.run(accept("/later"))
+    writer.stop()
+    assert [job.id for job in store.list()] == [later]
+
+
+def test_a_batch_that_fails_outright_answers_each_waiter_and_the_writer_goes_on(caplog):
+    """Past the store's own errors (a BaseException): every gathered job's
+    request hears StoreUnavailable, and the next round is written."""
+    from deferred_middleware.store import MemoryJobStore
+    from deferred_middleware.store._writer import BatchWriter
+
+    class Crash(BaseException):
+        pass
+
+    store = MemoryJobStore()
+    insert, crashes = store.insert, [Crash()]
+
+    def insert_or_crash(jobs: list[Any]) -> None:
+        if crashes:
+            raise crashes.pop()
+        insert(jobs)
+
+    store.insert = insert_or_crash  # type: ignore[method-assign]
+    writer = BatchWriter(store)
+    new = Harness().core.admission.new_job
+
+    async def one_round(size: int) -> list[Any]:
+        loop = asyncio.get_running_loop()
+        waiters = [loop.create_future() for _ in range(size)]
+        for waiter in waiters:
+            writer.insert(new(StoredRequest("POST", "/r"), OPTIONS), waiter)
+        gathered = asyncio.gather(*waiters, return_exceptions=True)
+        return await asyncio.wait_for(gathered, 10)
+
+    failed = asyncio.run(one_round(2))
+    assert [type(outcome) for outcome in failed] == [StoreUnavailable, StoreUnavailable]
+    assert "the job writer failed a batch" in caplog.text
+    assert asyncio.run(one_round(1)) == [None]
+    writer.stop()
+    assert store.count(Status.QUEUED) == 1
+
+
+def test_a_request_that_left_costs_the_rest_of_its_round_nothing():
+    """Its future is cancelled; those resolved after it in the same batch
+    still hear of their commit."""
+    from deferred_middleware.store import MemoryJobStore
+    from deferred_middleware.store._writer import BatchWriter
+
+    writer = BatchWriter(MemoryJobStore())
+    new = Harness().core.admission.new_job
+
+    async def one_round() -> list[Any]:
+        loop = asyncio.get_running_loop()
+        waiters = [loop.create_future() for _ in range(3)]
+        for waiter in waiters:
+            writer.insert(new(StoredRequest("POST", "/r"), OPTIONS), waiter)
+        waiters[0].cancel()  # the client went away
+        return await asyncio.wait_for(asyncio.gather(*waiters[1:]), 10)
+
+    assert asyncio.run(one_round()) == [None, None]
+    writer.stop()
+
+
+def test_a_loop_that_closed_before_its_commit_costs_the_writer_nothing():
+    """Nobody is left to answer; the thread goes on to the next batch."""
+    from concurrent.futures import Future
+
+    from deferred_middleware.store import MemoryJobStore
+    from deferred_middleware.store._writer import BatchWriter
+
+    store = MemoryJobStore()
+    entered, release = threading.Event(), threading.Event()
+    insert = store.insert
+
+    def slow_insert(jobs: list[Any]) -> None:
+        entered.set()
+        release.wait(10)
+        insert(jobs)
+
+    store.insert = slow_insert  # type: ignore[method-assign]
+    writer = BatchWriter(store)
+    new = Harness().core.admission.new_job
+
+    async def accept_then_leave() -> None:
+        loop = asyncio.get_running_loop()
+        writer.insert(new(StoredRequest("POST", "/gone"), OPTIONS), loop.create_future())
+        await loop.run_in_executor(None, entered.wait, 10)  # being written
+
+    asyncio.run(accept_then_leave())  # the loop closes mid-commit
+    release.set()
+    later: Future[None] = Future()
+    writer.insert(new(StoredRequest("POST", "/later"), OPTIONS), later)
+    assert later.result(timeout=10) is None
+    writer.stop()
+    assert store.count(Status.QUEUED) == 2
+
+
+def test_jobs_stored_one_by_one_after_a_failed_batch_are_told_too():
+    """A bad row fails only itself; the rest are stored alone, and the
+    log, the metrics and the executor hear of each."""
+    from concurrent.futures import Future
+
+    from deferred_middleware.store import MemoryJobStore
+    from deferred_middleware.store._writer import BatchWriter
+
+    store = MemoryJobStore()
+    insert = store.insert
+
+    def refuse_the_bad(jobs: list[Any]) -> None:
+        if any(job.request.path == "/bad" for job in jobs):
+            raise ValueError("unstorable")
+        insert(jobs)
+
+    store.insert = refuse_the_bad  # type: ignore[method-assign]
+    writer = BatchWriter(store)
+    told: list[str] = []
+    writer.tell_committed(lambda batch: told.extend(job.request.path for job in batch))
+    new = Harness().core.admission.new_job
+
+    async def one_round() -> list[Any]:
+        loop = asyncio.get_running_loop()
+        waiters = [loop.create_future() for _ in range(3)]
+        for path, waiter in zip(["/a", "/bad", "/b"], waiters, strict=True):
+            writer.insert(new(StoredRequest("POST", path), OPTIONS), waiter)
+        gathered = asyncio.gather(*waiters, return_exceptions=True)
+        return await asyncio.wait_for(gathered, 10)
+
+    outcomes = asyncio.run(one_round())
+    assert [type(outcome) for outcome in outcomes] == [type(None), Unstorable, type(None)]
+    assert sorted(told) == ["/a", "/b"]
+    alone: Future[None] = Future()
+    writer.insert(new(StoredRequest("POST", "/c"), OPTIONS), alone)
+    assert alone.result(timeout=10) is None
+    writer.stop()
 
 
 def test_a_repeated_idempotency_key_is_not_told_as_a_new_job():
