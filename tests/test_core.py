@@ -12,13 +12,21 @@ import re
 import threading
 import time
 import weakref
+from concurrent.futures import Future
 from typing import Any
 
 import pytest
 
 from deferred_middleware import _protocol as protocol
 from deferred_middleware import deferred
-from deferred_middleware._jobs import DeferredOptions, Finish, Status, StoredRequest, StoredResponse
+from deferred_middleware._jobs import (
+    DeferredOptions,
+    Finish,
+    Job,
+    Status,
+    StoredRequest,
+    StoredResponse,
+)
 from deferred_middleware._notify import Notifier
 from deferred_middleware._prefer import Preferences
 from deferred_middleware._refusals import HeadersTooLarge, NotStorable, QueueFull
@@ -26,7 +34,8 @@ from deferred_middleware._routes import RoutePatterns, options_of, queues_of
 from deferred_middleware.runner import _dispatch as dispatch
 from deferred_middleware.runner._dispatch import worker_name
 from deferred_middleware.runner._idle import wait_for_work
-from deferred_middleware.store import StoreUnavailable, Unstorable
+from deferred_middleware.store import MemoryJobStore, StoreUnavailable, Unstorable
+from deferred_middleware.store._writer import BatchWriter
 
 from .policy_harness import Harness
 from .support import eventually
@@ -859,21 +868,34 @@ def test_while_the_store_is_away_leases_are_retried_every_second(monkeypatch):
 # -- the writer ---------------------------------------------------------------
 
 
+def queued_job(path: str = "/r") -> Job:
+    """A new job as admission makes it, for the writer to store."""
+    return Harness().core.admission.new_job(StoredRequest("POST", path), OPTIONS)
+
+
+def insert_in_one_round(writer: BatchWriter, paths: list[str]) -> list[asyncio.Future[Any]]:
+    """On the running loop, with no await between: one job per path,
+    accepted in one round of its callbacks. Answers their waiters."""
+    loop = asyncio.get_running_loop()
+    waiters = [loop.create_future() for _ in paths]
+    for path, waiter in zip(paths, waiters, strict=True):
+        writer.insert(queued_job(path), waiter)
+    return waiters
+
+
+async def outcomes_of(waiters: list[asyncio.Future[Any]]) -> list[Any]:
+    """Each waiter's result or exception, within ten seconds."""
+    return await asyncio.wait_for(asyncio.gather(*waiters, return_exceptions=True), 10)
+
+
 def test_the_writer_outlives_a_waiter_that_gave_up(caplog):
-    from concurrent.futures import Future
-
-    from deferred_middleware.store import MemoryJobStore
-    from deferred_middleware.store._writer import BatchWriter
-
     store = MemoryJobStore()
     writer = BatchWriter(store)
     abandoned: Future[None] = Future()
     abandoned.cancel()
-    first = Harness().core.admission.new_job(StoredRequest("POST", "/a"), OPTIONS)
-    writer.insert(first, abandoned)
+    writer.insert(queued_job("/a"), abandoned)
     later: Future[None] = Future()
-    second = Harness().core.admission.new_job(StoredRequest("POST", "/b"), OPTIONS)
-    writer.insert(second, later)
+    writer.insert(queued_job("/b"), later)
     assert later.result(timeout=10) is None
     assert store.count(Status.QUEUED) == 2
     thread = writer._thread
@@ -882,7 +904,7 @@ def test_the_writer_outlives_a_waiter_that_gave_up(caplog):
     assert not thread.is_alive()  # stopped: what was queued is written, the thread ended
     assert caplog.text == ""  # no one to tell of new jobs is no error
     third: Future[None] = Future()
-    writer.insert(Harness().core.admission.new_job(StoredRequest("POST", "/c"), OPTIONS), third)
+    writer.insert(queued_job("/c"), third)
     assert third.result(timeout=10) is None  # a stopped writer starts again
     writer.stop()
 
@@ -890,14 +912,8 @@ def test_the_writer_outlives_a_waiter_that_gave_up(caplog):
 def test_committed_jobs_are_told_in_the_writer_thread_before_their_waiters():
     """An executor in this process must hear of a new job at the commit,
     not once the event loop has answered the 202."""
-    from concurrent.futures import Future
-
-    from deferred_middleware.store import MemoryJobStore
-    from deferred_middleware.store._writer import BatchWriter
-
     writer = BatchWriter(MemoryJobStore())
-    new = Harness().core.admission.new_job
-    jobs = [new(StoredRequest("POST", f"/{n}"), OPTIONS) for n in range(3)]
+    jobs = [queued_job(f"/{n}") for n in range(3)]
     waiters: list[Future[None]] = [Future() for _ in jobs]
     waiter_of = {job.id: waiter for job, waiter in zip(jobs, waiters, strict=True)}
     told: list[tuple[list[str], str, list[bool]]] = []
@@ -919,11 +935,6 @@ def test_committed_jobs_are_told_in_the_writer_thread_before_their_waiters():
 
 def test_a_hook_that_fails_costs_no_waiter_its_answer(caplog):
     """The rows are committed whatever the hook does: their requests get a 202."""
-    from concurrent.futures import Future
-
-    from deferred_middleware.store import MemoryJobStore
-    from deferred_middleware.store._writer import BatchWriter
-
     store = MemoryJobStore()
     writer = BatchWriter(store)
 
@@ -932,7 +943,7 @@ def test_a_hook_that_fails_costs_no_waiter_its_answer(caplog):
 
     writer.tell_committed(broken)
     waiter: Future[None] = Future()
-    writer.insert(Harness().core.admission.new_job(StoredRequest("POST", "/r"), OPTIONS), waiter)
+    writer.insert(queued_job(), waiter)
     assert waiter.result(timeout=10) is None
     writer.stop()
     assert store.count(Status.QUEUED) == 1
@@ -942,21 +953,14 @@ def test_a_hook_that_fails_costs_no_waiter_its_answer(caplog):
 def test_jobs_accepted_in_one_round_of_the_loop_reach_the_writer_together():
     """Held until the loop has run the callbacks that were ready, then
     handed over as one: the writer wakes once per round, not at the first."""
-    from deferred_middleware.store import MemoryJobStore
-    from deferred_middleware.store._writer import BatchWriter
-
     store = MemoryJobStore()
     batches: list[int] = []
     insert = store.insert
     store.insert = lambda jobs: (batches.append(len(jobs)), insert(jobs))[1]  # type: ignore[method-assign]
     writer = BatchWriter(store)
-    new = Harness().core.admission.new_job
 
     async def one_round() -> None:
-        loop = asyncio.get_running_loop()
-        waiters = [loop.create_future() for _ in range(3)]
-        for n, waiter in enumerate(waiters):
-            writer.insert(new(StoredRequest("POST", f"/{n}"), OPTIONS), waiter)
+        waiters = insert_in_one_round(writer, ["/0", "/1", "/2"])
         assert writer._queue.empty()  # nothing handed over before the round ends
         await asyncio.wait_for(asyncio.gather(*waiters), 10)
 
@@ -967,19 +971,12 @@ def test_jobs_accepted_in_one_round_of_the_loop_reach_the_writer_together():
 
 
 def test_loops_in_several_threads_each_hand_over_their_own_jobs():
-    from deferred_middleware.store import MemoryJobStore
-    from deferred_middleware.store._writer import BatchWriter
-
     store = MemoryJobStore()
     writer = BatchWriter(store)
-    new = Harness().core.admission.new_job
     all_gathered = threading.Barrier(4)
 
     async def accept(thread: int) -> None:
-        loop = asyncio.get_running_loop()
-        waiters = [loop.create_future() for _ in range(5)]
-        for n, waiter in enumerate(waiters):
-            writer.insert(new(StoredRequest("POST", f"/{thread}/{n}"), OPTIONS), waiter)
+        waiters = insert_in_one_round(writer, [f"/{thread}/{n}" for n in range(5)])
         all_gathered.wait(10)  # every loop holds jobs of its round at once
         await asyncio.wait_for(asyncio.gather(*waiters), 10)
 
@@ -994,12 +991,8 @@ def test_loops_in_several_threads_each_hand_over_their_own_jobs():
 
 def test_a_writer_that_cannot_start_answers_its_waiters_and_tries_again(monkeypatch, caplog):
     """A thread that could not start must not leave accepts queued for it."""
-    from deferred_middleware.store import MemoryJobStore
-    from deferred_middleware.store._writer import BatchWriter
-
     store = MemoryJobStore()
     writer = BatchWriter(store)
-    new = Harness().core.admission.new_job
     start = threading.Thread.start
 
     def cannot_start(thread: threading.Thread) -> None:
@@ -1007,7 +1000,7 @@ def test_a_writer_that_cannot_start_answers_its_waiters_and_tries_again(monkeypa
 
     async def accept(path: str) -> str:
         waiter = asyncio.get_running_loop().create_future()
-        job = new(StoredRequest("POST", path), OPTIONS)
+        job = queued_job(path)
         writer.insert(job, waiter)
         await asyncio.wait_for(waiter, 10)
         return job.id
@@ -1025,8 +1018,6 @@ def test_a_writer_that_cannot_start_answers_its_waiters_and_tries_again(monkeypa
 def test_a_batch_that_fails_outright_answers_each_waiter_and_the_writer_goes_on(caplog):
     """Past the store's own errors (a BaseException): every gathered job's
     request hears StoreUnavailable, and the next round is written."""
-    from deferred_middleware.store import MemoryJobStore
-    from deferred_middleware.store._writer import BatchWriter
 
     class Crash(BaseException):
         pass
@@ -1041,15 +1032,9 @@ def test_a_batch_that_fails_outright_answers_each_waiter_and_the_writer_goes_on(
 
     store.insert = insert_or_crash  # type: ignore[method-assign]
     writer = BatchWriter(store)
-    new = Harness().core.admission.new_job
 
     async def one_round(size: int) -> list[Any]:
-        loop = asyncio.get_running_loop()
-        waiters = [loop.create_future() for _ in range(size)]
-        for waiter in waiters:
-            writer.insert(new(StoredRequest("POST", "/r"), OPTIONS), waiter)
-        gathered = asyncio.gather(*waiters, return_exceptions=True)
-        return await asyncio.wait_for(gathered, 10)
+        return await outcomes_of(insert_in_one_round(writer, ["/r"] * size))
 
     failed = asyncio.run(one_round(2))
     assert [type(outcome) for outcome in failed] == [StoreUnavailable, StoreUnavailable]
@@ -1062,17 +1047,10 @@ def test_a_batch_that_fails_outright_answers_each_waiter_and_the_writer_goes_on(
 def test_a_request_that_left_costs_the_rest_of_its_round_nothing():
     """Its future is cancelled; those resolved after it in the same batch
     still hear of their commit."""
-    from deferred_middleware.store import MemoryJobStore
-    from deferred_middleware.store._writer import BatchWriter
-
     writer = BatchWriter(MemoryJobStore())
-    new = Harness().core.admission.new_job
 
     async def one_round() -> list[Any]:
-        loop = asyncio.get_running_loop()
-        waiters = [loop.create_future() for _ in range(3)]
-        for waiter in waiters:
-            writer.insert(new(StoredRequest("POST", "/r"), OPTIONS), waiter)
+        waiters = insert_in_one_round(writer, ["/r"] * 3)
         waiters[0].cancel()  # the client went away
         return await asyncio.wait_for(asyncio.gather(*waiters[1:]), 10)
 
@@ -1082,11 +1060,6 @@ def test_a_request_that_left_costs_the_rest_of_its_round_nothing():
 
 def test_a_loop_that_closed_before_its_commit_costs_the_writer_nothing():
     """Nobody is left to answer; the thread goes on to the next batch."""
-    from concurrent.futures import Future
-
-    from deferred_middleware.store import MemoryJobStore
-    from deferred_middleware.store._writer import BatchWriter
-
     store = MemoryJobStore()
     entered, release = threading.Event(), threading.Event()
     insert = store.insert
@@ -1098,17 +1071,15 @@ def test_a_loop_that_closed_before_its_commit_costs_the_writer_nothing():
 
     store.insert = slow_insert  # type: ignore[method-assign]
     writer = BatchWriter(store)
-    new = Harness().core.admission.new_job
 
     async def accept_then_leave() -> None:
-        loop = asyncio.get_running_loop()
-        writer.insert(new(StoredRequest("POST", "/gone"), OPTIONS), loop.create_future())
-        await loop.run_in_executor(None, entered.wait, 10)  # being written
+        insert_in_one_round(writer, ["/gone"])
+        await asyncio.get_running_loop().run_in_executor(None, entered.wait, 10)  # being written
 
     asyncio.run(accept_then_leave())  # the loop closes mid-commit
     release.set()
     later: Future[None] = Future()
-    writer.insert(new(StoredRequest("POST", "/later"), OPTIONS), later)
+    writer.insert(queued_job("/later"), later)
     assert later.result(timeout=10) is None
     writer.stop()
     assert store.count(Status.QUEUED) == 2
@@ -1117,11 +1088,6 @@ def test_a_loop_that_closed_before_its_commit_costs_the_writer_nothing():
 def test_jobs_stored_one_by_one_after_a_failed_batch_are_told_too():
     """A bad row fails only itself; the rest are stored alone, and the
     log, the metrics and the executor hear of each."""
-    from concurrent.futures import Future
-
-    from deferred_middleware.store import MemoryJobStore
-    from deferred_middleware.store._writer import BatchWriter
-
     store = MemoryJobStore()
     insert = store.insert
 
@@ -1134,21 +1100,15 @@ def test_jobs_stored_one_by_one_after_a_failed_batch_are_told_too():
     writer = BatchWriter(store)
     told: list[str] = []
     writer.tell_committed(lambda batch: told.extend(job.request.path for job in batch))
-    new = Harness().core.admission.new_job
 
     async def one_round() -> list[Any]:
-        loop = asyncio.get_running_loop()
-        waiters = [loop.create_future() for _ in range(3)]
-        for path, waiter in zip(["/a", "/bad", "/b"], waiters, strict=True):
-            writer.insert(new(StoredRequest("POST", path), OPTIONS), waiter)
-        gathered = asyncio.gather(*waiters, return_exceptions=True)
-        return await asyncio.wait_for(gathered, 10)
+        return await outcomes_of(insert_in_one_round(writer, ["/a", "/bad", "/b"]))
 
     outcomes = asyncio.run(one_round())
     assert [type(outcome) for outcome in outcomes] == [type(None), Unstorable, type(None)]
     assert sorted(told) == ["/a", "/b"]
     alone: Future[None] = Future()
-    writer.insert(new(StoredRequest("POST", "/c"), OPTIONS), alone)
+    writer.insert(queued_job("/c"), alone)
     assert alone.result(timeout=10) is None
     writer.stop()
 
@@ -1198,8 +1158,6 @@ def test_a_renewal_abandons_every_job_taken_back_whatever_settles_beside_it(monk
 
     def written_but_not_yet_heard_of(write: Any) -> Any:
         h.store.write([write])
-        from concurrent.futures import Future
-
         pending.append(Future())
         return pending[-1]
 
@@ -1225,8 +1183,6 @@ def test_a_renewal_that_races_a_written_outcome_abandons_nothing(monkeypatch, ca
 
     def write_without_callbacks_yet(write: Any) -> Any:
         h.store.write([write])  # committed, but the dispatcher has not heard yet
-        from concurrent.futures import Future
-
         future: Future[None] = Future()
         held_back.append(future)
         return future
