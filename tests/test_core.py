@@ -868,6 +868,14 @@ def test_while_the_store_is_away_leases_are_retried_every_second(monkeypatch):
 # -- the writer ---------------------------------------------------------------
 
 
+class ThreadOnlyStore(MemoryJobStore):
+    """Never inserts at once, as a file another process is writing: every
+    round goes to the writer's thread."""
+
+    def insert_at_once(self, jobs: Any) -> bool:
+        return False
+
+
 def queued_job(path: str = "/r") -> Job:
     """A new job as admission makes it, for the writer to store."""
     return Harness().core.admission.new_job(StoredRequest("POST", path), OPTIONS)
@@ -953,7 +961,7 @@ def test_a_hook_that_fails_costs_no_waiter_its_answer(caplog):
 def test_jobs_accepted_in_one_round_of_the_loop_reach_the_writer_together():
     """Held until the loop has run the callbacks that were ready, then
     handed over as one: the writer wakes once per round, not at the first."""
-    store = MemoryJobStore()
+    store = ThreadOnlyStore()
     batches: list[int] = []
     insert = store.insert
     store.insert = lambda jobs: (batches.append(len(jobs)), insert(jobs))[1]  # type: ignore[method-assign]
@@ -970,8 +978,117 @@ def test_jobs_accepted_in_one_round_of_the_loop_reach_the_writer_together():
     assert store.count(Status.QUEUED) == 3
 
 
-def test_loops_in_several_threads_each_hand_over_their_own_jobs():
+def test_a_round_the_store_takes_at_once_is_stored_on_the_loop_without_the_thread():
+    """One insert for the round, in the loop's own thread, told before any
+    request hears of it; no thread is started for it."""
     store = MemoryJobStore()
+    inserts: list[tuple[int, str]] = []
+    insert_at_once = store.insert_at_once
+
+    def spied(jobs: list[Any]) -> bool:
+        inserts.append((len(jobs), threading.current_thread().name))
+        return insert_at_once(jobs)
+
+    store.insert_at_once = spied  # type: ignore[method-assign]
+    writer = BatchWriter(store)
+    told: list[tuple[int, str, bool]] = []
+
+    async def one_round() -> None:
+        waiters = insert_in_one_round(writer, ["/0", "/1", "/2"])
+        writer.tell_committed(
+            lambda jobs: told.append(
+                (len(jobs), threading.current_thread().name, any(w.done() for w in waiters))
+            )
+        )
+        assert await outcomes_of(waiters) == [None, None, None]
+
+    asyncio.run(one_round())
+    loop_thread = threading.current_thread().name
+    assert inserts == [(3, loop_thread)]
+    assert told == [(3, loop_thread, False)]
+    assert writer._thread is None
+    assert store.count(Status.QUEUED) == 3
+
+
+def test_a_round_that_fails_to_go_in_at_once_is_stored_by_the_thread(caplog):
+    """Whatever the insert at once raised, nothing of it was stored: the
+    thread stores the round, and no request hears of the failure."""
+    caplog.set_level("DEBUG", logger="deferred_middleware")
+    store = MemoryJobStore()
+
+    def unavailable(jobs: list[Any]) -> bool:
+        raise StoreUnavailable("a connection that failed")
+
+    store.insert_at_once = unavailable  # type: ignore[method-assign]
+    writer = BatchWriter(store)
+
+    async def one_round() -> list[Any]:
+        return await outcomes_of(insert_in_one_round(writer, ["/0", "/1"]))
+
+    assert asyncio.run(one_round()) == [None, None]
+    writer.stop()
+    assert store.count(Status.QUEUED) == 2
+    assert "inserting at once failed" in caplog.text
+
+
+class CheckpointingStore(MemoryJobStore):
+    """Says a checkpoint is due after each of its first ``due`` rounds
+    inserted at once; records the thread of each checkpoint, failing the
+    first ``failing`` of them."""
+
+    def __init__(self, due: int, failing: int = 0) -> None:
+        super().__init__()
+        self.due, self.failing = due, failing
+        self.checkpoints: list[str] = []
+        self.checkpointed = threading.Event()
+
+    def checkpoint_due(self) -> bool:
+        self.due -= 1
+        return self.due >= 0
+
+    def checkpoint(self) -> None:
+        self.checkpoints.append(threading.current_thread().name)
+        self.checkpointed.set()
+        if len(self.checkpoints) <= self.failing:
+            raise OSError("disk I/O error")
+
+
+def test_inserts_at_once_leave_the_checkpoint_to_the_writer_thread():
+    store = CheckpointingStore(due=1)
+    writer = BatchWriter(store)
+
+    async def two_rounds() -> None:
+        for round_ in ("a", "b"):
+            await outcomes_of(insert_in_one_round(writer, [f"/{round_}"]))
+
+    asyncio.run(two_rounds())
+    assert store.checkpointed.wait(10)
+    writer.stop()
+    assert store.checkpoints == ["deferred-writer"]  # once: only the first round said so
+    assert store.count(Status.QUEUED) == 2
+
+
+def test_a_checkpoint_that_fails_is_logged_and_the_writer_goes_on(caplog):
+    store = CheckpointingStore(due=2, failing=1)
+    writer = BatchWriter(store)
+
+    async def one_round(path: str) -> list[Any]:
+        return await outcomes_of(insert_in_one_round(writer, [path]))
+
+    assert asyncio.run(one_round("/a")) == [None]
+    assert store.checkpointed.wait(10)
+    store.checkpointed.clear()
+    assert asyncio.run(one_round("/b")) == [None]
+    assert store.checkpointed.wait(10)
+    writer.stop()
+    assert store.checkpoints == ["deferred-writer", "deferred-writer"]
+    assert "checkpointing the job table's log failed" in caplog.text
+    assert "OSError: disk I/O error" in caplog.text
+
+
+@pytest.mark.parametrize("store_kind", [MemoryJobStore, ThreadOnlyStore])
+def test_loops_in_several_threads_each_hand_over_their_own_jobs(store_kind):
+    store = store_kind()
     writer = BatchWriter(store)
     all_gathered = threading.Barrier(4)
 
@@ -991,7 +1108,7 @@ def test_loops_in_several_threads_each_hand_over_their_own_jobs():
 
 def test_a_writer_that_cannot_start_answers_its_waiters_and_tries_again(monkeypatch, caplog):
     """A thread that could not start must not leave accepts queued for it."""
-    store = MemoryJobStore()
+    store = ThreadOnlyStore()
     writer = BatchWriter(store)
     start = threading.Thread.start
 
@@ -1022,7 +1139,7 @@ def test_a_batch_that_fails_outright_answers_each_waiter_and_the_writer_goes_on(
     class Crash(BaseException):
         pass
 
-    store = MemoryJobStore()
+    store = ThreadOnlyStore()
     insert, crashes = store.insert, [Crash()]
 
     def insert_or_crash(jobs: list[Any]) -> None:
@@ -1044,10 +1161,11 @@ def test_a_batch_that_fails_outright_answers_each_waiter_and_the_writer_goes_on(
     assert store.count(Status.QUEUED) == 1
 
 
-def test_a_request_that_left_costs_the_rest_of_its_round_nothing():
+@pytest.mark.parametrize("store_kind", [MemoryJobStore, ThreadOnlyStore])
+def test_a_request_that_left_costs_the_rest_of_its_round_nothing(store_kind):
     """Its future is cancelled; those resolved after it in the same batch
     still hear of their commit."""
-    writer = BatchWriter(MemoryJobStore())
+    writer = BatchWriter(store_kind())
 
     async def one_round() -> list[Any]:
         waiters = insert_in_one_round(writer, ["/r"] * 3)
@@ -1060,7 +1178,7 @@ def test_a_request_that_left_costs_the_rest_of_its_round_nothing():
 
 def test_a_loop_that_closed_before_its_commit_costs_the_writer_nothing():
     """Nobody is left to answer; the thread goes on to the next batch."""
-    store = MemoryJobStore()
+    store = ThreadOnlyStore()
     entered, release = threading.Event(), threading.Event()
     insert = store.insert
 
@@ -1087,16 +1205,17 @@ def test_a_loop_that_closed_before_its_commit_costs_the_writer_nothing():
 
 def test_jobs_stored_one_by_one_after_a_failed_batch_are_told_too():
     """A bad row fails only itself; the rest are stored alone, and the
-    log, the metrics and the executor hear of each."""
+    log, the metrics and the executor hear of each. The round that failed
+    to go in at once goes to the thread, which finds the bad one."""
     store = MemoryJobStore()
-    insert = store.insert
+    insert = store._insert
 
     def refuse_the_bad(jobs: list[Any]) -> None:
         if any(job.request.path == "/bad" for job in jobs):
             raise ValueError("unstorable")
         insert(jobs)
 
-    store.insert = refuse_the_bad  # type: ignore[method-assign]
+    store._insert = refuse_the_bad  # type: ignore[method-assign]
     writer = BatchWriter(store)
     told: list[str] = []
     writer.tell_committed(lambda batch: told.extend(job.request.path for job in batch))

@@ -82,6 +82,23 @@ class JobStore(Protocol):
     def insert(self, jobs: Sequence[Job]) -> None:
         """Store accepted jobs in one transaction: one commit for a burst."""
 
+    def insert_at_once(self, jobs: Sequence[Job]) -> bool:
+        """Store accepted jobs as :meth:`insert` does, in the calling thread
+        (an event loop's), only if that costs no wait: no lock that someone
+        else holds, no sync to disk at the commit. False, having stored
+        nothing, where it would wait: the writer's thread then stores them.
+        Raises as :meth:`insert` does, having stored nothing."""
+
+    def checkpoint_due(self) -> bool:
+        """Whether inserts at once have left enough work for :meth:`checkpoint`
+        (each time it says yes, it starts counting again)."""
+
+    def checkpoint(self) -> None:
+        """What inserts at once put off because it syncs to disk, done in the
+        writer's thread: on an SQLite file, copying the write-ahead log into
+        the file, as SQLite does itself at a commit that grows the log past
+        a thousand pages. Elsewhere nothing."""
+
     def insert_once(self, job: Job) -> Job:
         """Store a job that claims an Idempotency-Key unless another job holds
         that key: answers the job stored under it (``job`` itself, or the

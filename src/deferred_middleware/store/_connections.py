@@ -143,6 +143,25 @@ class DriverConnections:
             held = self._readers.writing = (engine, self._checkout_kept(engine, writing=True))
         return held[1]
 
+    def _at_once_connection(self) -> Any:
+        """This thread's own driver connection for inserting at once (an
+        event loop's: see :meth:`AcceptQueries.insert_at_once`). It never
+        waits for SQLite's lock, so a file another process is writing
+        declines at once, and it leaves the log's checkpoints, which sync
+        the file, to the writer's thread. Out of the pool, which would hand
+        those settings to others. Used within :meth:`_one_writer` and
+        :meth:`_thrown_away_on_failure`."""
+        engine = self.engine
+        held = getattr(self._readers, "at_once", None)
+        if held is None or held[0] is not engine:
+            connection = self._checkout_kept(engine, writing=True)
+            connection.detach()
+            driver = connection.dbapi_connection
+            driver.execute("PRAGMA busy_timeout=0")
+            driver.execute("PRAGMA wal_autocheckpoint=0")
+            held = self._readers.at_once = (engine, connection)
+        return held[1]
+
     @contextlib.contextmanager
     def _in_place(self) -> Iterator[Any]:
         """An SQLite file's hot write (the writer's inserts, a worker's
@@ -215,9 +234,10 @@ class DriverConnections:
         held = getattr(self._readers, "held", None)
         if held is not None and held.connection is connection:
             self._readers.held = None
-        writing = getattr(self._readers, "writing", None)
-        if writing is not None and writing[1] is connection:
-            self._readers.writing = None
+        for slot in ("writing", "at_once"):
+            kept = getattr(self._readers, slot, None)
+            if kept is not None and kept[1] is connection:
+                setattr(self._readers, slot, None)
         with self._kept_lock:
             self._kept.pop(connection, None)
 

@@ -50,6 +50,9 @@ class Dialect:
     finishes_in_one_run = False
     """Whether a run of outcomes is stored in one statement rather than
     row by row (see :mod:`._finish`)."""
+    commits_without_sync = False
+    """Whether a commit returns without waiting for the disk (see
+    :meth:`JobStore.insert_at_once`)."""
     lone_statements_autocommit = False
     """Whether a write that is one statement runs without a BEGIN and a
     COMMIT of its own: a statement alone is atomic, and where each of those
@@ -146,6 +149,9 @@ class SQLite(Dialect):
 
     def __init__(self, synchronous: str = "NORMAL") -> None:
         self.synchronous = synchronous
+        # In WAL mode with NORMAL, a commit writes the log into the system's
+        # memory; only a checkpoint syncs the file.
+        self.commits_without_sync = synchronous == "NORMAL"
 
     @classmethod
     def of(cls, url: sa.URL) -> SQLite:

@@ -50,6 +50,23 @@ class MemoryJobStore:
         with self._lock:
             self._insert(jobs)
 
+    def insert_at_once(self, jobs: Sequence[Job]) -> bool:
+        """At once unless another thread holds the table: as an SQLite file,
+        where another writer would make the caller wait."""
+        if not self._lock.acquire(blocking=False):
+            return False
+        try:
+            self._insert(jobs)
+        finally:
+            self._lock.release()
+        return True
+
+    def checkpoint_due(self) -> bool:
+        return False
+
+    def checkpoint(self) -> None:
+        return
+
     def insert_once(self, job: Job) -> Job:
         assert job.idempotency is not None
         with self._lock:

@@ -61,6 +61,7 @@ class SQLJobStore(AcceptQueries, ClaimQueries, InPlaceWrites, WebhookQueries, Dr
         self._engine: sa.Engine | None = None
         self._pid = 0
         self._inserts: dict[tuple[str, ...], tuple[str, bool]] = {}
+        self._log_pages = 0
         self._selects: dict[tuple[bool, bool], tuple[str, list[str], bool]] = {}
         self._statements: dict[Hashable, DriverStatement] = {}
         self._readers = threading.local()

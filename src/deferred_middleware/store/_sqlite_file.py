@@ -46,6 +46,17 @@ class DatabaseFile:
         finally:
             self._writing.release()
 
+    @contextlib.contextmanager
+    def one_writer_if_free(self) -> Iterator[bool]:
+        """As :meth:`one_writer` if no other thread of this process writes
+        now: yields whether the caller is the one writer."""
+        free = self._writing.acquire(blocking=False)
+        try:
+            yield free
+        finally:
+            if free:
+                self._writing.release()
+
     @classmethod
     def of(cls, url: sa.URL) -> DatabaseFile | None:
         if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
@@ -77,10 +88,11 @@ def checkpoint(connection: sa.Connection) -> None:
     checkpoint_on(connection.connection.dbapi_connection)
 
 
-def checkpoint_on(driver: Any) -> None:
+def checkpoint_on(driver: Any, mode: str = "TRUNCATE") -> None:
     """Copy SQLite's write-ahead log into the file (where secure_delete
-    zeroes what was freed) and truncate it, so no frame holding old
-    credentials is left. If readers keep the log busy, the next checkpoint
-    does it. On the driver's connection: outside any transaction, as SQLite
-    requires."""
-    driver.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    zeroes what was freed) and, by default, truncate it, so no frame
+    holding old credentials is left; if readers keep the log busy, the
+    next checkpoint does it. ``PASSIVE`` copies what it can without
+    waiting for anyone, as SQLite's own checkpoint at a commit does. On
+    the driver's connection: outside any transaction, as SQLite requires."""
+    driver.execute(f"PRAGMA wal_checkpoint({mode})")

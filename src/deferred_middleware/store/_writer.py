@@ -2,17 +2,19 @@
 
 Whatever is queued when the thread looks is written in one transaction
 (group commit): a burst of requests costs one commit, not one each. The
-event loop never waits on the database, only on a future, and a whole
-batch's asyncio futures are resolved with one wake-up of their loop.
+event loop waits on a future, never on the database, and a whole batch's
+asyncio futures are resolved with one wake-up of their loop.
 
-The other way round too: the jobs an event loop accepts in one round of
-its callbacks reach the writer together, as that round ends, with one
-wake-up of the thread (see :meth:`BatchWriter.insert`).
+The jobs an event loop accepts in one round of its callbacks are stored
+together, as that round ends: by the loop itself where the store can
+without waiting (an SQLite file nobody else is writing, whose commits do
+not sync), else handed to the thread as one item, with one wake-up (see
+:meth:`BatchWriter.insert`).
 
 Whoever must hear of new jobs (the log, the metrics, an executor waiting
-for work) hears from this thread, straight after the commit and before
-any waiter: an executor in the same process then claims while the event
-loop is still busy answering the 202, not after it.
+for work) hears straight after the commit and before any waiter: an
+executor in the same process then claims while the event loop is still
+busy answering the 202, not after it.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from ._base import JobStore, StoreUnavailable, Unstorable
 MAX_BATCH = 512
 _STOP = object()
 INSERT, INSERT_ONCE, WRITE, GATHERED = "insert", "insert once", "write", "gathered"
+CHECKPOINT = "checkpoint"
 logger = logging.getLogger("deferred_middleware")
 
 Waiter = Future | asyncio.Future  # type: ignore[type-arg]
@@ -80,12 +83,38 @@ class BatchWriter:
     def _hand_over(self, loop: asyncio.AbstractEventLoop) -> None:
         """On ``loop``, whose jobs are only ever gathered on its own thread."""
         gathered = self._gathered.pop(loop)
+        if self._stored_at_once(gathered):
+            return
         try:
             self._put((GATHERED, gathered, None))
         except Exception:  # no thread to write them (it could not start): say so
             logger.exception("the job writer could not take accepted jobs")
             waiters = [(waiter, None) for _, _, waiter in gathered]
             _resolve_on_loop(waiters, StoreUnavailable("writer"))
+
+    def _stored_at_once(self, gathered: list[tuple[str, Job, Waiter]]) -> bool:
+        """The round stored on the loop itself, where the store can without
+        waiting (see :meth:`JobStore.insert_at_once`). Every request of the
+        round now waits for this commit, so the loop had nothing else to do
+        while the thread wrote it; handing the round over cost more than the
+        insert: a wake-up each way, and the interpreter lock passed back and
+        forth. Anything that goes wrong leaves the round to the thread,
+        which stores it or says why, as for every round it is given."""
+        jobs = [job for _, job, _ in gathered]
+        try:
+            if not self.store.insert_at_once(jobs):
+                return False
+        except Exception:
+            logger.debug("inserting at once failed; the writer thread stores", exc_info=True)
+            return False
+        self._tell(jobs)
+        _resolve_on_loop([(waiter, None) for _, _, waiter in gathered], None)
+        if self.store.checkpoint_due():
+            try:
+                self._put((CHECKPOINT, None, None))
+            except Exception:  # the rows are committed; the next one due tries again
+                logger.exception("the job writer could not take a checkpoint")
+        return True
 
     def insert_once(self, job: Job, waiter: Waiter) -> None:
         """Queue a job that claims an Idempotency-Key; ``waiter`` resolves
@@ -146,7 +175,8 @@ class BatchWriter:
                 self._write(items)
             except BaseException:  # the thread must outlive anything a batch does
                 logger.exception("the job writer failed a batch")
-                waiters = [(waiter, None) for _, _, waiter in _unpacked(items)]
+                unpacked = _unpacked(items)
+                waiters = [(waiter, None) for _, _, waiter in unpacked if waiter is not None]
                 _resolve(waiters, StoreUnavailable("writer"))
             if stop:
                 return
@@ -165,6 +195,14 @@ class BatchWriter:
                 self._together(self._insert_once, [(job, waiter)], self._inserted_once)
         if writes:
             self._together(self.store.write, writes)
+        if any(kind == CHECKPOINT for kind, _, _ in items):
+            self._checkpoint()
+
+    def _checkpoint(self) -> None:
+        try:
+            self.store.checkpoint()
+        except Exception:  # it waits for the next one due, or a commit's own
+            logger.exception("checkpointing the job table's log failed")
 
     def _insert_once(self, jobs: Sequence[Job]) -> list[Job]:
         """The job stored under the one job's key: its waiter's result."""
