@@ -1086,6 +1086,38 @@ def test_a_checkpoint_that_fails_is_logged_and_the_writer_goes_on(caplog):
     assert "OSError: disk I/O error" in caplog.text
 
 
+def test_a_checkpoint_that_fails_outright_costs_the_writer_thread_nothing(caplog):
+    """Past what a checkpoint can raise (a BaseException): logged, and the
+    thread goes on to store what it is given next."""
+
+    class Crash(BaseException):
+        pass
+
+    store = CheckpointingStore(due=1)
+    checkpoint = store.checkpoint
+
+    def crash() -> None:
+        checkpoint()
+        raise Crash
+
+    store.checkpoint = crash  # type: ignore[method-assign]
+    writer = BatchWriter(store)
+
+    async def one_round() -> list[Any]:
+        return await outcomes_of(insert_in_one_round(writer, ["/a"]))
+
+    assert asyncio.run(one_round()) == [None]
+    assert store.checkpointed.wait(10)
+    thread = writer._thread
+    later: Future[None] = Future()  # a WSGI thread's accept: always the thread's
+    writer.insert(queued_job("/later"), later)
+    assert later.result(timeout=10) is None
+    assert writer._thread is thread  # the same thread, not one started again
+    writer.stop()
+    assert "the job writer failed a batch" in caplog.text
+    assert store.count(Status.QUEUED) == 2
+
+
 @pytest.mark.parametrize("store_kind", [MemoryJobStore, ThreadOnlyStore])
 def test_loops_in_several_threads_each_hand_over_their_own_jobs(store_kind):
     store = store_kind()
