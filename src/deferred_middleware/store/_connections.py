@@ -149,8 +149,8 @@ class DriverConnections:
         waits for SQLite's lock, so a file another process is writing
         declines at once, and it leaves the log's checkpoints, which sync
         the file, to the writer's thread. Out of the pool, which would hand
-        those settings to others. Used within :meth:`_one_writer` and
-        :meth:`_thrown_away_on_failure`."""
+        those settings to others. Used within the file's
+        ``one_writer_if_free`` and :meth:`_thrown_away_on_failure`."""
         engine = self.engine
         held = getattr(self._readers, "at_once", None)
         if held is None or held[0] is not engine:

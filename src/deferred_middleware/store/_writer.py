@@ -1,9 +1,10 @@
 """One thread that owns the hot writes: accepts and attempt writes.
 
 Whatever is queued when the thread looks is written in one transaction
-(group commit): a burst of requests costs one commit, not one each. The
-event loop waits on a future, never on the database, and a whole batch's
-asyncio futures are resolved with one wake-up of their loop.
+(group commit): a burst of requests costs one commit, not one each. An
+event loop never waits for the database's lock or for its disk: it waits
+on a future, and a whole batch's asyncio futures are resolved with one
+wake-up of their loop.
 
 The jobs an event loop accepts in one round of its callbacks are stored
 together, as that round ends: by the loop itself where the store can
@@ -63,13 +64,14 @@ class BatchWriter:
         """Queue a new job's row; ``waiter`` resolves once it is committed.
 
         An asyncio waiter's job is held until its loop has run the
-        callbacks that are ready now, and queued then with the others
-        those accepted: one item, so the thread wakes once per round. Woken
-        at the first job of a round instead, it then waited for the
-        interpreter lock while the loop went on through the round. On
-        uvicorn under load this halved the thread's voluntary context
-        switches per accept and cut the server's CPU per accept by about a
-        twentieth (``bench/README.md``)."""
+        callbacks that are ready now, and stored then with the others
+        those accepted: on the loop itself where the store can without
+        waiting (:meth:`_stored_at_once`), else queued as one item, so the
+        thread wakes once per round. Woken at the first job of a round
+        instead, it then waited for the interpreter lock while the loop
+        went on through the round. On uvicorn under load this halved the
+        thread's voluntary context switches per accept and cut the
+        server's CPU per accept by about a twentieth (``bench/README.md``)."""
         if not isinstance(waiter, asyncio.Future):
             self._put((INSERT, job, waiter))
             return
@@ -93,8 +95,8 @@ class BatchWriter:
             _resolve_on_loop(waiters, StoreUnavailable("writer"))
 
     def _stored_at_once(self, gathered: list[tuple[str, Job, Waiter]]) -> bool:
-        """The round stored on the loop itself, where the store can without
-        waiting (see :meth:`JobStore.insert_at_once`). Every request of the
+        """Store the round on the loop itself where the store can without
+        waiting (see :meth:`JobStore.insert_at_once`); whether it did. Every request of the
         round now waits for this commit, so the loop had nothing else to do
         while the thread wrote it; handing the round over cost more than the
         insert: a wake-up each way, and the interpreter lock passed back and
