@@ -137,11 +137,7 @@ class DriverConnections:
         one from the pool and giving it back cost more than writing a batch
         of a few rows (a WSGI server's usual batch) or claiming a few jobs.
         Used within :meth:`_one_writer` and :meth:`_thrown_away_on_failure`."""
-        engine = self.engine
-        held = getattr(self._readers, "writing", None)
-        if held is None or held[0] is not engine:
-            held = self._readers.writing = (engine, self._checkout_kept(engine, writing=True))
-        return held[1]
+        return self._kept_for_thread("writing")
 
     def _at_once_connection(self) -> Any:
         """This thread's own driver connection for inserting at once (an
@@ -151,15 +147,19 @@ class DriverConnections:
         the file, to the writer's thread. Out of the pool, which would hand
         those settings to others. Used within the file's
         ``one_writer_if_free`` and :meth:`_thrown_away_on_failure`."""
+        return self._kept_for_thread("at_once", _never_waiting)
+
+    def _kept_for_thread(self, slot: str, set_up: Callable[[Any], None] | None = None) -> Any:
+        """The writing connection this thread keeps in ``slot`` (one of
+        :meth:`_forget_reader`'s), taken anew for a new engine."""
         engine = self.engine
-        held = getattr(self._readers, "at_once", None)
+        held = getattr(self._readers, slot, None)
         if held is None or held[0] is not engine:
             connection = self._checkout_kept(engine, writing=True)
-            connection.detach()
-            driver = connection.dbapi_connection
-            driver.execute("PRAGMA busy_timeout=0")
-            driver.execute("PRAGMA wal_autocheckpoint=0")
-            held = self._readers.at_once = (engine, connection)
+            if set_up is not None:
+                set_up(connection)
+            held = (engine, connection)
+            setattr(self._readers, slot, held)
         return held[1]
 
     @contextlib.contextmanager
@@ -240,6 +240,14 @@ class DriverConnections:
                 setattr(self._readers, slot, None)
         with self._kept_lock:
             self._kept.pop(connection, None)
+
+
+def _never_waiting(connection: Any) -> None:
+    """Out of the pool; no wait for SQLite's lock, no checkpoint at a commit."""
+    connection.detach()
+    driver = connection.dbapi_connection
+    driver.execute("PRAGMA busy_timeout=0")
+    driver.execute("PRAGMA wal_autocheckpoint=0")
 
 
 class ThrownAwayOnFailure:
