@@ -96,12 +96,13 @@ class BatchWriter:
 
     def _stored_at_once(self, gathered: list[tuple[str, Job, Waiter]]) -> bool:
         """Store the round on the loop itself where the store can without
-        waiting (see :meth:`JobStore.insert_at_once`); whether it did. Every request of the
-        round now waits for this commit, so the loop had nothing else to do
-        while the thread wrote it; handing the round over cost more than the
-        insert: a wake-up each way, and the interpreter lock passed back and
-        forth. Anything that goes wrong leaves the round to the thread,
-        which stores it or says why, as for every round it is given."""
+        waiting (see :meth:`JobStore.insert_at_once`); whether it did. Every
+        request of the round now waits for this commit, so the loop had
+        nothing else to do while the thread wrote it; handing the round over
+        cost more than the insert: a wake-up each way, and the interpreter
+        lock passed back and forth. Anything that goes wrong leaves the round
+        to the thread, which stores it or says why, as for every round it is
+        given."""
         jobs = [job for _, job, _ in gathered]
         try:
             if not self.store.insert_at_once(jobs):
