@@ -119,7 +119,7 @@ def test_a_thread_that_accepts_alone_never_waits(store):
 def test_threads_that_stopped_accepting_are_not_waited_for(store):
     """Out of the ``recent`` window, a thread no longer counts: the one
     still accepting is answered at once."""
-    writer = BatchWriter(store, linger=0.0, recent=0.05)
+    writer = BatchWriter(store, linger=0.0, recent=0.5)
     threads = Threads(writer, 2)
     for number in range(2):
         threads.accept(number, f"/first{number}").result(timeout=SOON)
