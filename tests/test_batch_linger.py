@@ -15,7 +15,7 @@ import pytest
 from deferred_middleware._jobs import DeferredOptions, Progress, Status, StoredRequest
 from deferred_middleware.store import MemoryJobStore
 from deferred_middleware.store import _writer as writer_module
-from deferred_middleware.store._writer import AcceptingThreads, BatchWriter
+from deferred_middleware.store._writer import MAX_BATCH, AcceptingThreads, BatchWriter
 
 from .policy_harness import Harness
 
@@ -168,6 +168,32 @@ def test_an_event_loops_round_never_waits_for_accepting_threads(store):
     asyncio.run(one_round())
     assert store.batches == [["/loop"]]
     threads.stop()
+    writer.stop()
+
+
+def test_what_is_queued_while_the_writer_commits_goes_in_together_up_to_the_most(store):
+    """Everything queued meanwhile is taken at once, up to ``MAX_BATCH``."""
+    writer = BatchWriter(store, linger=0.0)
+    committing, release = threading.Event(), threading.Event()
+    insert = store.insert
+
+    def held_first(jobs: Any) -> None:
+        if not committing.is_set():
+            committing.set()
+            release.wait(SOON)
+        insert(jobs)
+
+    store.insert = held_first  # type: ignore[method-assign]
+    first: Future[None] = Future()
+    writer.insert(queued_job("/first"), first)
+    assert committing.wait(SOON)
+    waiters: list[Future[None]] = [Future() for _ in range(MAX_BATCH + 1)]
+    for number, waiter in enumerate(waiters):
+        writer.insert(queued_job(f"/{number}"), waiter)
+    release.set()
+    for waiter in [first, *waiters]:
+        assert waiter.result(timeout=SOON) is None
+    assert [len(batch) for batch in store.batches] == [1, MAX_BATCH, 1]
     writer.stop()
 
 
