@@ -14,7 +14,6 @@ import pytest
 
 from deferred_middleware._jobs import DeferredOptions, Progress, Status, StoredRequest
 from deferred_middleware.store import MemoryJobStore
-from deferred_middleware.store import _writer as writer_module
 from deferred_middleware.store._writer import MAX_BATCH, AcceptingThreads, BatchWriter
 
 from .policy_harness import Harness
@@ -197,19 +196,18 @@ def test_what_is_queued_while_the_writer_commits_goes_in_together_up_to_the_most
     writer.stop()
 
 
-def test_accepting_threads_count_each_thread_once_within_the_window(monkeypatch):
+def test_accepting_threads_count_each_thread_once_within_the_window():
     now = [100.0]
-    monkeypatch.setattr(writer_module.time, "monotonic", lambda: now[0])
-    accepting = AcceptingThreads(recent=0.01)
+    accepting = AcceptingThreads(recent=0.5, clock=lambda: now[0])
     for _ in range(3):
         accepting.saw()  # one thread, however often
     other = threading.Thread(target=accepting.saw)
     other.start()
     other.join()
     assert accepting.lately() == 2
-    now[0] += 0.01
+    now[0] += 0.5
     assert accepting.lately() == 2  # the window's edge still counts
-    now[0] += 0.001
+    now[0] += 0.25
     assert accepting.lately() == 0
     accepting.saw()
     assert accepting.lately() == 1

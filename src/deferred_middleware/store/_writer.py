@@ -60,15 +60,16 @@ class AcceptingThreads:
     back within a request's time, so a batch that lacks some of them is
     worth a brief wait; a thread that accepts alone is never waited for."""
 
-    def __init__(self, recent: float) -> None:
+    def __init__(self, recent: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.recent = recent
+        self.clock = clock
         self._seen: dict[int, float] = {}
 
     def saw(self) -> None:
-        self._seen[threading.get_ident()] = time.monotonic()
+        self._seen[threading.get_ident()] = self.clock()
 
     def lately(self) -> int:
-        since = time.monotonic() - self.recent
+        since = self.clock() - self.recent
         for ident, at in list(self._seen.items()):  # a copy: other threads add to it
             if at < since:
                 self._seen.pop(ident, None)
