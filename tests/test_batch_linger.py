@@ -12,11 +12,11 @@ from typing import Any
 
 import pytest
 
-from deferred_middleware._jobs import DeferredOptions, Progress, Status, StoredRequest
+from deferred_middleware._jobs import Progress, Status
 from deferred_middleware.store import MemoryJobStore
 from deferred_middleware.store._writer import MAX_BATCH, AcceptingThreads, BatchWriter
 
-from .policy_harness import Harness
+from .support import make_job
 
 LONG = 60.0
 """A linger no test may wait out: a batch that waits for it fails its test."""
@@ -39,10 +39,6 @@ class RecordingStore(MemoryJobStore):
         super().insert(jobs)
 
 
-def queued_job(path: str) -> Any:
-    return Harness().core.admission.new_job(StoredRequest("POST", path), DeferredOptions())
-
-
 class Threads:
     """Request threads that stay alive, as a WSGI server's do (an ended
     thread's identity may be given to the next), each inserting when told."""
@@ -61,7 +57,7 @@ class Threads:
         while (order := orders.get()) is not None:
             path, sent = order
             waiter: Future[None] = Future()
-            self.writer.insert(queued_job(path), waiter)
+            self.writer.insert(make_job(path), waiter)
             sent.set_result(waiter)
 
     def accept(self, number: int, path: str) -> Future[None]:
@@ -161,7 +157,7 @@ def test_an_event_loops_round_never_waits_for_accepting_threads(store):
 
     async def one_round() -> None:
         waiter = asyncio.get_running_loop().create_future()
-        writer.insert(queued_job("/loop"), waiter)
+        writer.insert(make_job("/loop"), waiter)
         await asyncio.wait_for(waiter, SOON)
 
     asyncio.run(one_round())
@@ -184,11 +180,11 @@ def test_what_is_queued_while_the_writer_commits_goes_in_together_up_to_the_most
 
     store.insert = held_first  # type: ignore[method-assign]
     first: Future[None] = Future()
-    writer.insert(queued_job("/first"), first)
+    writer.insert(make_job("/first"), first)
     assert committing.wait(SOON)
     waiters: list[Future[None]] = [Future() for _ in range(MAX_BATCH + 1)]
     for number, waiter in enumerate(waiters):
-        writer.insert(queued_job(f"/{number}"), waiter)
+        writer.insert(make_job(f"/{number}"), waiter)
     release.set()
     for waiter in [first, *waiters]:
         assert waiter.result(timeout=SOON) is None
